@@ -1,0 +1,3 @@
+"""ipmcondense: dataset condensation and distances between datasets as integral probability metrics."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,49 @@
+"""The ``ipmcondense`` command line: a thin dispatcher over the subcommand modules.
+
+Each module in :mod:`ipmcondense.commands` exposes ``register(subparsers)``, which adds its
+subcommands and sets ``func`` (a callable taking the parsed arguments and returning an exit code).
+User errors (``ValueError``, ``TypeError``, ``FileNotFoundError``) are printed as one line on stderr
+with exit code 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+
+_COMMAND_MODULES = ("distance", "condense")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ipmcondense",
+        description="Dataset condensation and distances between datasets as integral probability metrics.",
+    )
+    parser.add_argument("--version", action="version", version=f"ipmcondense {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _COMMAND_MODULES:
+        module = importlib.import_module(f"ipmcondense.commands.{name}")
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError, KeyError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"ipmcondense {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Checks and small building blocks shared by the networks of :mod:`ipmcondense.nets`.
+
+Private module: the names are not part of the public API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+from ipmcondense.ipm._validation import check_choice
+
+__all__ = [
+    "NORM_NAMES",
+    "ACTIVATION_NAMES",
+    "check_geometry",
+    "check_images",
+    "make_norm",
+    "make_activation",
+    "halve",
+]
+
+NORM_NAMES = ("instancenorm", "batchnorm", "layernorm", "groupnorm", "none")
+ACTIVATION_NAMES = ("relu", "leakyrelu", "sigmoid", "swish")
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def check_geometry(
+    channels: Any, num_classes: Any, image_size: Any
+) -> tuple[int, int, tuple[int, int]]:
+    """Validate the ``(channels, num_classes, image_size)`` triple that sizes every network."""
+    channels = _positive_int(channels, "channels")
+    num_classes = _positive_int(num_classes, "num_classes")
+    if isinstance(image_size, int) and not isinstance(image_size, bool):
+        image_size = (image_size, image_size)
+    if not isinstance(image_size, Sequence) or len(image_size) != 2:
+        raise ValueError(f"image_size must be a pair (height, width), got {image_size!r}")
+    height = _positive_int(image_size[0], "image_size[0] (height)")
+    width = _positive_int(image_size[1], "image_size[1] (width)")
+    return channels, num_classes, (height, width)
+
+
+def check_images(x: Any, channels: int, image_size: tuple[int, int], name: str = "x") -> Tensor:
+    """Raise a clear error unless ``x`` is a floating tensor of images shaped ``(..., C, H, W)``."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of images, got {type(x).__name__}")
+    expected = (channels, *image_size)
+    if x.dim() < 3 or tuple(x.shape[-3:]) != expected:
+        raise ValueError(
+            f"{name} must have shape (batch, {expected[0]}, {expected[1]}, {expected[2]}) for this "
+            f"network, got {tuple(x.shape)}"
+        )
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got dtype {x.dtype}")
+    return x
+
+
+def make_norm(norm: str, channels: int, spatial: tuple[int, int]) -> nn.Module:
+    """The normalisation layer of the reference implementations, by name.
+
+    ``"instancenorm"`` is ``GroupNorm(C, C, affine=True)`` (one group per channel, as the reference
+    ConvNet), ``"groupnorm"`` is ``GroupNorm(4, C)`` when 4 divides C, ``"layernorm"`` normalises
+    over ``(C, H, W)`` with an elementwise affine map, ``"none"`` is the identity.
+    """
+    check_choice(norm, NORM_NAMES, "norm")
+    if norm == "instancenorm":
+        return nn.GroupNorm(channels, channels, affine=True)
+    if norm == "batchnorm":
+        return nn.BatchNorm2d(channels)
+    if norm == "layernorm":
+        return nn.LayerNorm([channels, *spatial], elementwise_affine=True)
+    if norm == "groupnorm":
+        groups = 4 if channels % 4 == 0 else 1
+        return nn.GroupNorm(groups, channels, affine=True)
+    return nn.Identity()
+
+
+def make_activation(activation: str) -> nn.Module:
+    """``relu``, ``leakyrelu`` (slope 0.01), ``sigmoid`` or ``swish`` (SiLU)."""
+    check_choice(activation, ACTIVATION_NAMES, "activation")
+    if activation == "relu":
+        return nn.ReLU()
+    if activation == "leakyrelu":
+        return nn.LeakyReLU(0.01)
+    if activation == "sigmoid":
+        return nn.Sigmoid()
+    return nn.SiLU()
+
+
+def halve(spatial: tuple[int, int]) -> tuple[tuple[int, int], bool]:
+    """Size after a 2x2/stride-2 pooling, and whether to pool at all.
+
+    Pooling is skipped (returns the size unchanged and ``False``) once either side is below 2, so
+    that deep networks stay defined on tiny inputs such as the 8x8 scikit-learn digits.
+    """
+    h, w = spatial
+    if h < 2 or w < 2:
+        return spatial, False
+    return (h // 2, w // 2), True

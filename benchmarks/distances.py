@@ -1,0 +1,366 @@
+"""Benchmark: unbiased Gaussian MMD² (and one Sinkhorn cell) against plain torch, pykeops and geomloss.
+
+For ``X ~ N(0, I_D)``, ``Y ~ N(0.1, I_D)`` (float32, D = 64 by default, N = M) and the Gaussian kernel of
+bandwidth ``sqrt(D)``, every *cell* (method x size) runs in a fresh subprocess (so the peak RSS it reports
+through ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` belongs to that configuration alone), with a
+per-cell timeout. Each cell records the forward time and the forward+backward (gradient w.r.t. X) time,
+each the median of ``--repeats`` runs after one untimed warm-up (KeOps compiles during warm-up), the
+peak RSS, and the RSS right after the imports and the data (to subtract the ~0.3 GB of torch itself).
+
+The *roofline*, measured in the same run, is the cost of the three Gram-matrix products alone
+(``X X^T``, ``Y Y^T``, ``X Y^T``, computed in 512-row blocks into one reused buffer so they fit in
+memory): no kernel evaluation or reduction can be faster than the GEMMs it needs. Times in the markdown
+table are ratios to it (a backward pass needs about three such products, so fwd+bwd ratios near 3 are
+the analogue of a forward ratio near 1).
+
+Results are cached per cell in the JSON file (``--out``); cells already there are skipped unless
+``--force``. A markdown table is written next to it (same name, ``.md``).
+
+Usage::
+
+    python benchmarks/distances.py --quick                   # tiny sizes, checks that everything runs
+    python benchmarks/distances.py --sizes 1000 10000 50000  # the full benchmark (minutes to an hour)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MMD_METHODS = [
+    "roofline",
+    "ipmcondense-auto",
+    "ipmcondense-dense",
+    "ipmcondense-tiled",
+    "ipmcondense-keops",
+    "torch-dense",
+    "pykeops",
+    "geomloss-gaussian",
+]
+SINKHORN_METHODS = ["ipmcondense-sinkhorn", "geomloss-sinkhorn"]
+SINKHORN_SETTINGS = {"p": 2, "blur": 0.05, "scaling": 0.5}
+
+
+# ------------------------------------------------------------------------------------------ child side
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kilobytes
+
+
+def _timed(fn, repeats: int, budget_s: float) -> tuple[float, int]:
+    """Median time of up to ``repeats`` calls after one warm-up; stops early past ``budget_s``."""
+    start = time.perf_counter()
+    fn()
+    times = []
+    while len(times) < repeats:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if time.perf_counter() - start > budget_s:
+            break
+    return statistics.median(times), len(times)
+
+
+def _gaussian_callables(method: str, x, y, sigma: float):
+    """(forward, forward+backward) closures for one MMD method; each returns a float."""
+    import torch
+
+    gamma = -1.0 / (2.0 * sigma**2)
+    n, m = x.shape[0], y.shape[0]
+
+    if method == "roofline":
+        buffer = torch.empty(min(512, n), max(n, m))
+
+        def roofline():
+            for a, b in ((x, x), (y, y), (x, y)):
+                for r in range(0, a.shape[0], 512):
+                    rows = a[r : r + 512]
+                    torch.mm(rows, b.T, out=buffer[: rows.shape[0], : b.shape[0]])
+            return 0.0
+
+        return roofline, None
+
+    if method.startswith("ipmcondense-"):
+        from ipmcondense.ipm.mmd import mmd2
+
+        backend = method.split("-", 1)[1]
+
+        def value(p):
+            return mmd2(p, y, bandwidth=sigma, estimator="unbiased", backend=backend)
+
+    elif method == "torch-dense":
+
+        def value(p):
+            def gram(a, b):
+                sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
+                return torch.exp(sq.clamp_min(0) * gamma)
+
+            kxx, kyy, kxy = gram(p, p), gram(y, y), gram(p, y)
+            return ((kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))
+                    + (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1)) - 2.0 * kxy.mean())
+
+    elif method == "pykeops":
+        from pykeops.torch import LazyTensor
+
+        def value(p):
+            def total(a, b):
+                d2 = LazyTensor(a[:, None, :]).sqdist(LazyTensor(b[None, :, :]))
+                return (d2 * gamma).exp().sum(dim=1).sum()
+
+            return ((total(p, p) - n) / (n * (n - 1)) + (total(y, y) - m) / (m * (m - 1))
+                    - 2.0 * total(p, y) / (n * m))
+
+    elif method == "geomloss-gaussian":
+        from geomloss import SamplesLoss
+
+        backend = "tensorized" if n <= 20000 else "online"
+        loss = SamplesLoss("gaussian", blur=sigma, backend=backend)
+
+        def value(p):  # geomloss returns half the biased V-statistic
+            return loss(p, y)
+
+    else:
+        raise ValueError(f"unknown method {method!r}")
+
+    def forward():
+        with torch.no_grad():
+            return float(value(x))
+
+    def forward_backward():
+        p = x.detach().requires_grad_(True)
+        out = value(p)
+        out.backward()
+        return float(out)
+
+    return forward, forward_backward
+
+
+def _sinkhorn_callables(method: str, x, y):
+    import torch
+
+    if method == "ipmcondense-sinkhorn":
+        from ipmcondense.ipm.sinkhorn import sinkhorn_divergence
+
+        def value(p):
+            return sinkhorn_divergence(p, y, **SINKHORN_SETTINGS)
+
+    else:
+        from geomloss import SamplesLoss
+
+        loss = SamplesLoss("sinkhorn", debias=True, backend="tensorized", **SINKHORN_SETTINGS)
+
+        def value(p):
+            return loss(p, y)
+
+    def forward():
+        with torch.no_grad():
+            return float(value(x))
+
+    def forward_backward():
+        p = x.detach().requires_grad_(True)
+        out = value(p)
+        out.backward()
+        return float(out)
+
+    return forward, forward_backward
+
+
+def run_child(spec: dict) -> dict:
+    import torch
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    n, dim = spec["n"], spec["dim"]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, dim, generator=g)
+    y = torch.randn(n, dim, generator=g) + 0.1
+    if spec["kind"] == "sinkhorn":
+        forward, forward_backward = _sinkhorn_callables(spec["method"], x, y)
+    else:
+        forward, forward_backward = _gaussian_callables(spec["method"], x, y, spec["sigma"])
+    baseline = _rss_mb()
+    budget = 0.35 * spec["timeout"]
+    result = {"rss_baseline_mb": round(baseline, 1), "threads": torch.get_num_threads()}
+    result["value"] = forward()
+    result["fwd_s"], result["fwd_runs"] = _timed(forward, spec["repeats"], budget)
+    if forward_backward is not None:
+        result["fwd_bwd_s"], result["fwd_bwd_runs"] = _timed(forward_backward, spec["repeats"], budget)
+    result["peak_rss_mb"] = round(_rss_mb(), 1)
+    result["status"] = "ok"
+    return result
+
+
+# ----------------------------------------------------------------------------------------- parent side
+
+
+def _skip_reason(method: str, n: int, args) -> str | None:
+    keops = importlib.util.find_spec("pykeops") is not None
+    if method in ("ipmcondense-dense", "torch-dense") and n > args.dense_max:
+        return f"three {n}x{n} float32 matrices need {3 * 4 * n * n / 1e9:.0f} GB (> --dense-max {args.dense_max})"
+    if method in ("ipmcondense-keops", "pykeops") and not keops:
+        return "pykeops is not installed"
+    if method == "geomloss-gaussian" and n > 20000 and not keops:
+        return "the online geomloss backend needs pykeops"
+    if method == "ipmcondense-sinkhorn" and importlib.util.find_spec("ipmcondense.ipm.sinkhorn") is None:
+        return "ipmcondense.ipm.sinkhorn is not available yet"
+    return None
+
+
+def _run_cell(spec: dict, timeout: float) -> dict:
+    command = [sys.executable, __file__, "--child", json.dumps(spec)]
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    t0 = time.perf_counter()
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout", "timeout_s": timeout}
+    wall = time.perf_counter() - t0
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        return {"status": "error", "message": " | ".join(tail)}
+    result = json.loads(lines[-1])
+    result["wall_s"] = round(wall, 2)
+    return result
+
+
+def _cell_key(kind: str, method: str, n: int, dim: int) -> str:
+    return f"{kind}|{method}|N={n}|D={dim}"
+
+
+def _format_cell(cell: dict | None, roof: dict | None) -> str:
+    if cell is None:
+        return "–"
+    if cell.get("status") != "ok":
+        return {"timeout": "timeout", "skipped": "n/a", "error": "error"}.get(cell.get("status"), "?")
+    extra = cell["peak_rss_mb"] - cell.get("rss_baseline_mb", 0.0)
+    peak = f"{cell['peak_rss_mb'] / 1024:.2f} GB (+{extra:.0f} MB)"
+    if roof and roof.get("status") == "ok" and roof.get("fwd_s"):
+        fwd = f"{cell['fwd_s']:.3g} s ({cell['fwd_s'] / roof['fwd_s']:.2f}x)"
+        bwd = (f"{cell['fwd_bwd_s']:.3g} s ({cell['fwd_bwd_s'] / roof['fwd_s']:.2f}x)"
+               if "fwd_bwd_s" in cell else "–")
+    else:
+        fwd = f"{cell['fwd_s']:.3g} s"
+        bwd = f"{cell['fwd_bwd_s']:.3g} s" if "fwd_bwd_s" in cell else "–"
+    return f"{fwd} / {bwd} / {peak}"
+
+
+def write_markdown(results: dict, path: Path, sizes: list[int], dim: int, sinkhorn_n: int) -> None:
+    meta = results.get("_meta", {})
+    lines = [
+        "# Distance benchmarks",
+        "",
+        f"Unbiased Gaussian MMD², D = {dim}, N = M, float32, bandwidth sqrt(D). Machine: "
+        f"{meta.get('machine', '?')}. Generated by `benchmarks/distances.py`.",
+        "",
+        "Each cell: forward time (ratio to the roofline) / forward+backward time (ratio to the forward "
+        "roofline) / peak RSS of the process (in brackets: above the RSS after imports and data). Times are medians of the "
+        "timed runs after one warm-up. The roofline is the three Gram products alone, measured in the "
+        "same run.",
+        "",
+        "| method | " + " | ".join(f"N = {n:,}" for n in sizes) + " |",
+        "|---|" + "---|" * len(sizes),
+    ]
+    for method in MMD_METHODS:
+        row = []
+        for n in sizes:
+            cell = results.get(_cell_key("mmd", method, n, dim))
+            roof = results.get(_cell_key("mmd", "roofline", n, dim))
+            text = _format_cell(cell, roof)
+            if method == "roofline" and cell and cell.get("status") == "ok":
+                text = f"{cell['fwd_s']:.3g} s / – / {cell['peak_rss_mb'] / 1024:.2f} GB"
+            row.append(text)
+        lines.append(f"| {method} | " + " | ".join(row) + " |")
+    lines += ["", "geomloss `SamplesLoss('gaussian')` computes half the biased V-statistic, not the "
+              "unbiased MMD²; it is timed for the same kernel sums.", ""]
+    lines += [
+        f"## Sinkhorn divergence, N = M = {sinkhorn_n:,}, D = {dim}, "
+        + ", ".join(f"{k}={v}" for k, v in SINKHORN_SETTINGS.items()),
+        "",
+        "| method | forward | forward+backward | peak RSS | value |",
+        "|---|---|---|---|---|",
+    ]
+    for method in SINKHORN_METHODS:
+        cell = results.get(_cell_key("sinkhorn", method, sinkhorn_n, dim))
+        if cell and cell.get("status") == "ok":
+            lines.append(f"| {method} | {cell['fwd_s']:.3g} s | {cell.get('fwd_bwd_s', float('nan')):.3g} s "
+                         f"| {cell['peak_rss_mb'] / 1024:.2f} GB | {cell['value']:.6g} |")
+        else:
+            status = "–" if cell is None else cell.get("status")
+            reason = "" if cell is None else cell.get("reason", cell.get("message", ""))
+            lines.append(f"| {method} | {status} | | | {reason} |")
+    skipped = [(k, v.get("reason", v.get("message", ""))) for k, v in results.items()
+               if k != "_meta" and isinstance(v, dict) and v.get("status") in ("skipped", "error")]
+    if skipped:
+        lines += ["", "Cells not measured:", ""] + [f"- `{k}`: {reason}" for k, reason in skipped]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 50000])
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per cell (median reported)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/distances.json"))
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that every cell runs")
+    parser.add_argument("--force", action="store_true", help="re-run cells already in --out")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per cell (subprocess)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--dense-max", type=int, default=20000, help="largest N for dense methods")
+    parser.add_argument("--sinkhorn-size", type=int, default=5000)
+    parser.add_argument("--methods", nargs="+", default=None, help="subset of methods to run")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child:
+        print(json.dumps(run_child(json.loads(args.child))))
+        return
+
+    if args.quick:
+        args.sizes, args.sinkhorn_size, args.timeout = [300, 700], 300, min(args.timeout, 300.0)
+        if args.out == parser.get_default("out"):
+            args.out = Path("benchmarks/results/distances_quick.json")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    results["_meta"] = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+                        "python": platform.python_version()}
+    sigma = args.dim**0.5
+    cells = [("mmd", method, n) for n in args.sizes for method in MMD_METHODS]
+    cells += [("sinkhorn", method, args.sinkhorn_size) for method in SINKHORN_METHODS]
+    for kind, method, n in cells:
+        if args.methods and method not in args.methods:
+            continue
+        key = _cell_key(kind, method, n, args.dim)
+        if key in results and not args.force and results[key].get("status") in ("ok", "skipped"):
+            print(f"cached   {key}")
+            continue
+        reason = _skip_reason(method, n, args)
+        if reason:
+            results[key] = {"status": "skipped", "reason": reason}
+            print(f"skipped  {key}: {reason}")
+        else:
+            spec = {"kind": kind, "method": method, "n": n, "dim": args.dim, "sigma": sigma,
+                    "repeats": args.repeats, "timeout": args.timeout, "threads": args.threads}
+            results[key] = _run_cell(spec, args.timeout)
+            cell = results[key]
+            summary = (f"fwd {cell['fwd_s']:.3g} s, peak {cell['peak_rss_mb']:.0f} MB"
+                       if cell["status"] == "ok" else cell.get("message", cell["status"]))
+            print(f"measured {key}: {summary}", flush=True)
+        args.out.write_text(json.dumps(results, indent=2, sort_keys=True))
+    markdown = args.out.with_suffix(".md")
+    write_markdown(results, markdown, args.sizes, args.dim, args.sinkhorn_size)
+    print(f"wrote {args.out} and {markdown}")
+
+
+if __name__ == "__main__":
+    main()

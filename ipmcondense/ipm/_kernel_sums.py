@@ -1,0 +1,518 @@
+"""The kernel-sum engine: one narrow door to the dense, tiled and KeOps backends.
+
+Every kernel distance reduces to two primitives, implemented here and nowhere else:
+
+* :func:`kernel_sum` -- :math:`\\sum_{i,j} a_i b_j k(x_i, y_j)` as a float64 scalar;
+* :func:`kernel_matvec` -- :math:`f(z_i) = \\sum_j b_j k(z_i, y_j)` (witness functions).
+
+Backends (``backend=``):
+
+``"dense"``
+    The full Gram matrix with plain autograd: ``O(nmd)`` time, ``O(nm)`` memory.
+``"tiled"``
+    Pure torch, memory ``O(tile)`` in the forward *and* the backward pass. Tiles of
+    512 x 8192 entries (square 2048-blocks for a symmetric self-sum, of which only the upper
+    triangle is computed) are built with one GEMM each, :math:`\\|x\\|^2 + \\|y\\|^2 - 2 x y^\\top`,
+    transformed in place and reduced; tile sums are accumulated in float64. A custom
+    ``autograd.Function`` recomputes each tile in the backward pass and applies the analytic
+    gradient (radial kernels: :math:`\\partial_{x_i} = 2 a_i \\sum_j b_j \\varphi'_{ij} (x_i - y_j)`;
+    dot-product kernels: :math:`a_i \\sum_j b_j \\psi'_{ij} y_j`). Kernels of any other form are
+    recomputed tile by tile under autograd (activation checkpointing), so memory stays bounded too.
+    The analytic backward is first-order only (a second derivative raises an error; use ``dense``).
+``"keops"``
+    pykeops ``LazyTensor`` reductions (symbolic, linear memory; the fast choice on a GPU). pykeops is
+    probed lazily, once; if it cannot be imported or its compiler fails, a warning is issued once and
+    the tiled backend is used instead.
+``"auto"``
+    ``dense`` when :math:`nm \\le 4 \\cdot 10^6`; otherwise ``keops`` on CUDA when usable, else ``tiled``.
+
+Private module: the distances in :mod:`ipmcondense.ipm.mmd` are the public interface. Inputs are
+assumed checked (finite, same dimension and dtype, weights valid) by the caller.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+from torch.utils.checkpoint import checkpoint
+
+from ._validation import check_choice
+from .kernels import DotProductKernel, Kernel, LinearKernel, MixtureKernel, RadialKernel
+
+__all__ = ["BACKENDS", "kernel_sum", "kernel_matvec", "keops_available", "resolve_backend"]
+
+BACKENDS = ("auto", "dense", "tiled", "keops")
+#: ``auto`` uses the dense backend up to this many kernel entries (16 MB in float32).
+DENSE_MAX_ENTRIES = 4_000_000
+TILE_ROWS = 512
+TILE_COLS = 8192
+SYMMETRIC_BLOCK = 2048
+
+_keops_state: dict[str, object] = {"probed": False, "lazy_tensor": None, "warned": False}
+
+
+def _warn_keops(reason: str) -> None:
+    if not _keops_state["warned"]:
+        _keops_state["warned"] = True
+        warnings.warn(
+            f"pykeops is not usable ({reason}); the 'tiled' backend is used instead. "
+            "Check the installation with pykeops.test_torch_bindings() or pass backend='tiled'.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _keops_lazy_tensor():
+    """The ``LazyTensor`` class, or ``None`` (with a warning, once) if pykeops cannot be imported."""
+    if not _keops_state["probed"]:
+        _keops_state["probed"] = True
+        try:
+            from pykeops.torch import LazyTensor  # noqa: PLC0415  (optional, imported lazily)
+
+            _keops_state["lazy_tensor"] = LazyTensor
+        except Exception as err:  # any import-time failure of an optional compiler stack
+            _warn_keops(f"import failed: {type(err).__name__}: {err}")
+    return _keops_state["lazy_tensor"]
+
+
+def _disable_keops(err: Exception) -> None:
+    _keops_state["lazy_tensor"] = None
+    _warn_keops(f"{type(err).__name__}: {err}")
+
+
+def keops_available() -> bool:
+    """Whether pykeops imports (probed once; compilation failures are detected on first use)."""
+    return _keops_lazy_tensor() is not None
+
+
+def resolve_backend(backend: str, n: int, m: int, device: torch.device) -> str:
+    """The concrete backend (``dense``/``tiled``/``keops``) that ``backend`` means for an ``n x m`` sum."""
+    check_choice(backend, BACKENDS, "backend")
+    if backend != "auto":
+        return backend
+    if n * m <= DENSE_MAX_ENTRIES:
+        return "dense"
+    if device.type == "cuda" and keops_available():
+        return "keops"
+    return "tiled"
+
+
+def _family(kernel: Kernel) -> str:
+    if isinstance(kernel, RadialKernel) or (isinstance(kernel, MixtureKernel) and kernel.is_radial):
+        return "radial"
+    if isinstance(kernel, DotProductKernel):
+        return "dot"
+    return "generic"
+
+
+def _diagonal_offset(r0: int, r1: int, c0: int, c1: int) -> int | None:
+    """Offset of the global diagonal ``i == j`` inside tile rows [r0, r1) x cols [c0, c1), if any."""
+    return r0 - c0 if max(r0, c0) < min(r1, c1) else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Public engine functions
+# --------------------------------------------------------------------------------------------------
+
+
+def kernel_sum(
+    x: Tensor,
+    y: Tensor,
+    kernel: Kernel,
+    x_weights: Tensor | None = None,
+    y_weights: Tensor | None = None,
+    *,
+    exclude_diagonal: bool = False,
+    backend: str = "auto",
+) -> Tensor:
+    """:math:`\\sum_{i,j} a_i b_j k(x_i, y_j)` as a 0-d float64 tensor, differentiable.
+
+    Args:
+        x, y: points ``(n, d)`` and ``(m, d)`` of one floating dtype.
+        kernel: the kernel; a ``"median"`` bandwidth is resolved on ``(x, y)`` (resolve it on the
+            pooled sample beforehand, as the distances do, to use one bandwidth for several sums).
+        x_weights, y_weights: ``a`` and ``b``; ``None`` means all ones (a plain sum, not a mean).
+        exclude_diagonal: drop the terms ``i == j`` (needs ``n == m``; the U-statistic).
+        backend: ``"auto"``, ``"dense"``, ``"tiled"`` or ``"keops"`` (see the module docstring).
+
+    When ``y is x`` (and ``y_weights is x_weights``) the sum is symmetric: the tiled backend computes
+    only the upper triangle of tiles, and the distances ``|x_i - x_i|`` are exactly 0.
+    Tile values are accumulated in float64 whatever the input dtype.
+    """
+    check_choice(backend, BACKENDS, "backend")
+    if not isinstance(kernel, Kernel):
+        raise TypeError(f"kernel must be a Kernel module, got {type(kernel).__name__}")
+    n, m = x.shape[0], y.shape[0]
+    if exclude_diagonal and n != m:
+        raise ValueError(f"exclude_diagonal needs as many x as y points, got {n} and {m}")
+    kernel = kernel.resolved(x, y)
+    if isinstance(kernel, LinearKernel):
+        return _linear_sum(x, y, x_weights, y_weights, exclude_diagonal)
+    chosen = resolve_backend(backend, n, m, x.device)
+    if chosen == "keops":
+        result = _keops_sum(kernel, x, y, x_weights, y_weights, exclude_diagonal)
+        if result is not None:
+            return result
+        chosen = "tiled"
+    if chosen == "dense":
+        return _dense_sum(kernel, x, y, x_weights, y_weights, exclude_diagonal)
+    return _tiled_sum(kernel, x, y, x_weights, y_weights, exclude_diagonal)
+
+
+def kernel_matvec(
+    z: Tensor, y: Tensor, kernel: Kernel, y_weights: Tensor | None = None, backend: str = "auto"
+) -> Tensor:
+    """:math:`f(z_i) = \\sum_j b_j k(z_i, y_j)` for every query point, shape ``(k,)``, differentiable.
+
+    ``y_weights`` ``None`` means all ones. The kernel should already be resolved (a ``"median"``
+    bandwidth would otherwise be taken from ``(z, y)``). The result has the dtype of ``z``/``y``
+    (promoted); column tiles are accumulated in float64. Memory: ``O(k m)`` dense, ``O(tile)`` tiled.
+    """
+    check_choice(backend, BACKENDS, "backend")
+    dtype = torch.promote_types(z.dtype, y.dtype)
+    z, y = z.to(dtype), y.to(dtype)
+    kernel = kernel.resolved(z, y)
+    if isinstance(kernel, LinearKernel):
+        mean = y.sum(0) if y_weights is None else y_weights @ y
+        return z @ mean
+    chosen = resolve_backend(backend, z.shape[0], y.shape[0], z.device)
+    if chosen == "keops":
+        result = _keops_matvec(kernel, z, y, y_weights)
+        if result is not None:
+            return result
+        chosen = "tiled"
+    if chosen == "dense":
+        gram = kernel(z, y)
+        return gram.sum(1) if y_weights is None else gram @ y_weights
+    return _tiled_matvec(kernel, z, y, y_weights)
+
+
+# --------------------------------------------------------------------------------------------------
+# Linear kernel: closed form, every backend
+# --------------------------------------------------------------------------------------------------
+
+
+def _linear_sum(x: Tensor, y: Tensor, a: Tensor | None, b: Tensor | None, exclude: bool) -> Tensor:
+    xd, yd = x.double(), y.double()
+    sx = xd.sum(0) if a is None else a.double() @ xd
+    sy = yd.sum(0) if b is None else b.double() @ yd
+    total = sx @ sy
+    if exclude:
+        diag = (xd * yd).sum(1)
+        if a is not None:
+            diag = diag * a.double()
+        if b is not None:
+            diag = diag * b.double()
+        total = total - diag.sum()
+    return total
+
+
+# --------------------------------------------------------------------------------------------------
+# Dense backend
+# --------------------------------------------------------------------------------------------------
+
+
+def _weighted_total(rows: Tensor, a: Tensor | None) -> Tensor:
+    rows = rows.double()
+    return rows.sum() if a is None else rows @ a.double()
+
+
+def _dense_sum(kernel: Kernel, x, y, a, b, exclude: bool) -> Tensor:
+    gram = kernel(x, y)
+    rows = gram.sum(1) if b is None else gram @ b
+    total = _weighted_total(rows, a)
+    if exclude:
+        diag = gram.diagonal()
+        if b is not None:
+            diag = diag * b
+        total = total - _weighted_total(diag, a)
+    return total
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiled backend
+# --------------------------------------------------------------------------------------------------
+
+
+class _TilePlan:
+    """Everything one tiled sum needs: prepared points, the tile list and the per-tile kernel maths."""
+
+    def __init__(self, kernel: Kernel, x: Tensor, y: Tensor, symmetric: bool, self_pairs: bool,
+                 exclude: bool) -> None:
+        self.kernel = kernel
+        self.family = _family(kernel)
+        self.symmetric = symmetric
+        self.self_pairs = self_pairs
+        self.exclude = exclude
+        n, m = x.shape[0], y.shape[0]
+        if symmetric:
+            bounds = [(s, min(s + SYMMETRIC_BLOCK, n)) for s in range(0, n, SYMMETRIC_BLOCK)]
+            self.tiles = [
+                (r0, r1, c0, c1, 1.0 if i == j else 2.0)
+                for i, (r0, r1) in enumerate(bounds)
+                for j, (c0, c1) in enumerate(bounds)
+                if j >= i
+            ]
+            rows, cols = SYMMETRIC_BLOCK, SYMMETRIC_BLOCK
+        else:
+            self.tiles = [
+                (r0, min(r0 + TILE_ROWS, n), c0, min(c0 + TILE_COLS, m), 1.0)
+                for r0 in range(0, n, TILE_ROWS)
+                for c0 in range(0, m, TILE_COLS)
+            ]
+            rows, cols = TILE_ROWS, TILE_COLS
+        self.buffer_size = min(rows, n) * min(cols, m)
+
+    def prepare(self, x: Tensor, y: Tensor) -> None:
+        """Centre (radial kernels) and precompute squared norms; detached."""
+        x, y = x.detach(), y.detach()
+        if self.family == "radial":
+            center = (x.sum(0) + y.sum(0)) / (x.shape[0] + y.shape[0])
+            self.xs = x - center
+            self.ys = self.xs if self.self_pairs else y - center
+            self.x_sq = (self.xs * self.xs).sum(1)
+            self.y_sq = self.x_sq if self.self_pairs else (self.ys * self.ys).sum(1)
+            self.y_sq_shifted = self.y_sq
+            if self.kernel.takes_square_root:
+                eps = torch.finfo(x.dtype).eps
+                threshold = 8.0 * eps * float(self.x_sq.max() + self.y_sq.max())
+                self.y_sq_shifted = self.y_sq - threshold
+        else:
+            self.xs, self.ys = x, y
+        self.flat = torch.empty(self.buffer_size, dtype=x.dtype, device=x.device)
+
+    def base(self, r0: int, r1: int, c0: int, c1: int) -> Tensor:
+        """Squared distances (radial) or inner products (dot) of one tile, in the shared buffer."""
+        out = self.flat[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
+        if self.family == "radial":
+            torch.addmm(self.x_sq[r0:r1, None], self.xs[r0:r1], self.ys[c0:c1].T,
+                        beta=1.0, alpha=-2.0, out=out)
+            out.add_(self.y_sq_shifted[None, c0:c1]).clamp_min_(0.0)
+            offset = _diagonal_offset(r0, r1, c0, c1)
+            if self.self_pairs and offset is not None:
+                out.diagonal(offset).zero_()
+        else:
+            torch.mm(self.xs[r0:r1], self.ys[c0:c1].T, out=out)
+        return out
+
+    def tile_value(self, r0: int, r1: int, c0: int, c1: int) -> Tensor:
+        base = self.base(r0, r1, c0, c1)
+        if self.family == "radial":
+            value = self.kernel.profile_(base)
+        else:
+            value = self.kernel.dot_profile(base)
+        self._exclude(value, r0, r1, c0, c1)
+        return value
+
+    def tile_value_and_slope(self, r0, r1, c0, c1) -> tuple[Tensor, Tensor, float]:
+        base = self.base(r0, r1, c0, c1)
+        if self.family == "radial":
+            value, slope, scale = self.kernel.profile_and_slope(base)
+        else:
+            value, slope, scale = self.kernel.dot_profile_and_slope(base)
+        self._exclude(value, r0, r1, c0, c1)
+        self._exclude(slope, r0, r1, c0, c1)
+        return value, slope, scale
+
+    def _exclude(self, tile: Tensor, r0, r1, c0, c1) -> None:
+        offset = _diagonal_offset(r0, r1, c0, c1)
+        if self.exclude and offset is not None:
+            tile.diagonal(offset).zero_()
+
+
+class _TiledKernelSum(torch.autograd.Function):
+    """Tiled :math:`\\sum_{ij} a_i b_j k(x_i, y_j)` with an analytic, tile-by-tile backward."""
+
+    @staticmethod
+    def forward(ctx, x, y, a, b, plan: _TilePlan):  # noqa: D102
+        ctx.plan = plan
+        ctx.save_for_backward(x, y, a, b)
+        plan.prepare(x, y)
+        total = torch.zeros((), dtype=torch.float64, device=x.device)
+        for r0, r1, c0, c1, mult in plan.tiles:
+            value = plan.tile_value(r0, r1, c0, c1)
+            rows = value.sum(1) if b is None else value @ b[c0:c1]
+            part = _weighted_total(rows, None if a is None else a[r0:r1])
+            total.add_(part, alpha=mult)
+        plan.flat = plan.xs = plan.ys = None  # rebuilt by the backward pass: hold no copies meanwhile
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):  # noqa: D102
+        x, y, a, b = ctx.saved_tensors
+        plan: _TilePlan = ctx.plan
+        need_x, need_y, need_a, need_b = ctx.needs_input_grad[:4]
+        g = float(grad_output)
+        plan.prepare(x, y)
+        acc = dict(dtype=torch.float64, device=x.device)
+        grad_x = torch.zeros(x.shape, **acc) if (need_x or need_y and plan.symmetric) else None
+        grad_a = torch.zeros(x.shape[0], **acc) if a is not None and (need_a or need_b and plan.symmetric) else None
+        if plan.symmetric:
+            grad_y, grad_b = grad_x, grad_a
+        else:
+            grad_y = torch.zeros(y.shape, **acc) if need_y else None
+            grad_b = torch.zeros(y.shape[0], **acc) if b is not None and need_b else None
+        xs, ys = plan.xs, plan.ys
+        x_scaled = xs if a is None else xs * a[:, None]
+        y_scaled = ys if b is None else ys * b[:, None]
+        radial = plan.family == "radial"
+        for r0, r1, c0, c1, mult in plan.tiles:
+            a_i = None if a is None else a[r0:r1]
+            b_j = None if b is None else b[c0:c1]
+            value, slope, scale = plan.tile_value_and_slope(r0, r1, c0, c1)
+            coef = (2.0 if radial else 1.0) * scale * mult * g
+            if grad_x is not None:
+                gx = slope @ y_scaled[c0:c1]
+                if radial:
+                    row_mass = slope.sum(1) if b_j is None else slope @ b_j
+                    gx = xs[r0:r1] * row_mass[:, None] - gx
+                if a_i is not None:
+                    gx = gx * a_i[:, None]
+                grad_x[r0:r1].add_(gx, alpha=coef)
+            if grad_y is not None:
+                gy = slope.T @ x_scaled[r0:r1]
+                if radial:
+                    col_mass = slope.sum(0) if a_i is None else slope.T @ a_i
+                    gy = ys[c0:c1] * col_mass[:, None] - gy
+                if b_j is not None:
+                    gy = gy * b_j[:, None]
+                grad_y[c0:c1].add_(gy, alpha=coef)
+            if grad_a is not None:
+                grad_a[r0:r1].add_(value.sum(1) if b_j is None else value @ b_j, alpha=mult * g)
+            if grad_b is not None:
+                grad_b[c0:c1].add_(value.sum(0) if a_i is None else value.T @ a_i, alpha=mult * g)
+        plan.flat = plan.xs = plan.ys = None
+
+        def cast(t: Tensor | None, like: Tensor | None) -> Tensor | None:
+            return None if t is None or like is None else t.to(like.dtype)
+
+        if plan.symmetric:
+            return cast(grad_x, x), None, cast(grad_a, a), None, None
+        return cast(grad_x, x), cast(grad_y, y), cast(grad_a, a), cast(grad_b, b), None
+
+
+def _tiled_sum(kernel: Kernel, x, y, a, b, exclude: bool) -> Tensor:
+    symmetric = y is x and (b is a)
+    if _family(kernel) == "generic":
+        return _checkpointed_sum(kernel, x, y, a, b, exclude)
+    plan = _TilePlan(kernel, x, y, symmetric=symmetric, self_pairs=y is x, exclude=exclude)
+    if symmetric:
+        return _TiledKernelSum.apply(x, x, a, a, plan)
+    return _TiledKernelSum.apply(x, y, a, b, plan)
+
+
+def _needs_autograd(kernel: Kernel, *tensors: Tensor | None) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    if any(t is not None and t.requires_grad for t in tensors):
+        return True
+    return any(p.requires_grad for p in kernel.parameters())
+
+
+def _run_tiles(fn: Callable[..., Tensor], tracked: bool, *args) -> Tensor:
+    if tracked:
+        return checkpoint(fn, *args, use_reentrant=False)
+    with torch.no_grad():
+        return fn(*args)
+
+
+def _checkpointed_sum(kernel: Kernel, x, y, a, b, exclude: bool) -> Tensor:
+    """Any kernel: tile by tile, each tile recomputed under autograd in the backward pass."""
+    tracked = _needs_autograd(kernel, x, y, a, b)
+
+    def tile_sum(x_i: Tensor, y_j: Tensor, a_i, b_j, offset: int | None) -> Tensor:
+        gram = kernel(x_i, y_j)
+        if exclude and offset is not None:
+            mask = torch.ones_like(gram)
+            mask.diagonal(offset).zero_()
+            gram = gram * mask
+        rows = gram.sum(1) if b_j is None else gram @ b_j
+        return _weighted_total(rows, a_i)
+
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    n, m = x.shape[0], y.shape[0]
+    for r0 in range(0, n, TILE_ROWS):
+        r1 = min(r0 + TILE_ROWS, n)
+        for c0 in range(0, m, TILE_COLS):
+            c1 = min(c0 + TILE_COLS, m)
+            a_i = None if a is None else a[r0:r1]
+            b_j = None if b is None else b[c0:c1]
+            offset = _diagonal_offset(r0, r1, c0, c1)
+            total = total + _run_tiles(tile_sum, tracked, x[r0:r1], y[c0:c1], a_i, b_j, offset)
+    return total
+
+
+def _tiled_matvec(kernel: Kernel, z: Tensor, y: Tensor, b: Tensor | None) -> Tensor:
+    tracked = _needs_autograd(kernel, z, y, b)
+
+    def block(z_i: Tensor, y_j: Tensor, b_j: Tensor | None) -> Tensor:
+        gram = kernel(z_i, y_j)
+        return (gram.sum(1) if b_j is None else gram @ b_j).double()
+
+    out = []
+    for r0 in range(0, z.shape[0], TILE_ROWS):
+        r1 = min(r0 + TILE_ROWS, z.shape[0])
+        acc = None
+        for c0 in range(0, y.shape[0], TILE_COLS):
+            c1 = min(c0 + TILE_COLS, y.shape[0])
+            b_j = None if b is None else b[c0:c1]
+            part = _run_tiles(block, tracked, z[r0:r1], y[c0:c1], b_j)
+            acc = part if acc is None else acc + part
+        out.append(acc)
+    return torch.cat(out).to(z.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# KeOps backend
+# --------------------------------------------------------------------------------------------------
+
+
+def _keops_gram(kernel: Kernel, x: Tensor, y: Tensor):
+    """Symbolic Gram matrix, or ``None`` when the kernel has no KeOps formula (generic kernels)."""
+    lazy_tensor = _keops_lazy_tensor()
+    family = _family(kernel)
+    if lazy_tensor is None or family == "generic":
+        return None
+    if family == "radial":
+        center = ((x.sum(0) + y.sum(0)) / (x.shape[0] + y.shape[0])).detach()
+        x, y = x - center, y - center
+    x_i = lazy_tensor(x.contiguous()[:, None, :])
+    y_j = lazy_tensor(y.contiguous()[None, :, :])
+    if family == "radial":
+        return kernel.keops_profile(x_i.sqdist(y_j))
+    return kernel.dot_profile((x_i | y_j))
+
+
+def _keops_rows(kernel: Kernel, x: Tensor, y: Tensor, b: Tensor | None) -> Tensor | None:
+    try:
+        gram = _keops_gram(kernel, x, y)
+        if gram is None:
+            return None
+        if b is not None:
+            gram = gram * _keops_lazy_tensor()(b.contiguous().view(1, -1, 1))
+        return gram.sum(dim=1).view(-1)
+    except Exception as err:  # compiler or runtime failure inside pykeops
+        _disable_keops(err)
+        return None
+
+
+def _keops_sum(kernel: Kernel, x, y, a, b, exclude: bool) -> Tensor | None:
+    rows = _keops_rows(kernel, x, y, b)
+    if rows is None:
+        return None
+    total = _weighted_total(rows, a)
+    if exclude:
+        diag = kernel.paired(x, y)
+        if b is not None:
+            diag = diag * b
+        total = total - _weighted_total(diag, a)
+    return total
+
+
+def _keops_matvec(kernel: Kernel, z: Tensor, y: Tensor, b: Tensor | None) -> Tensor | None:
+    return _keops_rows(kernel, z, y, b)

@@ -1,0 +1,545 @@
+"""Positive-definite (and conditionally negative-definite) kernels as small ``nn.Module`` objects.
+
+A kernel :math:`k(x, y)` is called on two point clouds ``x`` of shape ``(n, d)`` and ``y`` of shape
+``(m, d)`` and returns the dense Gram matrix :math:`K_{ij} = k(x_i, y_j)` of shape ``(n, m)``; that is
+the *reference* evaluation (``O(nmd)`` time, ``O(nm)`` memory). The memory-bounded kernel sums used by
+the distances live in :mod:`ipmcondense.ipm._kernel_sums`, which reads the kernel's structure:
+
+* **radial** kernels :math:`k(x, y) = \\varphi(\\|x - y\\|^2)` (Gaussian, Laplacian, inverse
+  multiquadric, energy, mixtures of these) expose the profile :math:`\\varphi` and its derivative, so
+  that sums and their gradients can be computed tile by tile from GEMM-based squared distances;
+* **dot-product** kernels :math:`k(x, y) = \\psi(\\langle x, y \\rangle)` (linear, polynomial) expose
+  :math:`\\psi` and :math:`\\psi'` in the same way;
+* any other subclass of :class:`Kernel` only needs ``forward``; it is then evaluated tile by tile with
+  recomputation under autograd.
+
+Bandwidths are a positive float or ``"median"`` (the median heuristic on the pooled sample, see
+:func:`median_bandwidth`). A resolved bandwidth is a plain float: it is never part of the autograd graph.
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ._validation import check_choice, check_positive
+
+__all__ = [
+    "Kernel",
+    "RadialKernel",
+    "DotProductKernel",
+    "GaussianKernel",
+    "LaplacianKernel",
+    "InverseMultiquadricKernel",
+    "EnergyKernel",
+    "LinearKernel",
+    "PolynomialKernel",
+    "MixtureKernel",
+    "KERNEL_NAMES",
+    "get_kernel",
+    "median_bandwidth",
+    "squared_distances",
+]
+
+#: Largest number of points the median heuristic looks at (pairwise distances: ~5e5).
+MEDIAN_MAX_POINTS = 1000
+
+
+class _SafeSqrt(torch.autograd.Function):
+    """``sqrt(max(v, 0))`` whose derivative is defined as 0 where the value is 0 (never inf/NaN)."""
+
+    @staticmethod
+    def forward(ctx, value: Tensor) -> Tensor:
+        root = value.clamp_min(0).sqrt()
+        ctx.save_for_backward(root)
+        return root
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (root,) = ctx.saved_tensors
+        safe = torch.where(root > 0, root, torch.ones_like(root))
+        return torch.where(root > 0, grad / (2 * safe), torch.zeros_like(grad))
+
+
+def safe_sqrt(value: Tensor) -> Tensor:
+    """:math:`\\sqrt{\\max(v, 0)}` with gradient 0 (not inf or NaN) at :math:`v \\le 0`."""
+    return _SafeSqrt.apply(value)
+
+
+def _zero_distance_threshold(x_sq: Tensor, y_sq: Tensor) -> float:
+    """Rounding level of GEMM-based squared distances: values below it are set to exactly 0."""
+    eps = torch.finfo(x_sq.dtype).eps
+    return 8.0 * eps * float(x_sq.max() + y_sq.max())
+
+
+def _common_center(x: Tensor, y: Tensor) -> Tensor:
+    """Detached mean of the pooled points; subtracting it reduces cancellation in |x|^2+|y|^2-2<x,y>."""
+    with torch.no_grad():
+        return (x.sum(0) + y.sum(0)) / (x.shape[0] + y.shape[0])
+
+
+def squared_distances(x: Tensor, y: Tensor, *, snap_to_zero: bool = False) -> Tensor:
+    """Dense matrix :math:`D_{ij} = \\|x_i - y_j\\|^2` of shape ``(n, m)``, differentiable.
+
+    Computed with one GEMM as :math:`\\|x_i\\|^2 + \\|y_j\\|^2 - 2\\langle x_i, y_j \\rangle` after
+    subtracting the pooled mean (distances are translation invariant; centring reduces cancellation),
+    clamped at 0. When ``y is x`` the diagonal is exactly 0. With ``snap_to_zero`` (used by kernels that
+    take a square root), entries below the rounding level :math:`8\\,\\epsilon\\,(\\max\\|x\\|^2 +
+    \\max\\|y\\|^2)` are shifted to 0 (every entry is reduced by that level and clamped), so that duplicated
+    points give a distance of exactly 0 and a zero gradient. Cost: ``O(nmd)`` time, ``O(nm)`` memory.
+    """
+    center = _common_center(x, y)
+    xc = x - center
+    yc = xc if y is x else y - center
+    x_sq = (xc * xc).sum(1)
+    y_sq = x_sq if y is x else (yc * yc).sum(1)
+    d2 = torch.addmm(x_sq[:, None], xc, yc.T, beta=1.0, alpha=-2.0) + y_sq[None, :]
+    if snap_to_zero:
+        d2 = d2 - _zero_distance_threshold(x_sq.detach(), y_sq.detach())
+    d2 = d2.clamp_min(0.0)
+    if y is x:
+        d2 = d2 - torch.diag_embed(d2.diagonal())
+    return d2
+
+
+def median_bandwidth(x: Tensor, y: Tensor | None = None) -> float:
+    """Median heuristic: the median pairwise Euclidean distance of the pooled sample.
+
+    With :math:`z = \\mathrm{concat}(x, y)` of :math:`N` points, returns the median of
+    :math:`\\{\\|z_i - z_j\\| : i < j\\}` (the average of the two middle values when their number is even,
+    as ``numpy.median``). When :math:`N > 1000` a deterministic subsample of 1000 evenly spaced indices
+    of :math:`z` (``linspace(0, N - 1, 1000)``) is used, so the cost is at most ``O(10^6 d)``.
+
+    Degenerate samples never give NaN or 0: if the median is 0 (more than half of the pairs are
+    duplicates) the median of the non-zero distances is returned instead; if every distance is 0
+    (all points identical, where every bandwidth gives the same, zero, discrepancy) the result is 1.0.
+    The result is a Python float, detached from any autograd graph, computed in float64.
+    """
+    with torch.no_grad():
+        z = x if y is None else torch.cat([x, y.to(x.dtype)], dim=0)
+        z = z.detach().reshape(z.shape[0], -1).to(torch.float64)
+        if z.shape[0] > MEDIAN_MAX_POINTS:
+            index = torch.linspace(0, z.shape[0] - 1, MEDIAN_MAX_POINTS, device=z.device).round().long()
+            z = z[index]
+        if z.shape[0] < 2:
+            return 1.0
+        distances = torch.nn.functional.pdist(z)
+        median = float(torch.quantile(distances, 0.5))
+        if median > 0:
+            return median
+        nonzero = distances[distances > 0]
+        if nonzero.numel() == 0:
+            return 1.0
+        return float(torch.quantile(nonzero, 0.5))
+
+
+class Kernel(nn.Module, ABC):
+    """A kernel :math:`k: \\mathbb{R}^d \\times \\mathbb{R}^d \\to \\mathbb{R}`.
+
+    Subclasses implement :meth:`forward` (the dense Gram matrix). Data-dependent hyper-parameters
+    (a ``"median"`` bandwidth, a default polynomial scale) are fixed by :meth:`resolved`, which the
+    distances call once on the pooled sample before evaluating any kernel sum.
+    """
+
+    name: str = "kernel"
+    #: True when the kernel takes a square root of a squared distance (needs exact zeros).
+    takes_square_root: bool = False
+
+    @abstractmethod
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        """Return the dense Gram matrix :math:`K_{ij} = k(x_i, y_j)`, shape ``(n, m)``."""
+
+    def resolved(self, x: Tensor, y: Tensor | None = None) -> Kernel:
+        """Return a kernel whose data-dependent hyper-parameters are fixed for these samples."""
+        return self
+
+    def paired(self, x: Tensor, y: Tensor) -> Tensor:
+        """Return :math:`k(x_i, y_i)` for ``i < n`` (``x`` and ``y`` both ``(n, d)``), shape ``(n,)``."""
+        block = 256
+        return torch.cat(
+            [self.forward(x[s : s + block], y[s : s + block]).diagonal() for s in range(0, len(x), block)]
+        )
+
+
+class RadialKernel(Kernel):
+    """A kernel :math:`k(x, y) = \\varphi(\\|x - y\\|^2)` of the squared distance only.
+
+    Subclasses implement :meth:`profile` (differentiable), :meth:`profile_` (may overwrite its input,
+    no autograd) and :meth:`profile_and_slope` (the value and :math:`\\varphi'` as
+    ``slope * slope_scale``); the bandwidth must be resolved (a float) before these are called.
+    """
+
+    def __init__(self, bandwidth: float | str | None = "median") -> None:
+        super().__init__()
+        self.bandwidth = _check_bandwidth(bandwidth)
+
+    def resolve_bandwidth(self, x: Tensor, y: Tensor | None = None) -> float:
+        """The numeric bandwidth for these samples (a fixed float, or the median heuristic)."""
+        if self.bandwidth == "median":
+            return median_bandwidth(x, y)
+        return float(self.bandwidth)
+
+    def resolved(self, x: Tensor, y: Tensor | None = None) -> RadialKernel:
+        if self.bandwidth != "median":
+            return self
+        fixed = copy.copy(self)
+        fixed.bandwidth = self.resolve_bandwidth(x, y)
+        return fixed
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        kernel = self.resolved(x, y)
+        return kernel.profile(squared_distances(x, y, snap_to_zero=self.takes_square_root))
+
+    def paired(self, x: Tensor, y: Tensor) -> Tensor:
+        kernel = self.resolved(x, y)
+        return kernel.profile(((x - y) ** 2).sum(1))
+
+    @property
+    def _h(self) -> float:
+        if self.bandwidth == "median":
+            raise ValueError("bandwidth is 'median': call .resolved(x, y) before evaluating the profile")
+        return float(self.bandwidth)
+
+    @abstractmethod
+    def profile(self, d2: Tensor) -> Tensor:
+        """:math:`\\varphi(d^2)`, differentiable."""
+
+    def profile_(self, d2: Tensor) -> Tensor:
+        """:math:`\\varphi(d^2)`, allowed to overwrite ``d2``; no autograd."""
+        return self.profile(d2)
+
+    @abstractmethod
+    def profile_and_slope(self, d2: Tensor) -> tuple[Tensor, Tensor, float]:
+        """``(phi, slope, scale)`` with :math:`\\varphi'(d^2) = ` ``slope * scale`` (0 where undefined)."""
+
+    def keops_profile(self, d2):
+        """:math:`\\varphi` applied to a KeOps ``LazyTensor`` of squared distances."""
+        return self.profile(d2)
+
+    def extra_repr(self) -> str:
+        bw = self.bandwidth
+        return f"bandwidth={bw!r}" if isinstance(bw, str) else f"bandwidth={bw:.6g}"
+
+
+class GaussianKernel(RadialKernel):
+    """Gaussian (RBF) kernel :math:`k(x, y) = \\exp(-\\|x - y\\|^2 / (2 h^2))`, with bandwidth :math:`h`.
+
+    Characteristic and bounded by 1. ``bandwidth`` is a positive float or ``"median"``.
+    """
+
+    name = "gaussian"
+
+    def _gamma(self) -> float:
+        return -1.0 / (2.0 * self._h**2)
+
+    def profile(self, d2: Tensor) -> Tensor:
+        return torch.exp(d2 * self._gamma())
+
+    def profile_(self, d2: Tensor) -> Tensor:
+        return d2.mul_(self._gamma()).exp_()
+
+    def profile_and_slope(self, d2: Tensor) -> tuple[Tensor, Tensor, float]:
+        value = self.profile_(d2)
+        return value, value, self._gamma()
+
+    def keops_profile(self, d2):
+        return (d2 * self._gamma()).exp()
+
+
+class LaplacianKernel(RadialKernel):
+    """Laplacian kernel :math:`k(x, y) = \\exp(-\\|x - y\\| / h)`, with bandwidth :math:`h`.
+
+    Characteristic. Not differentiable at :math:`x = y`; the gradient of a coincident pair is
+    defined as 0 (the subgradient of minimal norm).
+    """
+
+    name = "laplacian"
+    takes_square_root = True
+
+    def profile(self, d2: Tensor) -> Tensor:
+        return torch.exp(safe_sqrt(d2) * (-1.0 / self._h))
+
+    def profile_(self, d2: Tensor) -> Tensor:
+        return d2.sqrt_().mul_(-1.0 / self._h).exp_()
+
+    def profile_and_slope(self, d2: Tensor) -> tuple[Tensor, Tensor, float]:
+        r = d2.sqrt_()
+        value = torch.exp(r * (-1.0 / self._h))
+        slope = value / r
+        slope.masked_fill_(r == 0, 0.0)
+        return value, slope, -1.0 / (2.0 * self._h)
+
+    def keops_profile(self, d2):
+        return ((d2 + 1e-30).sqrt() * (-1.0 / self._h)).exp()
+
+
+class InverseMultiquadricKernel(RadialKernel):
+    """Inverse multiquadric kernel :math:`k(x, y) = (1 + \\|x - y\\|^2 / h^2)^{-1/2}`.
+
+    Characteristic, bounded by 1, with heavy (polynomial) tails: it still sees points far apart,
+    where the Gaussian kernel vanishes.
+    """
+
+    name = "imq"
+
+    def profile(self, d2: Tensor) -> Tensor:
+        return torch.rsqrt(1.0 + d2 / self._h**2)
+
+    def profile_(self, d2: Tensor) -> Tensor:
+        return d2.mul_(1.0 / self._h**2).add_(1.0).rsqrt_()
+
+    def profile_and_slope(self, d2: Tensor) -> tuple[Tensor, Tensor, float]:
+        value = self.profile_(d2)
+        return value, value**3, -1.0 / (2.0 * self._h**2)
+
+    def keops_profile(self, d2):
+        return (1.0 + d2 * (1.0 / self._h**2)).rsqrt()
+
+
+class EnergyKernel(RadialKernel):
+    """Distance kernel :math:`k(x, y) = -\\|x - y\\|` (energy distance).
+
+    Not positive definite but *conditionally negative definite* (:math:`-k` is), which is all an MMD
+    needs: with this kernel the biased (V-statistic) MMD² equals the squared energy distance
+    :math:`2E\\|X - Y\\| - E\\|X - X'\\| - E\\|Y - Y'\\|`. Has no bandwidth; the gradient of a coincident
+    pair is defined as 0.
+    """
+
+    name = "energy"
+    takes_square_root = True
+
+    def __init__(self) -> None:
+        super().__init__(bandwidth=1.0)
+
+    def resolve_bandwidth(self, x: Tensor, y: Tensor | None = None) -> float:
+        return 1.0
+
+    def profile(self, d2: Tensor) -> Tensor:
+        return -safe_sqrt(d2)
+
+    def profile_(self, d2: Tensor) -> Tensor:
+        return d2.sqrt_().neg_()
+
+    def profile_and_slope(self, d2: Tensor) -> tuple[Tensor, Tensor, float]:
+        r = d2.sqrt_()
+        slope = r.reciprocal()
+        slope.masked_fill_(r == 0, 0.0)
+        return -r, slope, -0.5
+
+    def keops_profile(self, d2):
+        return -((d2 + 1e-30).sqrt())
+
+    def extra_repr(self) -> str:
+        return ""
+
+
+class DotProductKernel(Kernel):
+    """A kernel :math:`k(x, y) = \\psi(\\langle x, y \\rangle)` of the inner product only."""
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        return self.resolved(x, y).dot_profile(x @ y.T)
+
+    def paired(self, x: Tensor, y: Tensor) -> Tensor:
+        return self.resolved(x, y).dot_profile((x * y).sum(1))
+
+    @abstractmethod
+    def dot_profile(self, t: Tensor) -> Tensor:
+        """:math:`\\psi(t)`, differentiable."""
+
+    @abstractmethod
+    def dot_profile_and_slope(self, t: Tensor) -> tuple[Tensor, Tensor, float]:
+        """``(psi, slope, scale)`` with :math:`\\psi'(t) = ` ``slope * scale``; may overwrite ``t``."""
+
+
+class LinearKernel(DotProductKernel):
+    """Linear kernel :math:`k(x, y) = \\langle x, y \\rangle`.
+
+    Its MMD is the distance between the means, :math:`\\|\\bar x - \\bar y\\|`; kernel sums cost
+    ``O((n + m) d)`` because :math:`\\sum_{ij} a_i b_j \\langle x_i, y_j\\rangle =
+    \\langle \\sum_i a_i x_i, \\sum_j b_j y_j \\rangle`.
+    """
+
+    name = "linear"
+
+    def dot_profile(self, t: Tensor) -> Tensor:
+        return t
+
+    def dot_profile_and_slope(self, t: Tensor) -> tuple[Tensor, Tensor, float]:
+        return t, torch.ones_like(t), 1.0
+
+
+class PolynomialKernel(DotProductKernel):
+    """Polynomial kernel :math:`k(x, y) = (\\gamma \\langle x, y \\rangle + c_0)^p`.
+
+    Args:
+        degree: the integer power :math:`p \\ge 1`.
+        gamma: the scale :math:`\\gamma > 0`; ``None`` means :math:`1/d` for ``d``-dimensional points.
+        coef0: the offset :math:`c_0 \\ge 0`.
+    """
+
+    name = "polynomial"
+
+    def __init__(self, degree: int = 3, gamma: float | None = None, coef0: float = 1.0) -> None:
+        super().__init__()
+        if isinstance(degree, bool) or not isinstance(degree, int) or degree < 1:
+            raise ValueError(f"degree must be a positive integer, got {degree!r}")
+        self.degree = degree
+        self.gamma = None if gamma is None else check_positive(gamma, "gamma")
+        self.coef0 = check_positive(coef0, "coef0", allow_zero=True)
+
+    def resolved(self, x: Tensor, y: Tensor | None = None) -> PolynomialKernel:
+        if self.gamma is not None:
+            return self
+        fixed = copy.copy(self)
+        fixed.gamma = 1.0 / x.shape[1]
+        return fixed
+
+    def dot_profile(self, t: Tensor) -> Tensor:
+        return (t * self.gamma + self.coef0) ** self.degree
+
+    def dot_profile_and_slope(self, t: Tensor) -> tuple[Tensor, Tensor, float]:
+        base = t.mul_(self.gamma).add_(self.coef0)
+        slope = base ** (self.degree - 1) if self.degree > 1 else torch.ones_like(base)
+        return slope * base, slope, self.degree * self.gamma
+
+    def extra_repr(self) -> str:
+        return f"degree={self.degree}, gamma={self.gamma!r}, coef0={self.coef0:g}"
+
+
+class MixtureKernel(Kernel):
+    """Weighted sum of kernels :math:`k(x, y) = \\sum_q w_q k_q(x, y)`.
+
+    A non-negative combination of positive-definite kernels is positive definite, and characteristic
+    if one component is. The usual multi-bandwidth MMD uses :meth:`gaussians`.
+
+    Args:
+        kernels: the component kernels.
+        weights: non-negative weights :math:`w_q` (default: all 1).
+    """
+
+    name = "mixture"
+
+    def __init__(self, kernels: Sequence[Kernel], weights: Sequence[float] | None = None) -> None:
+        super().__init__()
+        kernels = list(kernels)
+        if not kernels or not all(isinstance(k, Kernel) for k in kernels):
+            raise ValueError("kernels must be a non-empty sequence of Kernel modules")
+        if weights is None:
+            weights = [1.0] * len(kernels)
+        weights = [check_positive(w, "weights", allow_zero=True) for w in weights]
+        if len(weights) != len(kernels):
+            raise ValueError(f"weights must have one entry per kernel ({len(kernels)}), got {len(weights)}")
+        self.kernels = nn.ModuleList(kernels)
+        self.weights = weights
+
+    @classmethod
+    def gaussians(cls, bandwidths: Sequence[float], weights: Sequence[float] | None = None) -> MixtureKernel:
+        """Sum of Gaussian kernels, one per bandwidth (each a float or ``"median"``)."""
+        return cls([GaussianKernel(h) for h in bandwidths], weights)
+
+    @property
+    def is_radial(self) -> bool:
+        return all(isinstance(k, RadialKernel) for k in self.kernels)
+
+    @property
+    def takes_square_root(self) -> bool:  # type: ignore[override]
+        return any(k.takes_square_root for k in self.kernels)
+
+    def resolved(self, x: Tensor, y: Tensor | None = None) -> MixtureKernel:
+        parts = [k.resolved(x, y) for k in self.kernels]
+        if all(p is k for p, k in zip(parts, self.kernels)):
+            return self
+        return MixtureKernel(parts, self.weights)
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        kernel = self.resolved(x, y)
+        if kernel.is_radial:
+            return kernel.profile(squared_distances(x, y, snap_to_zero=self.takes_square_root))
+        return sum(w * k(x, y) for w, k in zip(kernel.weights, kernel.kernels))
+
+    def paired(self, x: Tensor, y: Tensor) -> Tensor:
+        kernel = self.resolved(x, y)
+        return sum(w * k.paired(x, y) for w, k in zip(kernel.weights, kernel.kernels))
+
+    # Radial interface, valid when every component is radial.
+    def profile(self, d2: Tensor) -> Tensor:
+        return sum(w * k.profile(d2) for w, k in zip(self.weights, self.kernels))
+
+    def profile_(self, d2: Tensor) -> Tensor:
+        out = None
+        for w, k in zip(self.weights, self.kernels):
+            part = k.profile_(d2.clone()).mul_(w)
+            out = part if out is None else out.add_(part)
+        return out
+
+    def profile_and_slope(self, d2: Tensor) -> tuple[Tensor, Tensor, float]:
+        value = slope = None
+        for w, k in zip(self.weights, self.kernels):
+            v, s, c = k.profile_and_slope(d2.clone())
+            v, s = v * w, s * (w * c)
+            value = v if value is None else value.add_(v)
+            slope = s if slope is None else slope.add_(s)
+        return value, slope, 1.0
+
+    def keops_profile(self, d2):
+        out = None
+        for w, k in zip(self.weights, self.kernels):
+            part = k.keops_profile(d2) * w
+            out = part if out is None else out + part
+        return out
+
+
+def _check_bandwidth(bandwidth: float | str | None) -> float | str:
+    if bandwidth is None or bandwidth == "median":
+        return "median"
+    if isinstance(bandwidth, str):
+        raise ValueError(f"bandwidth must be a positive number or 'median', got {bandwidth!r}")
+    value = check_positive(bandwidth, "bandwidth")
+    return value
+
+
+_FACTORIES = {
+    "gaussian": GaussianKernel,
+    "laplacian": LaplacianKernel,
+    "imq": InverseMultiquadricKernel,
+    "inverse_multiquadric": InverseMultiquadricKernel,
+    "energy": EnergyKernel,
+    "distance": EnergyKernel,
+    "linear": LinearKernel,
+    "polynomial": PolynomialKernel,
+}
+#: Names accepted by :func:`get_kernel` (aliases included).
+KERNEL_NAMES = tuple(_FACTORIES)
+_WITH_BANDWIDTH = {"gaussian", "laplacian", "imq", "inverse_multiquadric"}
+
+
+def get_kernel(kernel: str | Kernel, bandwidth: float | str | None = None) -> Kernel:
+    """Return a :class:`Kernel` from a name, or ``kernel`` itself if it is already a module.
+
+    Args:
+        kernel: one of ``"gaussian"``, ``"laplacian"``, ``"imq"`` (alias ``"inverse_multiquadric"``),
+            ``"energy"`` (alias ``"distance"``), ``"linear"``, ``"polynomial"``; or a :class:`Kernel`.
+        bandwidth: for the Gaussian, Laplacian and IMQ kernels: a positive float or ``"median"``
+            (``None`` means ``"median"``). Kernels without a bandwidth accept only ``None``/``"median"``;
+            a numeric bandwidth for them, or for a ready-made module (which carries its own), is an error.
+    """
+    if isinstance(kernel, Kernel):
+        if bandwidth is not None and bandwidth != "median":
+            raise ValueError(
+                "bandwidth cannot be combined with a Kernel module: set it on the module instead, "
+                f"e.g. GaussianKernel(bandwidth={bandwidth!r})"
+            )
+        return kernel
+    if not isinstance(kernel, str):
+        raise TypeError(f"kernel must be a kernel name or a Kernel module, got {type(kernel).__name__}")
+    check_choice(kernel, KERNEL_NAMES, "kernel")
+    if kernel in _WITH_BANDWIDTH:
+        return _FACTORIES[kernel](bandwidth if bandwidth is not None else "median")
+    if bandwidth is not None and bandwidth != "median":
+        raise ValueError(f"the {kernel!r} kernel has no bandwidth, got bandwidth={bandwidth!r}")
+    return _FACTORIES[kernel]()
+

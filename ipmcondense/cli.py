@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from . import __version__
 
-_COMMAND_MODULES = ("distance", "condense")
+_COMMAND_MODULES = ("distance", "condense", "experts")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,12 +26,13 @@ __all__ = [
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def as_points(x: Any, name: str) -> Tensor:
+def as_points(x: Any, name: str, *, flatten: bool = True) -> Tensor:
     """Return ``x`` as a floating ``(n, d)`` tensor, or raise a clear error naming ``name``.
 
     Accepts a ``torch.Tensor``, a NumPy array or a nested sequence. One-dimensional input is read as
     ``n`` points on the line, ``(n, 1)``; input with more than two dimensions (e.g. images
-    ``(n, C, H, W)``) is flattened to ``(n, C*H*W)``. Integer and boolean input is cast to the default
+    ``(n, C, H, W)``) is flattened to ``(n, C*H*W)``, unless ``flatten=False`` (for feature maps that
+    must see images whole: then only the checks and conversions apply). Integer and boolean input is cast to the default
     floating dtype; float16/bfloat16 input is upcast to float32 (kernel sums in half precision lose
     too much to cancellation). Tensors keep their device and autograd graph.
     """
@@ -61,27 +62,30 @@ def as_points(x: Any, name: str) -> Tensor:
         raise ValueError(f"{name} must hold points of shape (n,) or (n, d), got a scalar")
     if t.dim() == 1:
         t = t.unsqueeze(1)
-    elif t.dim() > 2:
+    elif t.dim() > 2 and flatten:
         t = t.reshape(t.shape[0], -1)
     if t.shape[0] == 0:
         raise ValueError(f"{name} is empty: it needs at least one point, got shape {tuple(t.shape)}")
-    if t.shape[1] == 0:
+    if t[0].numel() == 0:
         raise ValueError(f"{name} has points of dimension 0, got shape {tuple(t.shape)}")
     if not bool(torch.isfinite(t.detach()).all()):
         raise ValueError(f"{name} contains NaN or inf values")
     return t
 
 
-def as_point_pair(x: Any, y: Any, names: tuple[str, str] = ("x", "y")) -> tuple[Tensor, Tensor]:
+def as_point_pair(
+    x: Any, y: Any, names: tuple[str, str] = ("x", "y"), *, flatten: bool = True
+) -> tuple[Tensor, Tensor]:
     """Check and convert two point clouds that are to be compared.
 
-    Both become ``(n, d)`` / ``(m, d)`` tensors of a common floating dtype (the promoted one) on the
-    device of ``x``; their dimensions must agree. Moving across devices is an error, not a copy.
+    Both become ``(n, d)`` / ``(m, d)`` tensors (``(n, ...)`` with the per-point shape kept when
+    ``flatten=False``) of a common floating dtype (the promoted one); their per-point shapes must
+    agree and they must share a device. Moving across devices is an error, not a copy.
     """
-    a, b = as_points(x, names[0]), as_points(y, names[1])
-    if a.shape[1] != b.shape[1]:
+    a, b = as_points(x, names[0], flatten=flatten), as_points(y, names[1], flatten=flatten)
+    if a.shape[1:] != b.shape[1:]:
         raise ValueError(
-            f"{names[0]} and {names[1]} must have the same point dimension, got "
+            f"{names[0]} and {names[1]} must have the same point dimension (same shape per point), got "
             f"{names[0]}: {tuple(a.shape)} and {names[1]}: {tuple(b.shape)}"
         )
     if a.device != b.device:

@@ -1,0 +1,423 @@
+"""The Python entry points: :func:`condense` a dataset with a recipe, :func:`evaluate` the result.
+
+.. code-block:: python
+
+    from ipmcondense.condensation.api import condense, evaluate
+    result = condense("dm", "digits", ipc=10, out="runs/digits-dm-ipc10")
+    print(evaluate("runs/digits-dm-ipc10", models=3)["accuracy_mean"])
+
+    condense("dm", "digits", discrepancy="mmd")           # M3D by composition
+    condense("dc", "digits", discrepancy="mmd", sampler="fresh", gradient_mode="per_sample")
+
+Everything is validated (method, axes, dataset, data root, architecture, IPC, hyperparameters,
+device, checkpoint) before the output folder is created, and every file is written atomically, so a
+bad call leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ipmcondense import __version__
+from ipmcondense.ipm._validation import check_choice
+
+from .engine import CondensationEngine
+from .outputs import (
+    CHECKPOINT_FILE,
+    EVALUATION_FILE,
+    GRID_FILE,
+    METRICS_FILE,
+    RUN_FILES,
+    SYNTHETIC_FILE,
+    SYNTHETIC_FORMAT,
+    atomic_torch_save,
+    atomic_write_json,
+    load_checkpoint,
+    load_synthetic,
+    save_image_grid,
+    synthetic_path,
+)
+from .recipes import Recipe, compose_recipe, resolve_config
+from .synthetic import INIT_CHOICES, PixelSet, initial_images
+
+__all__ = ["condense", "evaluate", "CondensationResult", "load_dataset_checked"]
+
+# hyperparameters that may change when a run is resumed (everything else must match the checkpoint)
+_RESUMABLE_CHANGES = ("data_root", "iterations", "eval_every", "eval_models", "eval_epochs", "checkpoint_every", "class_batching")
+
+
+@dataclass
+class CondensationResult:
+    """What :func:`condense` returns (and writes to ``out``).
+
+    Attributes:
+        images: ``(num_classes * ipc, C, H, W)`` synthetic images (normalised space, CPU).
+        labels: ``(num_classes * ipc,)`` labels.
+        config: the full configuration (method, axes, dataset, ipc, seed, hyperparameters).
+        metrics: loss history, timings, evaluations.
+        out: the run directory, or ``None``.
+        recipe: the registry row (possibly composed).
+    """
+
+    images: Tensor
+    labels: Tensor
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    out: Path | None
+    recipe: Recipe
+    learning_rate: float | None = None
+    training_labels: Tensor | None = field(default=None, repr=False)
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device {device!r} is not a torch device ({err})") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available; use device='cpu'")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} requested but MPS is not available; use device='cpu'")
+    return dev
+
+
+def load_dataset_checked(dataset: Any, data_root: str | os.PathLike | None) -> Any:
+    """A :class:`ipmcondense.data.LabelledImages` from a name (validated, loaded from ``data_root``) or as given."""
+    from ipmcondense.data import DATASET_NAMES, LabelledImages, load_dataset
+
+    if isinstance(dataset, LabelledImages):
+        return dataset
+    if not isinstance(dataset, str):
+        raise TypeError(f"dataset must be a dataset name or a LabelledImages, got {type(dataset).__name__}")
+    key = dataset.lower().strip()
+    check_choice(key, DATASET_NAMES, "dataset")
+    return load_dataset(key, data_root)
+
+
+def _positive_int(value: Any, name: str, *, allow_zero: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+        bound = "a non-negative" if allow_zero else "a positive"
+        raise ValueError(f"{name} must be {bound} integer, got {value!r}")
+    return value
+
+
+def _check_config(config: dict[str, Any], recipe: Recipe, dataset: Any, ipc: int) -> None:
+    from ipmcondense.nets import get_network
+
+    _positive_int(config["iterations"], "iterations", allow_zero=True)
+    _positive_int(config["batch_real"], "batch_real")
+    _positive_int(config["checkpoint_every"], "checkpoint_every", allow_zero=True)
+    _positive_int(config["eval_every"] or 0, "eval_every", allow_zero=True)
+    _positive_int(config["eval_models"], "eval_models")
+    for key in ("lr_images", "lr_net", "lr_pool"):
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value != value:
+            raise ValueError(f"{key} must be a positive number, got {value!r}")
+    check_choice(config["init"], INIT_CHOICES, "init")
+    if not isinstance(config["arch"], str):
+        raise TypeError(f"arch must be a network name, got {type(config['arch']).__name__}")
+    with torch.random.fork_rng(devices=[]):
+        net = get_network(config["arch"], dataset.channels, dataset.num_classes, dataset.image_size)
+    if not recipe.is_selection and recipe.feature_map in ("layers", "attention") and not hasattr(net, "layer_features"):
+        raise ValueError(f"feature map {recipe.feature_map!r} needs an arch with layer_features, got {config['arch']!r}")
+    counts = torch.bincount(dataset.train_labels.cpu(), minlength=dataset.num_classes)
+    smallest = int(counts.min())
+    if ipc > smallest:
+        raise ValueError(
+            f"ipc {ipc} is larger than the smallest class of {dataset.name!r} "
+            f"(class {int(counts.argmin())} has {smallest} training images)"
+        )
+
+
+def _check_out(out: Path, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+    """Validate ``out`` before anything is written; return the checkpoint to resume from, if any."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out {str(out)!r} exists and is not a directory")
+    existing = [name for name in RUN_FILES if (out / name).exists()] if out.exists() else []
+    if resume:
+        if (out / CHECKPOINT_FILE).exists():
+            return load_checkpoint(out / CHECKPOINT_FILE)
+        return None
+    if existing and not overwrite:
+        raise ValueError(
+            f"out {str(out)!r} already holds a run ({', '.join(existing)}); pass resume=True (--resume) to "
+            f"continue it, overwrite=True (--overwrite) to replace it, or choose another directory"
+        )
+    return None
+
+
+def _check_resume(checkpoint: dict[str, Any], config: dict[str, Any], out: Path) -> None:
+    old = checkpoint["config"]
+    different = [
+        k for k in sorted(set(old) | set(config))
+        if k not in _RESUMABLE_CHANGES and _normalise(old.get(k)) != _normalise(config.get(k))
+    ]
+    if different:
+        details = "; ".join(f"{k}: checkpoint {old.get(k)!r}, now {config.get(k)!r}" for k in different)
+        raise ValueError(f"cannot resume {str(out)!r}: the configuration differs ({details})")
+    if int(checkpoint["iteration"]) > int(config["iterations"]):
+        raise ValueError(
+            f"cannot resume {str(out)!r}: the checkpoint is at iteration {checkpoint['iteration']}, beyond "
+            f"iterations={config['iterations']}"
+        )
+
+
+def _normalise(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_normalise(v) for v in value)
+    return value
+
+
+def condense(
+    method: str = "dm",
+    dataset: Any = "digits",
+    ipc: int = 10,
+    *,
+    out: str | os.PathLike | None = None,
+    iterations: int | None = None,
+    seed: int = 0,
+    data_root: str | os.PathLike | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    eval_every: int | None = None,
+    feature_map: str | None = None,
+    discrepancy: str | None = None,
+    sampler: str | None = None,
+    augmentation: str | None = None,
+    **overrides: Any,
+) -> CondensationResult:
+    """Condense ``dataset`` to ``ipc`` images per class with the recipe ``method``.
+
+    Args:
+        method: a registry row (:data:`ipmcondense.condensation.recipes.METHOD_NAMES`).
+        dataset: a dataset name (:data:`ipmcondense.data.DATASET_NAMES`) or a ``LabelledImages``.
+        ipc: images per class (at most the smallest class size).
+        out: run directory (synthetic.pt, metrics.json, synthetic.png, checkpoint.pt); ``None`` keeps
+            everything in memory (no checkpoints).
+        iterations: outer iterations (default: the recipe's, or the dataset budget profile's).
+        seed: seeds the run's only generator (initialisation, batches, augmentation, networks).
+        data_root: where torchvision datasets live (not needed for ``"digits"``).
+        resume: continue from ``out/checkpoint.pt`` bit-for-bit (fresh start if there is none).
+        overwrite: replace an existing run in ``out``.
+        device: ``"cpu"`` (default), ``"cuda"``, ...
+        progress: tqdm progress bar on stderr.
+        eval_every: evaluate every N iterations (``eval_models`` models, ``eval_epochs`` epochs).
+        feature_map, discrepancy, sampler, augmentation: replace axes of ``method`` (free composition).
+        **overrides: hyperparameters (:data:`ipmcondense.condensation.recipes.HYPERPARAMETER_KEYS`), e.g.
+            ``lr_images``, ``batch_real``, ``init``, ``arch``, ``inner_loop``, ``bandwidth``.
+
+    Returns:
+        A :class:`CondensationResult`.
+
+    Raises:
+        ValueError / TypeError / FileNotFoundError: any bad input, before ``out`` is created.
+    """
+    start = time.perf_counter()
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a recipe name, got {type(method).__name__}")
+    recipe = compose_recipe(method.lower().strip(), feature_map=feature_map, discrepancy=discrepancy,
+                            sampler=sampler, augmentation=augmentation)
+    ipc = _positive_int(ipc, "ipc")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
+    dev = _resolve_device(device)
+    ds = load_dataset_checked(dataset, data_root)
+    config = resolve_config(recipe, ds.name, {**overrides, "iterations": iterations, "eval_every": eval_every})
+    if recipe.is_selection:
+        config["init"] = recipe.selection
+        config["iterations"] = 0
+    _check_config(config, recipe, ds, ipc)
+    out_path = Path(out) if out is not None else None
+    checkpoint = _check_out(out_path, resume, overwrite) if out_path is not None else None
+    full_config = {
+        "method": recipe.name, "dataset": ds.name, "ipc": ipc, "seed": seed,
+        "data_root": None if data_root is None else str(data_root), "recipe": recipe.axes(), **config,
+    }
+    if checkpoint is not None:
+        _check_resume(checkpoint, full_config, out_path)
+
+    init_generator = torch.Generator().manual_seed(int(seed) + 7919)
+    images, labels = initial_images(ds, ipc, config["init"], init_generator, seed=seed)
+    synthetic = PixelSet(images, labels, ds.num_classes).to(dev)
+
+    created = out_path is not None and not out_path.exists()
+    if out_path is not None:
+        if overwrite and not resume:
+            for name in RUN_FILES:
+                if (out_path / name).exists():
+                    (out_path / name).unlink()
+        out_path.mkdir(parents=True, exist_ok=True)
+    try:
+        history = _optimise(recipe, full_config, ds, synthetic, seed, dev, out_path, progress, checkpoint)
+        return _finish(recipe, full_config, ds, synthetic, history, out_path, time.perf_counter() - start, dev)
+    except BaseException:
+        # a run that failed before its first checkpoint leaves no folder behind
+        if created and out_path.exists() and not any(out_path.iterdir()):
+            out_path.rmdir()
+        raise
+
+
+def _build_network_factory(config: dict[str, Any], ds: Any):
+    from ipmcondense.nets import get_network
+
+    def build():
+        return get_network(config["arch"], ds.channels, ds.num_classes, ds.image_size)
+
+    return build
+
+
+def _evaluation_fn(config: dict[str, Any], ds: Any, seed: int, dev: torch.device):
+    from ipmcondense.evaluation import EvaluationProtocol, evaluate_synthetic
+
+    protocol = EvaluationProtocol(arch=config["arch"], epochs=config["eval_epochs"])
+
+    def run(images: Tensor, labels: Tensor) -> dict[str, Any]:
+        result = evaluate_synthetic(images, labels, ds, protocol, n_models=int(config["eval_models"]),
+                                    seed=seed, device=dev)
+        return {"accuracy_mean": result.accuracy_mean, "accuracy_std": result.accuracy_std,
+                "accuracies": list(result.accuracies)}
+
+    return run
+
+
+def _optimise(recipe, config, ds, synthetic, seed, dev, out_path, progress, checkpoint):
+    if recipe.is_selection:
+        return None
+    engine = CondensationEngine(
+        recipe, config, ds, synthetic, _build_network_factory(config, ds), seed=seed, device=dev,
+        out=out_path, progress=progress, evaluate=_evaluation_fn(config, ds, seed, dev),
+    )
+    if checkpoint is not None:
+        try:
+            engine.load_state_dict(checkpoint)
+        except (KeyError, RuntimeError, TypeError, ValueError) as err:
+            raise ValueError(
+                f"checkpoint {out_path / CHECKPOINT_FILE} does not match this run ({err}); delete it to start over"
+            ) from err
+    return engine.run()
+
+
+def _finish(recipe, config, ds, synthetic, history, out_path, seconds, dev) -> CondensationResult:
+    images = synthetic.images().detach().cpu().clone()
+    labels = synthetic.labels.detach().cpu().clone()
+    training_labels = synthetic.training_labels().detach().cpu().clone()
+    lr = synthetic.learned_learning_rate()
+    losses = [] if history is None else list(history.losses)
+    step_seconds = [] if history is None else list(history.iteration_seconds)
+    metrics = {
+        "method": recipe.name,
+        "dataset": ds.name,
+        "ipc": config["ipc"],
+        "iterations": config["iterations"],
+        "loss_history": losses,
+        "seconds": float(sum(step_seconds)) if step_seconds else float(seconds),
+        "seconds_per_iteration": float(sum(step_seconds) / len(step_seconds)) if step_seconds else 0.0,
+        "wall_seconds_this_call": float(seconds),
+        "iteration_seconds": step_seconds,
+        "evaluations": [] if history is None else list(history.evaluations),
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "version": __version__,
+    }
+    if out_path is not None:
+        atomic_torch_save(
+            {
+                "format": SYNTHETIC_FORMAT, "images": images, "labels": labels, "training_labels": training_labels,
+                "learning_rate": lr, "config": config, "recipe": recipe.axes(), "dataset": ds.name,
+                "ipc": config["ipc"], "version": __version__,
+            },
+            out_path / SYNTHETIC_FILE,
+        )
+        atomic_write_json({**metrics, "config": config}, out_path / METRICS_FILE)
+        save_image_grid(images, config["ipc"], out_path / GRID_FILE, ds.denormalise)
+    return CondensationResult(images, labels, config, metrics, out_path, recipe, lr, training_labels)
+
+
+def evaluate(
+    path_or_result: str | os.PathLike | CondensationResult,
+    dataset: Any = None,
+    models: int = 5,
+    arch: str | None = None,
+    *,
+    epochs: int | None = None,
+    data_root: str | os.PathLike | None = None,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    augmentation: str = "dsa",
+    save: bool = True,
+) -> dict[str, Any]:
+    """Train ``models`` fresh networks on a condensed set and report their test accuracy.
+
+    Uses :func:`ipmcondense.evaluation.evaluate_synthetic` with the standard protocol (ConvNet, SGD
+    0.01 momentum 0.9, ``epochs`` (default 1000 with DSA), full test set once at the end).
+
+    Args:
+        path_or_result: a run directory, a ``synthetic.pt`` file, or a :class:`CondensationResult`.
+        dataset: dataset name or ``LabelledImages`` (default: the one the set was condensed from).
+        models: number of networks (seeds ``seed .. seed + models - 1``).
+        arch: evaluation network (default: the condensation arch).
+        epochs: training epochs (default: the protocol's).
+        data_root: where torchvision datasets live (default: the one recorded at condensation).
+        device: training device (default CPU).
+        augmentation: ``"dsa"`` or ``"none"``.
+        save: write ``evaluation.json`` next to the synthetic set.
+
+    Returns:
+        ``{"accuracy_mean", "accuracy_std", "n_models", "accuracies", "seeds", "protocol", ...}``
+        (accuracies in ``[0, 1]``).
+    """
+    from ipmcondense.evaluation import EvaluationProtocol, evaluate_synthetic
+
+    models = _positive_int(models, "models")
+    if isinstance(path_or_result, CondensationResult):
+        images, labels, config = path_or_result.images, path_or_result.training_labels, path_or_result.config
+        lr, folder = path_or_result.learning_rate, path_or_result.out
+        if labels is None:
+            labels = path_or_result.labels
+    else:
+        data = load_synthetic(path_or_result)
+        images, labels, config = data["images"], data.get("training_labels", data["labels"]), data["config"]
+        lr = data.get("learning_rate")
+        folder = synthetic_path(path_or_result).parent
+    if dataset is None:
+        dataset = config["dataset"]
+        if data_root is None:
+            data_root = config.get("data_root")
+    ds = load_dataset_checked(dataset, data_root)
+    if tuple(images.shape[1:]) != (ds.channels, *ds.image_size):
+        raise ValueError(
+            f"the synthetic images have shape {tuple(images.shape[1:])} but dataset {ds.name!r} has "
+            f"{(ds.channels, *ds.image_size)}"
+        )
+    dev = _resolve_device(device)
+    protocol = EvaluationProtocol(arch=arch or config.get("arch", "convnet"), epochs=epochs,
+                                  augmentation=augmentation, learned_lr=lr,
+                                  soft_labels=labels.dim() == 2)
+    result = evaluate_synthetic(images.to(dev), labels.to(dev), ds, protocol, n_models=models, seed=seed, device=dev)
+    report = {
+        "accuracy_mean": result.accuracy_mean,
+        "accuracy_std": result.accuracy_std,
+        "n_models": result.n_models,
+        "accuracies": list(result.accuracies),
+        "seeds": list(result.seeds),
+        "protocol": result.protocol,
+        "dataset": ds.name,
+        "method": config.get("method"),
+        "ipc": config.get("ipc"),
+        "train_size": result.train_size,
+        "wall_seconds": list(result.wall_seconds),
+    }
+    if save and folder is not None and Path(folder).is_dir():
+        atomic_write_json(report, Path(folder) / EVALUATION_FILE)
+    return report

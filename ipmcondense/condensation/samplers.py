@@ -1,0 +1,291 @@
+r"""Parameter samplers: where the network parameters :math:`\theta` of the outer expectation come from.
+
+The outer loss is :math:`E_{\theta \sim \text{sampler}} \sum_c D(\phi_\theta(A(S_c)), \phi_\theta(A(T_c)))`.
+A sampler is asked for networks once per *iteration* (:meth:`ParameterSampler.draw`); the engine then
+takes :meth:`ParameterSampler.steps_per_draw` image steps on them, calling
+:meth:`ParameterSampler.between_steps` between consecutive steps (DC's inner training).
+
+All randomness (network initialisation, shuffles, pool choices) comes from the run's
+``torch.Generator``: a network is initialised by PyTorch's default initialisers inside
+:func:`torch.random.fork_rng` seeded with a number drawn from that generator, so the global RNG is
+untouched and a resumed run draws exactly the same networks. State that is not in the generator
+(the pool) is saved by :meth:`state_dict`.
+
+=============  ===========================================================================
+name           networks
+=============  ===========================================================================
+fresh          a new randomly initialised network every iteration (DM, M3D, DataDAM)
+fresh_inner    fresh network + ``outer_loop`` image steps alternating with ``inner_loop`` epochs
+               of training it on the current synthetic set (DC, DSA, CAFE)
+pool           a pool of networks partly trained on real data, refreshed over time (IDM)
+=============  ===========================================================================
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ipmcondense.ipm._validation import check_choice
+
+__all__ = [
+    "SamplerContext",
+    "ParameterSampler",
+    "FreshSampler",
+    "FreshInnerSampler",
+    "PoolSampler",
+    "SAMPLER_NAMES",
+    "get_sampler",
+    "dc_loops",
+    "fresh_network",
+]
+
+
+@dataclass
+class SamplerContext:
+    """What a sampler may use.
+
+    Attributes:
+        build_network: builds one network on the CPU with PyTorch's default initialisation.
+        device: where networks live.
+        generator: the run's generator (CPU).
+        real_sampler: ``sample(n_per_class) -> (images, labels)`` on ``device``, class-blocked.
+        augmentation: training-time augmentation, ``augmentation(x, generator=...)`` (per-sample draws).
+        synthetic: a callable returning the current ``(images, labels)`` of S, detached.
+        parameter_gradients: whether the returned networks' parameters must require grad.
+    """
+
+    build_network: Callable[[], nn.Module]
+    device: torch.device
+    generator: torch.Generator
+    real_sampler: Any
+    augmentation: Any
+    synthetic: Callable[[], tuple[Tensor, Tensor]]
+    parameter_gradients: bool
+
+
+def fresh_network(ctx: SamplerContext) -> nn.Module:
+    """A network initialised from a seed drawn from ``ctx.generator`` (global RNG left untouched)."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=ctx.generator))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = ctx.build_network()
+    return net.to(ctx.device)
+
+
+def _freeze(net: nn.Module, ctx: SamplerContext) -> nn.Module:
+    net.requires_grad_(ctx.parameter_gradients)
+    return net
+
+
+def _train_steps(
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches,
+    augmentation,
+    generator: torch.Generator,
+) -> None:
+    net.requires_grad_(True)
+    net.train()
+    for images, labels in batches:
+        images = augmentation(images, generator=generator)
+        loss = F.cross_entropy(net(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+def dc_loops(ipc: int) -> tuple[int, int]:
+    """DC's ``(outer_loop, inner_loop)`` for an IPC (reference ``utils.py: get_loops``).
+
+    1 -> (1, 1), 10 -> (10, 50), 20 -> (20, 25), 30 -> (30, 20), 40 -> (40, 15), 50 -> (50, 10);
+    other values: the nearest listed IPC at or below (at least 1 -> (1, 1)), as the published table.
+    """
+    table = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
+    if ipc in table:
+        return table[ipc]
+    key = max(k for k in table if k <= max(ipc, 1))
+    return table[key]
+
+
+class ParameterSampler(ABC):
+    """Draws the networks of one iteration."""
+
+    name: str = ""
+
+    def steps_per_draw(self) -> int:
+        """Image steps taken on one draw of networks."""
+        return 1
+
+    @abstractmethod
+    def draw(self, ctx: SamplerContext) -> list[nn.Module]:
+        """The networks of the next iteration (the loss sums over them)."""
+
+    def between_steps(self, networks: list[nn.Module], ctx: SamplerContext, step: int) -> None:
+        """Called after image step ``step`` when another step on the same networks follows."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """State beyond the generator, for checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any], ctx: SamplerContext) -> None:
+        """Restore :meth:`state_dict`."""
+
+
+class FreshSampler(ParameterSampler):
+    r"""A new randomly initialised network per iteration, parameters frozen (DM, M3D, DataDAM).
+
+    Averaging a mean-embedding IPM over these draws gives an MMD with the random-feature kernel
+    :math:`k(x, x') = E_\theta \langle \phi_\theta(x), \phi_\theta(x') \rangle`.
+    """
+
+    name = "fresh"
+
+    def draw(self, ctx):
+        return [_freeze(fresh_network(ctx), ctx)]
+
+
+class FreshInnerSampler(ParameterSampler):
+    """DC/DSA: a fresh network per iteration, trained on the synthetic set between image steps.
+
+    One iteration = ``outer_loop`` image steps; between them the network is trained for
+    ``inner_loop`` epochs on the current (detached) synthetic set with ``SGD(lr_net)`` (no momentum),
+    batch ``batch_train``, with the recipe's augmentation drawn per sample (the reference uses DSA
+    here when DSA is on). Defaults from :func:`dc_loops`.
+    """
+
+    name = "fresh_inner"
+
+    def __init__(self, outer_loop: int, inner_loop: int, lr_net: float = 0.01, batch_train: int = 256) -> None:
+        if outer_loop < 1 or inner_loop < 0:
+            raise ValueError(f"outer_loop must be >= 1 and inner_loop >= 0, got {outer_loop}, {inner_loop}")
+        self.outer_loop, self.inner_loop = int(outer_loop), int(inner_loop)
+        self.lr_net, self.batch_train = float(lr_net), int(batch_train)
+        self._optimizer: torch.optim.Optimizer | None = None
+
+    def steps_per_draw(self):
+        return self.outer_loop
+
+    def draw(self, ctx):
+        net = fresh_network(ctx)
+        self._optimizer = torch.optim.SGD(net.parameters(), lr=self.lr_net)
+        return [_freeze(net, ctx)]
+
+    def between_steps(self, networks, ctx, step):
+        images, labels = ctx.synthetic()
+        for net in networks:
+            for _ in range(self.inner_loop):
+                perm = torch.randperm(images.shape[0], generator=ctx.generator).to(images.device)
+                batches = [
+                    (images[perm[i : i + self.batch_train]], labels[perm[i : i + self.batch_train]])
+                    for i in range(0, images.shape[0], self.batch_train)
+                ]
+                _train_steps(net, self._optimizer, batches, ctx.augmentation, ctx.generator)
+            _freeze(net, ctx)
+
+
+class PoolSampler(ParameterSampler):
+    """IDM's pool of partly trained networks (simplified, documented).
+
+    The pool holds up to ``pool_size`` networks. Every ``generate_interval`` iterations (and when the
+    pool is empty) a freshly initialised network joins it (the oldest leaves when full). Each iteration
+    ``fetch`` networks are picked at random; each is trained ``train_steps`` SGD steps (lr ``lr_pool``,
+    momentum 0.9, weight decay 5e-4, as IDM's ``--net_decay``) on class-balanced real batches of
+    ``batch_pool`` images per class with per-sample augmentation, then used, frozen, for the loss.
+    Simplifications vs the reference: no multi-formation "partition and expansion" parameterisation
+    here (that belongs to a synthetic-set subclass), and no per-network learning-rate decay.
+    """
+
+    name = "pool"
+
+    def __init__(
+        self,
+        pool_size: int = 100,
+        generate_interval: int = 5,
+        fetch: int = 2,
+        train_steps: int = 10,
+        lr_pool: float = 0.01,
+        batch_pool: int = 26,
+    ) -> None:
+        self.pool_size, self.generate_interval, self.fetch = int(pool_size), int(generate_interval), int(fetch)
+        self.train_steps, self.lr_pool, self.batch_pool = int(train_steps), float(lr_pool), int(batch_pool)
+        if min(self.pool_size, self.generate_interval, self.fetch) < 1 or self.train_steps < 0:
+            raise ValueError("pool_size, generate_interval and fetch must be >= 1, train_steps >= 0")
+        self.pool: list[tuple[nn.Module, torch.optim.Optimizer]] = []
+        self.iteration = 0
+
+    def _optimizer(self, net):
+        return torch.optim.SGD(net.parameters(), lr=self.lr_pool, momentum=0.9, weight_decay=5e-4)
+
+    def draw(self, ctx):
+        if not self.pool or self.iteration % self.generate_interval == 0:
+            net = fresh_network(ctx)
+            self.pool.append((net, self._optimizer(net)))
+            if len(self.pool) > self.pool_size:
+                self.pool.pop(0)
+        self.iteration += 1
+        k = min(self.fetch, len(self.pool))
+        picks = torch.randperm(len(self.pool), generator=ctx.generator)[:k].tolist()
+        nets = []
+        for i in picks:
+            net, opt = self.pool[i]
+            batches = (ctx.real_sampler.sample(self.batch_pool) for _ in range(self.train_steps))
+            _train_steps(net, opt, batches, ctx.augmentation, ctx.generator)
+            nets.append(_freeze(net, ctx))
+        return nets
+
+    def state_dict(self):
+        return {
+            "iteration": self.iteration,
+            "networks": [copy.deepcopy(net.state_dict()) for net, _ in self.pool],
+            "optimizers": [copy.deepcopy(opt.state_dict()) for _, opt in self.pool],
+        }
+
+    def load_state_dict(self, state, ctx):
+        self.iteration = int(state["iteration"])
+        self.pool = []
+        for net_state, opt_state in zip(state["networks"], state["optimizers"]):
+            net = fresh_network_from_state(ctx, net_state)
+            opt = self._optimizer(net)
+            opt.load_state_dict(opt_state)
+            self.pool.append((net, opt))
+
+
+def fresh_network_from_state(ctx: SamplerContext, state: dict[str, Tensor]) -> nn.Module:
+    """A network built without touching any generator, then loaded from ``state``."""
+    with torch.random.fork_rng(devices=[]):
+        net = ctx.build_network()
+    net.load_state_dict(state)
+    return net.to(ctx.device)
+
+
+SAMPLER_NAMES = ("fresh", "fresh_inner", "pool")
+
+
+def get_sampler(name: str, *, ipc: int, **options) -> ParameterSampler:
+    """Build a sampler by name (:data:`SAMPLER_NAMES`).
+
+    Options: ``fresh_inner``: ``outer_loop``, ``inner_loop`` (default :func:`dc_loops(ipc)`), ``lr_net``,
+    ``batch_train``; ``pool``: ``pool_size``, ``generate_interval``, ``fetch``, ``train_steps``,
+    ``lr_pool``, ``batch_pool``. Options meant for other samplers are ignored.
+    """
+    check_choice(name, SAMPLER_NAMES, "sampler")
+    if name == "fresh":
+        return FreshSampler()
+    if name == "fresh_inner":
+        outer, inner = dc_loops(ipc)
+        return FreshInnerSampler(
+            outer_loop=int(options.get("outer_loop") or outer),
+            inner_loop=int(inner if options.get("inner_loop") is None else options["inner_loop"]),
+            lr_net=float(options.get("lr_net", 0.01)),
+            batch_train=int(options.get("batch_train", 256)),
+        )
+    keys = ("pool_size", "generate_interval", "fetch", "train_steps", "lr_pool", "batch_pool")
+    return PoolSampler(**{k: options[k] for k in keys if options.get(k) is not None})

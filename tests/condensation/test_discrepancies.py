@@ -1,0 +1,143 @@
+"""Discrepancies equal their IPM definitions, computed independently."""
+
+import numpy as np
+import pytest
+import torch
+
+from ipmcondense.condensation.discrepancies import (
+    DISCREPANCY_NAMES,
+    GaussianMMDDiscrepancy,
+    GradientCosineDiscrepancy,
+    GradientMSEDiscrepancy,
+    MeanEmbeddingDiscrepancy,
+    PrototypeDiscrimination,
+    SyntheticCrossEntropy,
+    get_discrepancy,
+    get_extra_term,
+)
+from ipmcondense.ipm.mean_embedding import mean_embedding_distance
+from ipmcondense.ipm.mmd import mmd2
+
+
+def _clouds(n=7, m=3, d=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(m, d, generator=g, dtype=torch.float64)
+
+
+def test_mean_embedding_is_squared_linear_ipm():
+    real, syn = _clouds()
+    value = MeanEmbeddingDiscrepancy()(real, syn)
+    torch.testing.assert_close(value, mean_embedding_distance(real, syn, squared=True))
+    # the IPM over the unit ball of linear witnesses is attained at w = normalised mean difference
+    diff = real.mean(0) - syn.mean(0)
+    w = diff / diff.norm()
+    gap = (real @ w).mean() - (syn @ w).mean()
+    torch.testing.assert_close(value, gap**2)
+
+
+def test_mmd_discrepancy_uses_ipm_mmd2():
+    real, syn = _clouds()
+    value = GaussianMMDDiscrepancy(bandwidth=1.5)(real, syn)
+    torch.testing.assert_close(value, mmd2(syn, real, kernel="gaussian", bandwidth=1.5, estimator="biased"))
+    # independent NumPy V-statistic
+    z = np.concatenate([syn.numpy(), real.numpy()])
+    k = np.exp(-((z[:, None] - z[None]) ** 2).sum(-1) / (2 * 1.5**2))
+    m = syn.shape[0]
+    expected = k[:m, :m].mean() + k[m:, m:].mean() - 2 * k[:m, m:].mean()
+    assert value.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_gradient_mse_is_squared_norm_of_concatenated_mean_difference():
+    g = torch.Generator().manual_seed(1)
+    shapes = [(4, 3, 3, 3), (4,), (2, 4)]
+    real = [torch.randn(1, *s, generator=g, dtype=torch.float64) for s in shapes]
+    syn = [torch.randn(1, *s, generator=g, dtype=torch.float64) for s in shapes]
+    total = sum(GradientMSEDiscrepancy()(r, s) for r, s in zip(real, syn))
+    flat = torch.cat([(r - s).flatten() for r, s in zip(real, syn)])
+    torch.testing.assert_close(total, flat.dot(flat))
+
+
+def _reference_distance_wb(gwr, gws):
+    """VICO-UoE utils.py distance_wb, transcribed."""
+    shape = gwr.shape
+    if len(shape) == 4:
+        gwr = gwr.reshape(shape[0], shape[1] * shape[2] * shape[3])
+        gws = gws.reshape(shape[0], shape[1] * shape[2] * shape[3])
+    elif len(shape) == 3:
+        gwr = gwr.reshape(shape[0], shape[1] * shape[2])
+        gws = gws.reshape(shape[0], shape[1] * shape[2])
+    elif len(shape) == 1:
+        return torch.tensor(0, dtype=torch.float)
+    return torch.sum(1 - torch.sum(gwr * gws, dim=-1) / (torch.norm(gwr, dim=-1) * torch.norm(gws, dim=-1) + 0.000001))
+
+
+@pytest.mark.parametrize("shape", [(6, 3, 3, 3), (6, 4, 2), (10, 7), (6,)])
+def test_gradient_cosine_matches_reference_formula(shape):
+    g = torch.Generator().manual_seed(2)
+    gr, gs = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
+    value = GradientCosineDiscrepancy()(gr.unsqueeze(0), gs.unsqueeze(0))
+    torch.testing.assert_close(value, _reference_distance_wb(gr, gs).to(value.dtype))
+    if len(shape) == 1:
+        assert value.item() == 0.0
+
+
+def test_gradient_cosine_is_zero_for_parallel_and_two_for_opposite_rows():
+    gr = torch.randn(1, 5, 4)
+    assert GradientCosineDiscrepancy()(gr, 3 * gr).item() == pytest.approx(0.0, abs=1e-5)
+    assert GradientCosineDiscrepancy()(gr, -gr).item() == pytest.approx(10.0, abs=1e-5)
+
+
+def test_discrepancies_are_differentiable_wrt_synthetic():
+    real, syn = _clouds()
+    for name in ("mean_embedding", "mmd", "gradient_mse"):
+        s = syn.clone().requires_grad_(True)
+        get_discrepancy(name)(real, s).backward()
+        assert s.grad is not None and torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
+
+
+def test_every_discrepancy_states_its_relation():
+    for name in DISCREPANCY_NAMES:
+        d = get_discrepancy(name)
+        assert d.relation_to_ipm in ("exact IPM", "normalised variant", "approximation / not an IPM")
+        assert d.name == name
+
+
+def test_unknown_discrepancy_and_term():
+    with pytest.raises(ValueError, match="discrepancy"):
+        get_discrepancy("kl")
+    with pytest.raises(ValueError, match="extra term"):
+        get_extra_term("magic", 1.0)
+
+
+class _Linear(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.classifier = torch.nn.Linear(4, 2).double()
+
+    def embed(self, x):
+        return x.flatten(1)
+
+    def forward(self, x):
+        return self.classifier(self.embed(x))
+
+
+def test_prototype_discrimination_matches_direct_formula():
+    net = _Linear()
+    g = torch.Generator().manual_seed(3)
+    real, syn = torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randn(4, 4, generator=g, dtype=torch.float64)
+    rl, sl = torch.tensor([0, 0, 0, 1, 1, 1]), torch.tensor([0, 0, 1, 1])
+    value = PrototypeDiscrimination(0.01)(net, real, rl, syn, sl, [slice(0, 3), slice(3, 6)], [slice(0, 2), slice(2, 4)])
+    protos = torch.stack([syn[:2].mean(0), syn[2:].mean(0)])
+    expected = 0.01 * torch.nn.functional.cross_entropy(real @ protos.T, rl, reduction="sum")
+    torch.testing.assert_close(value, expected)
+
+
+def test_synthetic_cross_entropy_weights_by_real_accuracy():
+    net = _Linear()
+    real, syn = torch.randn(4, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+    rl, sl = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1])
+    value = SyntheticCrossEntropy(0.5)(net, real, rl, syn, sl, [slice(0, 2), slice(2, 4)], [slice(0, 1), slice(1, 2)])
+    acc = (net(real).argmax(1) == rl).double().mean()
+    ce = sum(torch.nn.functional.cross_entropy(net(syn[i : i + 1]), sl[i : i + 1]) for i in range(2))
+    torch.testing.assert_close(value, 0.5 * acc * ce)

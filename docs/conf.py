@@ -23,6 +23,7 @@ autodoc_member_order = "bysource"
 autodoc_default_options = {"members": True, "show-inheritance": True}
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
+napoleon_use_ivar = True  # "Attributes:" sections as fields, so dataclass fields are not documented twice
 
 myst_enable_extensions = ["dollarmath", "amsmath"]
 # The notebooks are executed (and their claims asserted) by the test suite; the site renders the
@@ -34,3 +35,21 @@ exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "**.ipynb_checkpoints"]
 html_theme = "furo"
 html_title = f"ipmcondense {release}"
 nitpicky = False
+
+
+def _copy_notebooks(app):
+    """Copy the executed notebooks of ``theory_notebooks/`` into the source tree (git-ignored)."""
+    import shutil
+    from pathlib import Path
+
+    source = Path(app.srcdir).parent / "theory_notebooks"
+    target = Path(app.srcdir) / "theory" / "notebooks"
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    for notebook in sorted(source.glob("*.ipynb")):
+        shutil.copy2(notebook, target / notebook.name)
+
+
+def setup(app):
+    app.connect("builder-inited", _copy_notebooks)

@@ -104,3 +104,44 @@ def halve(spatial: tuple[int, int]) -> tuple[tuple[int, int], bool]:
     if h < 2 or w < 2:
         return spatial, False
     return (h // 2, w // 2), True
+
+
+class ConvBlockNetwork(nn.Module):
+    """Base of the networks built as ``blocks[i] -> pools[i]`` stages, a head, and a linear classifier.
+
+    Subclasses set ``channels``, ``image_size``, ``blocks`` and ``pools`` (``nn.ModuleList``s of equal
+    length), ``classifier`` and ``feature_dim``, and may override :meth:`head` (identity flattening
+    by default) which maps the last pooled feature map to the embedding.
+    """
+
+    channels: int
+    image_size: tuple[int, int]
+    blocks: nn.ModuleList
+    pools: nn.ModuleList
+    classifier: nn.Linear
+    feature_dim: int
+
+    def head(self, h: Tensor) -> Tensor:
+        """Embedding from the last pooled feature map: flattened ``(B, C*h*w)``."""
+        return h.flatten(-3)
+
+    def layer_features(self, x: Tensor) -> list[Tensor]:
+        """Activation of every block, before its pooling: one ``(B, C, h, w)`` tensor per block."""
+        h = check_images(x, self.channels, self.image_size)
+        outputs = []
+        for block, pool in zip(self.blocks, self.pools):
+            h = block(h)
+            outputs.append(h)
+            h = pool(h)
+        return outputs
+
+    def embed(self, x: Tensor) -> Tensor:
+        """The features before the classifier: ``(B, feature_dim)``."""
+        h = check_images(x, self.channels, self.image_size)
+        for block, pool in zip(self.blocks, self.pools):
+            h = pool(block(h))
+        return self.head(h)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits ``(B, num_classes)`` = ``classifier(embed(x))``."""
+        return self.classifier(self.embed(x))

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 
-from ipmcondense.nets._common import check_geometry, check_images, halve
+from ipmcondense.nets._common import ConvBlockNetwork, check_geometry, halve
 
 __all__ = ["AlexNet"]
 
@@ -12,7 +12,7 @@ __all__ = ["AlexNet"]
 _LAYOUT = ((128, 5, True), (192, 5, True), (256, 3, False), (192, 3, False), (192, 3, True))
 
 
-class AlexNet(nn.Module):
+class AlexNet(ConvBlockNetwork):
     r"""Five convolutions (128-192-256-192-192, ReLU, no normalisation) and a linear classifier.
 
     Layout as the reference: conv5x5 -> pool -> conv5x5 -> pool -> conv3x3 -> conv3x3 -> conv3x3
@@ -57,24 +57,3 @@ class AlexNet(nn.Module):
         self.feature_shape: tuple[int, int, int] = (in_channels, *spatial)
         self.feature_dim: int = in_channels * spatial[0] * spatial[1]
         self.classifier = nn.Linear(self.feature_dim, num_classes)
-
-    def layer_features(self, x: Tensor) -> list[Tensor]:
-        """Activation of each of the five convolutions, before pooling (five 4-D tensors)."""
-        h = check_images(x, self.channels, self.image_size)
-        outputs = []
-        for block, pool in zip(self.blocks, self.pools):
-            h = block(h)
-            outputs.append(h)
-            h = pool(h)
-        return outputs
-
-    def embed(self, x: Tensor) -> Tensor:
-        """Flattened output of the last pooling: ``(B, feature_dim)``."""
-        h = check_images(x, self.channels, self.image_size)
-        for block, pool in zip(self.blocks, self.pools):
-            h = pool(block(h))
-        return h.flatten(-3)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Logits ``(B, num_classes)`` = ``classifier(embed(x))``."""
-        return self.classifier(self.embed(x))

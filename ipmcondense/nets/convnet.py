@@ -8,12 +8,12 @@ embedding on 32x32 and 28x28 images, as the reference.
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 
 from ipmcondense.ipm._validation import check_choice
 from ipmcondense.nets._common import (
+    ConvBlockNetwork,
     check_geometry,
-    check_images,
     halve,
     make_activation,
     make_norm,
@@ -24,7 +24,7 @@ __all__ = ["ConvNet", "POOLING_NAMES"]
 POOLING_NAMES = ("avgpool", "maxpool", "none")
 
 
-class ConvNet(nn.Module):
+class ConvNet(ConvBlockNetwork):
     r"""Depth-``depth`` ConvNet of width ``width``, sized to the input.
 
     Block :math:`\ell`: :math:`h_\ell = \mathrm{pool}(\sigma(\mathrm{norm}(W_\ell * h_{\ell-1})))`
@@ -108,24 +108,3 @@ class ConvNet(nn.Module):
         self.feature_shape: tuple[int, int, int] = (width, *spatial)
         self.feature_dim: int = width * spatial[0] * spatial[1]
         self.classifier = nn.Linear(self.feature_dim, num_classes)
-
-    def layer_features(self, x: Tensor) -> list[Tensor]:
-        """Activation of every block, before its pooling: ``depth`` tensors ``(B, width, h, w)``."""
-        h = check_images(x, self.channels, self.image_size)
-        outputs = []
-        for block, pool in zip(self.blocks, self.pools):
-            h = block(h)
-            outputs.append(h)
-            h = pool(h)
-        return outputs
-
-    def embed(self, x: Tensor) -> Tensor:
-        """Flattened output of the last block (after pooling): ``(B, feature_dim)``."""
-        h = check_images(x, self.channels, self.image_size)
-        for block, pool in zip(self.blocks, self.pools):
-            h = pool(block(h))
-        return h.flatten(-3)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Logits ``(B, num_classes)`` = ``classifier(embed(x))``."""
-        return self.classifier(self.embed(x))

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ipmcondense.nets._common import check_geometry, check_images, halve
+from ipmcondense.nets._common import ConvBlockNetwork, check_geometry, halve
 
 __all__ = ["LeNet"]
 
 
-class LeNet(nn.Module):
+class LeNet(ConvBlockNetwork):
     r"""Two 5x5 convolutions (6 and 16 channels, ReLU, 2x2 max pooling) and three linear layers.
 
     ``embed(x)`` is the 84-d output of the second hidden linear layer (after ReLU), as the
@@ -51,23 +51,6 @@ class LeNet(nn.Module):
         self.feature_dim: int = 84
         self.classifier = nn.Linear(84, num_classes)
 
-    def layer_features(self, x: Tensor) -> list[Tensor]:
-        """Activation of both convolutional blocks, before pooling (two 4-D tensors)."""
-        h = check_images(x, self.channels, self.image_size)
-        outputs = []
-        for block, pool in zip(self.blocks, self.pools):
-            h = block(h)
-            outputs.append(h)
-            h = pool(h)
-        return outputs
-
-    def embed(self, x: Tensor) -> Tensor:
+    def head(self, h: Tensor) -> Tensor:
         """84-d hidden representation before the classifier: ``(B, 84)``."""
-        h = check_images(x, self.channels, self.image_size)
-        for block, pool in zip(self.blocks, self.pools):
-            h = pool(block(h))
         return self.fully_connected(h.flatten(-3))
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Logits ``(B, num_classes)`` = ``classifier(embed(x))``."""
-        return self.classifier(self.embed(x))

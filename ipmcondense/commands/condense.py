@@ -6,6 +6,8 @@
     ipmcondense evaluate runs/digits-dm-ipc10 --models 3
     ipmcondense condense --method dc --discrepancy mmd --sampler fresh --out runs/new-method
     ipmcondense methods --json
+    ipmcondense experts --dataset digits --arch convnet-w32 --n-experts 5 --epochs 20 --out buffers/digits
+    ipmcondense condense --method mtt --arch convnet-w32 --experts buffers/digits --out runs/digits-mtt
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-real", type=int, default=None)
     p.add_argument("--init", default=None, help="real | noise | random | herding | kcenter | kmeans")
     p.add_argument("--arch", default=None, help="network of the feature map (default convnet)")
+    p.add_argument("--experts", default=None, metavar="DIR",
+                   help="expert-trajectory buffer for --method mtt (make one with `ipmcondense experts`)")
     p.add_argument("--set", dest="overrides", type=_override, action="append", default=[], metavar="KEY=VALUE",
                    help="any other hyperparameter, e.g. --set inner_loop=5 --set bandwidth=2.0")
     p.set_defaults(func=run_condense)
@@ -81,6 +85,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", default=None)
     e.add_argument("--augmentation", choices=("dsa", "none"), default="dsa")
+    e.add_argument("--no-learned-lr", action="store_true",
+                   help="ignore a learning rate learned during condensation (MTT) and use the protocol's")
     e.set_defaults(func=run_evaluate)
 
     m = subparsers.add_parser("methods", help="list the recipes (rows of the method table) with their axes")
@@ -92,7 +98,7 @@ def run_condense(args: argparse.Namespace) -> int:
     from ipmcondense.condensation.api import condense
 
     overrides = dict(args.overrides)
-    for key in ("lr_images", "batch_real", "init", "arch"):
+    for key in ("lr_images", "batch_real", "init", "arch", "experts"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     result = condense(
@@ -122,6 +128,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     report = evaluate(
         args.path, dataset=args.dataset, models=args.models, arch=args.arch, epochs=args.epochs,
         data_root=args.data_root, seed=args.seed, device=args.device, augmentation=args.augmentation,
+        learned_lr=not args.no_learned_lr,
     )
     print(json.dumps(report, indent=2))
     return 0
@@ -131,10 +138,10 @@ def methods_table() -> str:
     """The recipe table as fixed-width text, one row per method."""
     from ipmcondense.condensation.recipes import RECIPES
 
-    header = ("method", "feature map", "discrepancy", "sampler", "aug", "relation to an IPM")
+    header = ("method", "feature map", "discrepancy", "sampler", "aug", "objective", "relation to an IPM")
     rows = [header] + [
         (r.name, r.feature_map if not r.is_selection else f"selection:{r.selection}", r.discrepancy, r.sampler,
-         r.augmentation, r.relation_to_ipm + (" + " + ",".join(r.extra_terms) if r.extra_terms else ""))
+         r.augmentation, r.objective if not r.is_selection else "-", r.relation_to_ipm + (" + " + ",".join(r.extra_terms) if r.extra_terms else ""))
         for r in RECIPES.values()
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]

@@ -44,8 +44,9 @@ from .outputs import (
     save_image_grid,
     synthetic_path,
 )
-from .recipes import Recipe, compose_recipe, resolve_config
-from .synthetic import INIT_CHOICES, PixelSet, initial_images
+from .objectives import get_objective_class
+from .recipes import COMMON_DEFAULTS, Recipe, compose_recipe, resolve_config
+from .synthetic import INIT_CHOICES, initial_images
 
 __all__ = ["condense", "evaluate", "CondensationResult", "load_dataset_checked"]
 
@@ -161,6 +162,11 @@ def _check_resume(checkpoint: dict[str, Any], config: dict[str, Any], out: Path)
         k for k in sorted(set(old) | set(config))
         if k not in _RESUMABLE_CHANGES and _normalise(old.get(k)) != _normalise(config.get(k))
     ]
+    # keys added to the library after the checkpoint was written count as their defaults
+    different = [
+        k for k in different
+        if not (k not in old and _normalise(config.get(k)) == _normalise(COMMON_DEFAULTS.get(k)))
+    ]
     if different:
         details = "; ".join(f"{k}: checkpoint {old.get(k)!r}, now {config.get(k)!r}" for k in different)
         raise ValueError(f"cannot resume {str(out)!r}: the configuration differs ({details})")
@@ -233,11 +239,15 @@ def condense(
         raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
     dev = _resolve_device(device)
     ds = load_dataset_checked(dataset, data_root)
-    config = resolve_config(recipe, ds.name, {**overrides, "iterations": iterations, "eval_every": eval_every})
+    config = resolve_config(recipe, ds.name, {**overrides, "iterations": iterations, "eval_every": eval_every},
+                            ipc=ipc)
     if recipe.is_selection:
         config["init"] = recipe.selection
         config["iterations"] = 0
     _check_config(config, recipe, ds, ipc)
+    objective = None if recipe.is_selection else get_objective_class(recipe.objective)
+    if objective is not None:
+        config = objective.prepare_config(config, ds)
     out_path = Path(out) if out is not None else None
     checkpoint = _check_out(out_path, resume, overwrite) if out_path is not None else None
     full_config = {
@@ -249,7 +259,12 @@ def condense(
 
     init_generator = torch.Generator().manual_seed(int(seed) + 7919)
     images, labels = initial_images(ds, ipc, config["init"], init_generator, seed=seed)
-    synthetic = PixelSet(images, labels, ds.num_classes).to(dev)
+    if objective is None:
+        from .synthetic import PixelSet
+
+        synthetic = PixelSet(images, labels, ds.num_classes).to(dev)
+    else:
+        synthetic = objective.build_synthetic(images, labels, ds, config).to(dev)
 
     created = out_path is not None and not out_path.exists()
     if out_path is not None:
@@ -277,12 +292,13 @@ def _build_network_factory(config: dict[str, Any], ds: Any):
     return build
 
 
-def _evaluation_fn(config: dict[str, Any], ds: Any, seed: int, dev: torch.device):
+def _evaluation_fn(config: dict[str, Any], ds: Any, seed: int, dev: torch.device, synthetic: Any = None):
     from ipmcondense.evaluation import EvaluationProtocol, evaluate_synthetic
 
-    protocol = EvaluationProtocol(arch=config["arch"], epochs=config["eval_epochs"])
-
     def run(images: Tensor, labels: Tensor) -> dict[str, Any]:
+        learned_lr = None if synthetic is None else synthetic.learned_learning_rate()
+        protocol = EvaluationProtocol(arch=config["arch"], epochs=config["eval_epochs"], learned_lr=learned_lr,
+                                      soft_labels=labels.dim() == 2)
         result = evaluate_synthetic(images, labels, ds, protocol, n_models=int(config["eval_models"]),
                                     seed=seed, device=dev)
         return {"accuracy_mean": result.accuracy_mean, "accuracy_std": result.accuracy_std,
@@ -296,7 +312,7 @@ def _optimise(recipe, config, ds, synthetic, seed, dev, out_path, progress, chec
         return None
     engine = CondensationEngine(
         recipe, config, ds, synthetic, _build_network_factory(config, ds), seed=seed, device=dev,
-        out=out_path, progress=progress, evaluate=_evaluation_fn(config, ds, seed, dev),
+        out=out_path, progress=progress, evaluate=_evaluation_fn(config, ds, seed, dev, synthetic),
     )
     if checkpoint is not None:
         try:
@@ -356,6 +372,7 @@ def evaluate(
     device: str | torch.device | None = None,
     augmentation: str = "dsa",
     save: bool = True,
+    learned_lr: bool = True,
 ) -> dict[str, Any]:
     """Train ``models`` fresh networks on a condensed set and report their test accuracy.
 
@@ -372,6 +389,8 @@ def evaluate(
         device: training device (default CPU).
         augmentation: ``"dsa"`` or ``"none"``.
         save: write ``evaluation.json`` next to the synthetic set.
+        learned_lr: train with the learning rate learned during condensation (MTT) when the set has one
+            (the protocol's ``learned_lr`` option); ``False`` uses the protocol's ``lr``.
 
     Returns:
         ``{"accuracy_mean", "accuracy_std", "n_models", "accuracies", "seeds", "protocol", ...}``
@@ -401,6 +420,8 @@ def evaluate(
             f"{(ds.channels, *ds.image_size)}"
         )
     dev = _resolve_device(device)
+    if not learned_lr:
+        lr = None
     protocol = EvaluationProtocol(arch=arch or config.get("arch", "convnet"), epochs=epochs,
                                   augmentation=augmentation, learned_lr=lr,
                                   soft_labels=labels.dim() == 2)

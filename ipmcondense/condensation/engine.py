@@ -1,15 +1,25 @@
 r"""The one optimizer loop shared by every recipe.
 
 Each iteration draws networks :math:`\theta` from the recipe's sampler and takes
-``sampler.steps_per_draw()`` image steps on them. One image step:
+``sampler.steps_per_draw()`` image steps on them. One image step asks the recipe's *objective*
+(:mod:`ipmcondense.condensation.objectives`) for the loss and its gradients, then takes one optimiser
+step (``optimizer_images``: SGD with momentum ``momentum_images``, or Adam; step ``lr_images``) on
+the synthetic set's parameters, its learnable extras and the objective's own parameters (each group
+with its own step). For the ``"matching"`` objective one step is:
 
 1. sample a class-balanced real batch ``T`` (``batch_real`` images per class, class-blocked);
 2. draw ONE siamese augmentation per class and apply it to that class's real and synthetic images;
 3. compute the features of *all classes in one forward pass* per side (``class_batching=True``;
    ``False`` runs the reference's per-class loop, same value) and the loss
    :math:`L(S) = \sum_\theta \sum_c \sum_b w_b D(\phi^b_\theta(A_c(T_c)), \phi^b_\theta(A_c(S_c)))`
-   plus the recipe's extra terms;
-4. one SGD step (momentum 0.5, ``lr_images``) on the synthetic set's parameters.
+   plus the recipe's extra terms.
+
+Other objectives: trajectory matching against an expert buffer (MTT), kernel ridge regression
+(KIP, RFAD), unrolled (DD) and implicit (RCIG) bilevel objectives.
+
+Non-finite values: a non-finite loss or gradient raises :class:`FloatingPointError` *before* the
+step (nothing changed in memory; the last checkpoint on disk is kept); so does a learned quantity
+(e.g. MTT's learning rate) that becomes non-finite after a step.
 
 Reproducibility: every random choice (real batches, augmentation draws, network initialisation,
 inner-loop shuffles, sliced projections) comes from ONE ``torch.Generator`` seeded with ``seed``;
@@ -30,9 +40,17 @@ import torch
 from torch import Tensor, nn
 
 from ipmcondense import __version__
-from ipmcondense.features import FeatureMap, get_feature_map, segments_from_labels
 
-from .discrepancies import Discrepancy, ExtraTerm, get_discrepancy, get_extra_term
+from .matching import (
+    MatchingLoss,
+    build_augmentation,
+    build_discrepancy,
+    build_extra_terms,
+    build_feature_map,
+    matching_loss,
+    siamese_augment,
+)
+from .objectives import Objective, ObjectiveContext, get_objective_class
 from .outputs import CHECKPOINT_FILE, CHECKPOINT_FORMAT, atomic_torch_save
 from .recipes import Recipe
 from .samplers import ParameterSampler, SamplerContext, get_sampler
@@ -47,151 +65,37 @@ __all__ = [
     "build_extra_terms",
     "build_sampler",
     "build_augmentation",
+    "build_objective",
+    "build_optimizer",
     "CondensationEngine",
     "EngineHistory",
 ]
 
 
-@dataclass
-class MatchingLoss:
-    """The loss of one image step on one network: ``total = sum(per_class) + sum(extras)``."""
-
-    total: Tensor
-    per_class: list[Tensor]
-    extras: list[Tensor]
-
-
-def matching_loss(
-    net: nn.Module,
-    feature_map: FeatureMap,
-    discrepancy: Discrepancy,
-    real_images: Tensor,
-    real_labels: Tensor,
-    synthetic_images: Tensor,
-    synthetic_labels: Tensor,
-    *,
-    class_batching: bool = True,
-    extra_terms: Sequence[ExtraTerm] = (),
-    generator: torch.Generator | None = None,
-) -> MatchingLoss:
-    r""":math:`\sum_c \sum_b w_b D(\phi^b(T_c), \phi^b(S_c))` + extra terms, for class-blocked inputs.
-
-    Both sides must hold the same classes in the same block order. With ``class_batching`` the feature
-    map sees all classes of one side in one batch (one forward pass); otherwise it is called once per
-    class and side (the reference loop). Both give the same value up to floating-point rounding (for
-    networks without batch statistics). Extra terms always see the whole batch.
-
-    Cost: per side one (batched) or ``n_classes`` (loop) feature-map calls; the discrepancy per class.
-    """
-    real_segments = segments_from_labels(real_labels)
-    syn_segments = segments_from_labels(synthetic_labels)
-    real_classes = [int(real_labels[s.start]) for s in real_segments]
-    syn_classes = [int(synthetic_labels[s.start]) for s in syn_segments]
-    if real_classes != syn_classes:
-        raise ValueError(
-            f"real and synthetic batches must hold the same class blocks in the same order, got "
-            f"{real_classes} and {syn_classes}"
-        )
-    per_class: list[Tensor] = []
-    if class_batching:
-        fr = feature_map(net, real_images, real_labels, real_segments, differentiable=False)
-        fs = feature_map(net, synthetic_images, synthetic_labels, syn_segments, differentiable=True)
-        for i, (rs, ss) in enumerate(zip(real_segments, syn_segments)):
-            per_class.append(_class_term(fr, fs, i, rs, ss, discrepancy, generator))
-    else:
-        for rs, ss in zip(real_segments, syn_segments):
-            r_rows, s_rows = slice(0, rs.stop - rs.start), slice(0, ss.stop - ss.start)
-            fr = feature_map(net, real_images[rs], real_labels[rs], [r_rows], differentiable=False)
-            fs = feature_map(net, synthetic_images[ss], synthetic_labels[ss], [s_rows], differentiable=True)
-            per_class.append(_class_term(fr, fs, 0, r_rows, s_rows, discrepancy, generator))
-    extras = [
-        term(net, real_images, real_labels, synthetic_images, synthetic_labels, real_segments, syn_segments)
-        for term in extra_terms
-    ]
-    total = torch.stack(per_class).sum()
-    for e in extras:
-        total = total + e
-    return MatchingLoss(total, per_class, extras)
-
-
-def _class_term(fr, fs, index, real_rows, syn_rows, discrepancy, generator) -> Tensor:
-    term = None
-    for br, bs in zip(fr, fs):
-        value = bs.weight * discrepancy(br.segment(index, real_rows), bs.segment(index, syn_rows), generator=generator)
-        term = value if term is None else term + value
-    return term
-
-
-def siamese_augment(
-    augmentation: Any,
-    real_images: Tensor,
-    real_labels: Tensor,
-    synthetic_images: Tensor,
-    synthetic_labels: Tensor,
-    generator: torch.Generator,
-) -> tuple[Tensor, Tensor]:
-    """Apply one augmentation draw per class to that class's real AND synthetic images (siamese).
-
-    Draws are taken class by class from ``generator`` in class order. Differentiable in both inputs.
-    """
-    real_segments = segments_from_labels(real_labels)
-    syn_segments = segments_from_labels(synthetic_labels)
-    real_out, syn_out = [], []
-    for rs, ss in zip(real_segments, syn_segments):
-        draw = augmentation.draw(generator)
-        real_out.append(augmentation.apply(real_images[rs], draw))
-        syn_out.append(augmentation.apply(synthetic_images[ss], draw))
-    return torch.cat(real_out), torch.cat(syn_out)
-
-
-# ------------------------------------------------------------------------------ builders from a config
-
-
-def build_feature_map(recipe: Recipe, config: dict[str, Any]) -> FeatureMap:
-    name = recipe.feature_map
-    options: dict[str, Any] = {}
-    if name == "layers":
-        options = {"layer_weights": config["layer_weights"], "embedding_weight": config["embedding_weight"]}
-    elif name == "attention":
-        options = {
-            "power": config["attention_power"],
-            "attention_weight": config["attention_weight"],
-            "embedding_weight": config["embedding_weight"],
-        }
-    elif name == "gradients":
-        options = {"mode": config["gradient_mode"]}
-    return get_feature_map(name, **options)
-
-
-def build_discrepancy(recipe: Recipe, config: dict[str, Any]) -> Discrepancy:
-    name = recipe.discrepancy
-    options: dict[str, Any] = {}
-    if name == "mmd":
-        options = {"bandwidth": config["bandwidth"], "estimator": config["estimator"]}
-    elif name == "sinkhorn":
-        options = {"blur": config["blur"]}
-    elif name == "sliced":
-        options = {"n_projections": config["n_projections"]}
-    return get_discrepancy(name, **options)
-
-
-def build_extra_terms(recipe: Recipe, config: dict[str, Any]) -> list[ExtraTerm]:
-    weight_key = {"synthetic_ce": "ce_weight", "prototype_discrimination": "inner_weight"}
-    return [get_extra_term(name, config[weight_key[name]]) for name in recipe.extra_terms]
-
-
 def build_sampler(recipe: Recipe, config: dict[str, Any], ipc: int) -> ParameterSampler:
+    """The recipe's parameter sampler (``"-"``: the objective draws nothing from a sampler)."""
     keys = ("outer_loop", "inner_loop", "lr_net", "batch_train", "pool_size", "generate_interval", "fetch",
             "train_steps", "lr_pool", "batch_pool")
-    return get_sampler(recipe.sampler, ipc=ipc, **{k: config[k] for k in keys})
+    return get_sampler("none" if recipe.sampler == "-" else recipe.sampler, ipc=ipc, **{k: config[k] for k in keys})
 
 
-def build_augmentation(recipe: Recipe, dataset: Any) -> Any:
-    from ipmcondense.augment import DifferentiableSiameseAugmentation, NoAugmentation, dsa_strategy_for
+def build_objective(ctx: ObjectiveContext) -> Objective:
+    """The recipe's objective (:mod:`ipmcondense.condensation.objectives`) on the engine's context."""
+    return get_objective_class(ctx.recipe.objective)(ctx)
 
-    if recipe.augmentation == "dsa":
-        return DifferentiableSiameseAugmentation(dsa_strategy_for(dataset))
-    return NoAugmentation()
+
+def build_optimizer(groups: list[dict[str, Any]], config: dict[str, Any]) -> torch.optim.Optimizer:
+    """``optimizer_images``: ``"sgd"`` (momentum ``momentum_images``, the default) or ``"adam"`` (KIP, DD).
+
+    Groups may carry their own ``lr`` (and, for SGD, ``momentum``: MTT's learning rate uses 0.5).
+    """
+    from ipmcondense.ipm._validation import check_choice
+
+    name = check_choice(config.get("optimizer_images") or "sgd", ("sgd", "adam"), "optimizer_images")
+    if name == "adam":
+        groups = [{k: v for k, v in g.items() if k != "momentum"} for g in groups]
+        return torch.optim.Adam(groups, lr=float(config["lr_images"]))
+    return torch.optim.SGD(groups, lr=float(config["lr_images"]), momentum=float(config["momentum_images"]))
 
 
 # ------------------------------------------------------------------------------------- the loop
@@ -252,14 +156,20 @@ class CondensationEngine:
         self.out, self.progress, self.evaluate_fn = out, progress, evaluate
         self.generator = torch.Generator()
         self.generator.manual_seed(int(seed))
-        self.feature_map = build_feature_map(recipe, config)
-        self.discrepancy = build_discrepancy(recipe, config)
-        self.extra_terms = build_extra_terms(recipe, config)
         self.sampler = build_sampler(recipe, config, synthetic.ipc)
         self.augmentation = build_augmentation(recipe, dataset)
         self.real_sampler = ClassBalancedSampler(
             dataset.train_images.to(device), dataset.train_labels.to(device), dataset.num_classes, self.generator
         )
+        self.objective = build_objective(ObjectiveContext(
+            recipe=recipe, config=config, dataset=dataset, synthetic=synthetic, generator=self.generator,
+            device=device, real_sampler=self.real_sampler, augmentation=self.augmentation,
+            build_network=build_network,
+        ))
+        # the matching objective's feature map / discrepancy / extra terms (None for other objectives)
+        self.feature_map = getattr(self.objective, "feature_map", None)
+        self.discrepancy = getattr(self.objective, "discrepancy", None)
+        self.extra_terms = getattr(self.objective, "extra_terms", [])
         self.context = SamplerContext(
             build_network=build_network,
             device=device,
@@ -267,11 +177,12 @@ class CondensationEngine:
             real_sampler=self.real_sampler,
             augmentation=self.augmentation,
             synthetic=lambda: (self.synthetic.images().detach(), self.synthetic.labels),
-            parameter_gradients=self.feature_map.needs_parameter_gradients,
+            parameter_gradients=bool(self.feature_map is not None and self.feature_map.needs_parameter_gradients),
         )
         groups = [{"params": synthetic.image_parameters(), "lr": float(config["lr_images"])}]
         groups += synthetic.extra_parameter_groups()
-        self.optimizer = torch.optim.SGD(groups, lr=float(config["lr_images"]), momentum=float(config["momentum_images"]))
+        groups += self.objective.parameter_groups()
+        self.optimizer = build_optimizer(groups, config)
         self._base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.iteration = 0
         self.history = EngineHistory()
@@ -279,30 +190,32 @@ class CondensationEngine:
     # ---------------------------------------------------------------------------------- one step
     def image_step(self, networks: Sequence[nn.Module]) -> float:
         """One image step on ``networks`` (see the module docstring); returns the loss value."""
-        cfg = self.config
-        real, real_labels = self.real_sampler.sample(int(cfg["batch_real"]))
-        syn, syn_labels = self.synthetic.images(), self.synthetic.labels
-        real_aug, syn_aug = siamese_augment(self.augmentation, real, real_labels, syn, syn_labels, self.generator)
-        total = None
-        for net in networks:
-            result = matching_loss(
-                net, self.feature_map, self.discrepancy, real_aug, real_labels, syn_aug, syn_labels,
-                class_batching=bool(cfg["class_batching"]), extra_terms=self.extra_terms,
-                generator=self.generator,
-            )
-            total = result.total if total is None else total + result.total
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        total, grads = self.objective.loss_and_gradients(networks, params)
         if not bool(torch.isfinite(total.detach())):
             raise FloatingPointError(
                 f"the {self.recipe.name} loss became {float(total)} at iteration {self.iteration}; "
-                f"lower lr_images (now {cfg['lr_images']})"
+                f"lower lr_images (now {self.config['lr_images']}){self._kept()}"
             )
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grads = torch.autograd.grad(total, params, allow_unused=True)
+        if not all(g is None or bool(torch.isfinite(g).all()) for g in grads):
+            raise FloatingPointError(
+                f"the {self.recipe.name} gradients became non-finite at iteration {self.iteration}; "
+                f"lower lr_images (now {self.config['lr_images']}){self._kept()}"
+            )
         for p, g in zip(params, grads):
             p.grad = torch.zeros_like(p) if g is None else g
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        try:
+            self.objective.check_after_step(self.iteration)
+        except FloatingPointError as err:
+            raise FloatingPointError(f"{err}{self._kept()}") from err
         return float(total.detach())
+
+    def _kept(self) -> str:
+        if self.out is not None and (self.out / CHECKPOINT_FILE).exists():
+            return f" (the last checkpoint, {self.out / CHECKPOINT_FILE}, is kept)"
+        return ""
 
     def _set_learning_rate(self) -> None:
         total = int(self.config["iterations"])
@@ -335,6 +248,7 @@ class CondensationEngine:
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
             "sampler": self.sampler.state_dict(),
+            "objective": self.objective.state_dict(),
             "history": self.history.state_dict(),
             "config": dict(self.config),
             "recipe": self.recipe.axes(),
@@ -345,6 +259,7 @@ class CondensationEngine:
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.sampler.load_state_dict(state["sampler"], self.context)
+        self.objective.load_state_dict(state.get("objective", {}))
         self.history = EngineHistory.from_state(state["history"])
         self.iteration = int(state["iteration"])
 

@@ -18,6 +18,8 @@ fresh          a new randomly initialised network every iteration (DM, M3D, Data
 fresh_inner    fresh network + ``outer_loop`` image steps alternating with ``inner_loop`` epochs
                of training it on the current synthetic set (DC, DSA, CAFE)
 pool           a pool of networks partly trained on real data, refreshed over time (IDM)
+none           no networks: the objective provides its own parameters (MTT's expert buffer,
+               closed-form kernels)
 =============  ===========================================================================
 """
 
@@ -41,6 +43,7 @@ __all__ = [
     "FreshSampler",
     "FreshInnerSampler",
     "PoolSampler",
+    "NoNetworkSampler",
     "SAMPLER_NAMES",
     "get_sampler",
     "dc_loops",
@@ -266,7 +269,16 @@ def fresh_network_from_state(ctx: SamplerContext, state: dict[str, Tensor]) -> n
     return net.to(ctx.device)
 
 
-SAMPLER_NAMES = ("fresh", "fresh_inner", "pool")
+class NoNetworkSampler(ParameterSampler):
+    """Draws no networks (objectives whose parameters come from elsewhere: expert buffers, kernels)."""
+
+    name = "none"
+
+    def draw(self, ctx):
+        return []
+
+
+SAMPLER_NAMES = ("fresh", "fresh_inner", "pool", "none")
 
 
 def get_sampler(name: str, *, ipc: int, **options) -> ParameterSampler:
@@ -277,6 +289,8 @@ def get_sampler(name: str, *, ipc: int, **options) -> ParameterSampler:
     ``lr_pool``, ``batch_pool``. Options meant for other samplers are ignored.
     """
     check_choice(name, SAMPLER_NAMES, "sampler")
+    if name == "none":
+        return NoNetworkSampler()
     if name == "fresh":
         return FreshSampler()
     if name == "fresh_inner":

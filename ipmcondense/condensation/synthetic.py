@@ -12,6 +12,7 @@ the interface: :meth:`SyntheticSet.extra_parameter_groups` returns optimizer gro
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 
 from ipmcondense.ipm._validation import check_choice
 
-__all__ = ["SyntheticSet", "PixelSet", "INIT_CHOICES", "initial_images"]
+__all__ = ["SyntheticSet", "PixelSet", "LearnedExtrasPixelSet", "INIT_CHOICES", "initial_images"]
 
 INIT_CHOICES = ("real", "noise", "herding", "kcenter", "kmeans", "random")
 
@@ -98,6 +99,87 @@ class PixelSet(SyntheticSet):
 
     def images(self) -> Tensor:
         return self.pixels
+
+
+
+class LearnedExtrasPixelSet(PixelSet):
+    r"""Raw pixels plus optional learnable extras: a training step size, soft labels, regression labels.
+
+    * ``learning_rate`` (MTT, DATM): a learnable scalar :math:`\eta` (the student's SGD step size),
+      optimised by SGD with step ``lr_lr`` and momentum 0.5 (MTT's ``syn_lr``); saved with the set and
+      used by the evaluation protocol (``learned_lr``).
+    * ``label_logits`` (DATM): learnable logits :math:`z`; the labels are :math:`\mathrm{softmax}(z)`
+      (a distribution per image) and the evaluation trains on them with soft cross-entropy. SGD with
+      step ``lr_labels`` and momentum 0.9 (DATM's ``lr_y``, ``Momentum_y``).
+    * ``label_values`` (KIP, RFAD ``learn_labels``): learnable regression targets :math:`Y_s`
+      ``(n, C)`` (init: centred one-hot); step ``lr_labels``. The evaluation network is trained on
+      the hard labels (the learned targets are KRR targets, not distributions).
+
+    Storage: the pixels plus one number and ``n * C`` numbers per label extra.
+
+    Args:
+        images, labels, num_classes: as :class:`PixelSet`.
+        learning_rate: initial learnable step size, or ``None`` for none.
+        lr_lr: optimiser step for ``learning_rate``.
+        label_logits: initial ``(n, C)`` logits, or ``None``.
+        label_values: initial ``(n, C)`` regression labels, or ``None``.
+        lr_labels: optimiser step for the labels.
+    """
+
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        num_classes: int,
+        *,
+        learning_rate: float | None = None,
+        lr_lr: float = 1e-5,
+        label_logits: Tensor | None = None,
+        label_values: Tensor | None = None,
+        lr_labels: float = 1.0,
+    ) -> None:
+        super().__init__(images, labels, num_classes)
+        if label_logits is not None and label_values is not None:
+            raise ValueError("pass at most one of label_logits (soft labels) and label_values (regression labels)")
+        n = self.labels.shape[0]
+        for name, value in (("label_logits", label_logits), ("label_values", label_values)):
+            if value is not None and tuple(value.shape) != (n, num_classes):
+                raise ValueError(f"{name} must have shape ({n}, {num_classes}), got {tuple(value.shape)}")
+        self.learning_rate = None
+        if learning_rate is not None:
+            if not isinstance(learning_rate, (int, float)) or not math.isfinite(learning_rate) or learning_rate <= 0:
+                raise ValueError(f"learning_rate must be a positive finite number, got {learning_rate!r}")
+            self.learning_rate = nn.Parameter(torch.tensor(float(learning_rate)))
+        self.label_logits = None if label_logits is None else nn.Parameter(label_logits.detach().clone().float())
+        self.label_values = None if label_values is None else nn.Parameter(label_values.detach().clone().float())
+        self.lr_lr, self.lr_labels = float(lr_lr), float(lr_labels)
+
+    def image_parameters(self) -> list[nn.Parameter]:
+        return [self.pixels]
+
+    def extra_parameter_groups(self) -> list[dict[str, Any]]:
+        groups: list[dict[str, Any]] = []
+        if self.learning_rate is not None:
+            groups.append({"params": [self.learning_rate], "lr": self.lr_lr, "momentum": 0.5})
+        if self.label_logits is not None:
+            groups.append({"params": [self.label_logits], "lr": self.lr_labels, "momentum": 0.9})
+        if self.label_values is not None:
+            groups.append({"params": [self.label_values], "lr": self.lr_labels})
+        return groups
+
+    def soft_labels(self) -> Tensor:
+        r""":math:`\mathrm{softmax}(z)` ``(n, C)``, differentiable in the logits (requires ``label_logits``)."""
+        if self.label_logits is None:
+            raise ValueError("this synthetic set has no learnable soft labels (label_logits is None)")
+        return torch.softmax(self.label_logits, dim=1)
+
+    def training_labels(self) -> Tensor:
+        if self.label_logits is not None:
+            return self.soft_labels().detach()
+        return self.labels
+
+    def learned_learning_rate(self) -> float | None:
+        return None if self.learning_rate is None else float(self.learning_rate.detach())
 
 
 def initial_images(

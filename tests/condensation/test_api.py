@@ -11,7 +11,11 @@ from ipmcondense.condensation.recipes import METHOD_NAMES, RECIPES
 from ipmcondense.data import load_dataset
 from ipmcondense.nets import get_network
 
-OPTIMISED = [name for name, r in RECIPES.items() if not r.is_selection]
+# matching-objective rows (the other objectives have their own tests in test_<objective>.py)
+# (lcmat: its curvature term moves S away from the plain fixed-network matching loss this test measures,
+#  whose 4-iteration change is within noise on digits; tested in test_lcmat.py)
+OPTIMISED = [name for name, r in RECIPES.items()
+             if not r.is_selection and r.objective == "matching" and name != "lcmat"]
 TINY = {"batch_real": 16, "outer_loop": 2, "inner_loop": 1, "train_steps": 1, "batch_pool": 8}
 
 
@@ -178,5 +182,5 @@ def test_evaluate_missing_path(tmp_path):
 
 
 def test_registry_lists_every_method():
-    assert set(METHOD_NAMES) == {"dm", "m3d", "wasserstein", "dc", "dsa", "cafe", "datadam", "idm",
-                                 "random", "herding", "kcenter"}
+    assert set(METHOD_NAMES) == {"dm", "m3d", "wasserstein", "dc", "dsa", "cafe", "datadam", "lcmat", "idm",
+                                 "mtt", "kip", "rfad", "dd", "rcig", "random", "herding", "kcenter"}

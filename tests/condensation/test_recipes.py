@@ -33,7 +33,7 @@ def test_dc_loops_table():
 def test_resolve_config_layers_defaults_budget_and_overrides():
     config = resolve_config(get_recipe("dm"), "digits", {"lr_images": 0.5, "init": None})
     assert config["iterations"] == DATASET_BUDGETS["digits"]["dm"]["iterations"]
-    assert config["lr_images"] == 0.5 and config["init"] == "real"
+    assert config["lr_images"] == 0.5 and config["init"] == DATASET_BUDGETS["digits"]["dm"]["init"]
     assert resolve_config(get_recipe("dm"), "cifar10")["iterations"] == 20000
     assert set(config) == set(COMMON_DEFAULTS)
     with pytest.raises(ValueError, match="unknown hyperparameter 'lr'"):

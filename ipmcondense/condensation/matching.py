@@ -1,0 +1,170 @@
+r"""The matching loss of the feature-matching recipes (DM, DC, DSA, CAFE, ...) and its builders.
+
+:math:`L(S) = \sum_c \sum_b w_b D(\phi^b_\theta(A_c(T_c)), \phi^b_\theta(A_c(S_c)))` plus the recipe's extra
+terms, for class-blocked real and synthetic batches, and the siamese augmentation that draws one
+augmentation per class for both sides. Used by the ``"matching"`` objective
+(:class:`ipmcondense.condensation.objectives.MatchingObjective`); re-exported by
+:mod:`ipmcondense.condensation.engine`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from ipmcondense.features import FeatureMap, get_feature_map, segments_from_labels
+
+from .discrepancies import Discrepancy, ExtraTerm, get_discrepancy, get_extra_term
+
+if TYPE_CHECKING:
+    from .recipes import Recipe
+
+__all__ = [
+    "MatchingLoss",
+    "matching_loss",
+    "siamese_augment",
+    "build_feature_map",
+    "build_discrepancy",
+    "build_extra_terms",
+    "build_augmentation",
+]
+
+
+@dataclass
+class MatchingLoss:
+    """The loss of one image step on one network: ``total = sum(per_class) + sum(extras)``."""
+
+    total: Tensor
+    per_class: list[Tensor]
+    extras: list[Tensor]
+
+
+def matching_loss(
+    net: nn.Module,
+    feature_map: FeatureMap,
+    discrepancy: Discrepancy,
+    real_images: Tensor,
+    real_labels: Tensor,
+    synthetic_images: Tensor,
+    synthetic_labels: Tensor,
+    *,
+    class_batching: bool = True,
+    extra_terms: Sequence[ExtraTerm] = (),
+    generator: torch.Generator | None = None,
+) -> MatchingLoss:
+    r""":math:`\sum_c \sum_b w_b D(\phi^b(T_c), \phi^b(S_c))` + extra terms, for class-blocked inputs.
+
+    Both sides must hold the same classes in the same block order. With ``class_batching`` the feature
+    map sees all classes of one side in one batch (one forward pass); otherwise it is called once per
+    class and side (the reference loop). Both give the same value up to floating-point rounding (for
+    networks without batch statistics). Extra terms always see the whole batch.
+
+    Cost: per side one (batched) or ``n_classes`` (loop) feature-map calls; the discrepancy per class.
+    """
+    real_segments = segments_from_labels(real_labels)
+    syn_segments = segments_from_labels(synthetic_labels)
+    real_classes = [int(real_labels[s.start]) for s in real_segments]
+    syn_classes = [int(synthetic_labels[s.start]) for s in syn_segments]
+    if real_classes != syn_classes:
+        raise ValueError(
+            f"real and synthetic batches must hold the same class blocks in the same order, got "
+            f"{real_classes} and {syn_classes}"
+        )
+    per_class: list[Tensor] = []
+    if class_batching:
+        fr = feature_map(net, real_images, real_labels, real_segments, differentiable=False)
+        fs = feature_map(net, synthetic_images, synthetic_labels, syn_segments, differentiable=True)
+        for i, (rs, ss) in enumerate(zip(real_segments, syn_segments)):
+            per_class.append(_class_term(fr, fs, i, rs, ss, discrepancy, generator))
+    else:
+        for rs, ss in zip(real_segments, syn_segments):
+            r_rows, s_rows = slice(0, rs.stop - rs.start), slice(0, ss.stop - ss.start)
+            fr = feature_map(net, real_images[rs], real_labels[rs], [r_rows], differentiable=False)
+            fs = feature_map(net, synthetic_images[ss], synthetic_labels[ss], [s_rows], differentiable=True)
+            per_class.append(_class_term(fr, fs, 0, r_rows, s_rows, discrepancy, generator))
+    extras = [
+        term(net, real_images, real_labels, synthetic_images, synthetic_labels, real_segments, syn_segments)
+        for term in extra_terms
+    ]
+    total = torch.stack(per_class).sum()
+    for e in extras:
+        total = total + e
+    return MatchingLoss(total, per_class, extras)
+
+
+def _class_term(fr, fs, index, real_rows, syn_rows, discrepancy, generator) -> Tensor:
+    term = None
+    for br, bs in zip(fr, fs):
+        value = bs.weight * discrepancy(br.segment(index, real_rows), bs.segment(index, syn_rows), generator=generator)
+        term = value if term is None else term + value
+    return term
+
+
+def siamese_augment(
+    augmentation: Any,
+    real_images: Tensor,
+    real_labels: Tensor,
+    synthetic_images: Tensor,
+    synthetic_labels: Tensor,
+    generator: torch.Generator,
+) -> tuple[Tensor, Tensor]:
+    """Apply one augmentation draw per class to that class's real AND synthetic images (siamese).
+
+    Draws are taken class by class from ``generator`` in class order. Differentiable in both inputs.
+    """
+    real_segments = segments_from_labels(real_labels)
+    syn_segments = segments_from_labels(synthetic_labels)
+    real_out, syn_out = [], []
+    for rs, ss in zip(real_segments, syn_segments):
+        draw = augmentation.draw(generator)
+        real_out.append(augmentation.apply(real_images[rs], draw))
+        syn_out.append(augmentation.apply(synthetic_images[ss], draw))
+    return torch.cat(real_out), torch.cat(syn_out)
+
+
+# ------------------------------------------------------------------------------ builders from a config
+
+
+def build_feature_map(recipe: Recipe, config: dict[str, Any]) -> FeatureMap:
+    name = recipe.feature_map
+    options: dict[str, Any] = {}
+    if name == "layers":
+        options = {"layer_weights": config["layer_weights"], "embedding_weight": config["embedding_weight"]}
+    elif name == "attention":
+        options = {
+            "power": config["attention_power"],
+            "attention_weight": config["attention_weight"],
+            "embedding_weight": config["embedding_weight"],
+        }
+    elif name == "gradients":
+        options = {"mode": config["gradient_mode"]}
+    return get_feature_map(name, **options)
+
+
+def build_discrepancy(recipe: Recipe, config: dict[str, Any]) -> Discrepancy:
+    name = recipe.discrepancy
+    options: dict[str, Any] = {}
+    if name == "mmd":
+        options = {"bandwidth": config["bandwidth"], "estimator": config["estimator"]}
+    elif name == "sinkhorn":
+        options = {"blur": config["blur"]}
+    elif name == "sliced":
+        options = {"n_projections": config["n_projections"]}
+    return get_discrepancy(name, **options)
+
+
+def build_extra_terms(recipe: Recipe, config: dict[str, Any]) -> list[ExtraTerm]:
+    weight_key = {"synthetic_ce": "ce_weight", "prototype_discrimination": "inner_weight"}
+    return [get_extra_term(name, config[weight_key[name]]) for name in recipe.extra_terms]
+
+
+def build_augmentation(recipe: Recipe, dataset: Any) -> Any:
+    from ipmcondense.augment import DifferentiableSiameseAugmentation, NoAugmentation, dsa_strategy_for
+
+    if recipe.augmentation == "dsa":
+        return DifferentiableSiameseAugmentation(dsa_strategy_for(dataset))
+    return NoAugmentation()

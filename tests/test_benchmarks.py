@@ -1,0 +1,219 @@
+"""Fast checks of the benchmark tooling (benchmarks/condense.py, benchmarks/make_results.py).
+
+Nothing here condenses or trains: the grid's cell runner is replaced by a recorder, and the table
+generator reads fake cell JSONs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+METHODS_MD = ROOT.parent / "shared" / "reference" / "methods.md"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load("condense")
+results = _load("make_results")
+
+
+# ------------------------------------------------------------------------------------------ cell keys
+
+
+def _key(**changes):
+    base = dict(profile="cpu-small", dataset="digits", method="dm", ipc=10, seed=0, models=3, eval_epochs=None,
+                hyperparameters={"iterations": 600, "lr_images": 1.0, "lr_decay_at": ()})
+    base.update(changes)
+    return bench.cell_key(**base)
+
+
+def test_cell_path_layout(tmp_path):
+    assert bench.cell_path(tmp_path, "cpu-small", "digits", "dm", 10) == tmp_path / "cpu-small" / "digits" / "dm-ipc10.json"
+    assert bench.cell_path(tmp_path, "paper", "mnist", bench.UPPER_BOUND, None).name == "whole-dataset.json"
+
+
+def test_key_hash_is_stable_and_sensitive():
+    assert bench.key_hash(_key()) == bench.key_hash(_key())
+    # tuples and lists are the same after the JSON round trip
+    assert bench.key_hash(_key(hyperparameters={"iterations": 600, "lr_images": 1.0, "lr_decay_at": []})) == bench.key_hash(_key())
+    assert bench.key_hash(_key(seed=1)) != bench.key_hash(_key())
+    assert bench.key_hash(_key(hyperparameters={"iterations": 601, "lr_images": 1.0, "lr_decay_at": ()})) != bench.key_hash(_key())
+
+
+def test_keys_match_rules():
+    old = _key()
+    assert bench.keys_match(old, _key())
+    assert not bench.keys_match(old, _key(models=5))
+    assert not bench.keys_match(old, _key(hyperparameters={"iterations": 600, "lr_images": 0.5, "lr_decay_at": ()}))
+    # a hyperparameter the library added later: unchanged if it holds its default
+    newer = _key(hyperparameters={"iterations": 600, "lr_images": 1.0, "lr_decay_at": (), "new_knob": 3})
+    assert bench.keys_match(old, newer, defaults={"new_knob": 3})
+    assert not bench.keys_match(old, newer, defaults={"new_knob": 4})
+    # a hyperparameter the library removed is ignored
+    assert bench.keys_match(newer, old, defaults={})
+
+
+def test_cached_cell_only_for_ok_and_matching(tmp_path):
+    path = tmp_path / "c.json"
+    assert bench.cached_cell(path, _key()) is None  # missing
+    bench.atomic_write_json({"format": bench.CELL_FORMAT, "status": "ok", "key": _key(), "accuracy_mean": 0.9}, path)
+    assert bench.cached_cell(path, _key())["accuracy_mean"] == 0.9
+    assert bench.cached_cell(path, _key(seed=3)) is None
+    bench.atomic_write_json({"format": bench.CELL_FORMAT, "status": "error", "key": _key()}, path)
+    assert bench.cached_cell(path, _key()) is None
+    path.write_text("{not json")
+    assert bench.cached_cell(path, _key()) is None
+    assert [p.name for p in tmp_path.iterdir()] == ["c.json"]  # no temporary files left
+
+
+# ------------------------------------------------------------------------------------------ grid
+
+
+def test_plan_cells_skips_with_reasons(tmp_path):
+    profile = bench.PROFILES["cpu-small"]
+    cells = bench.plan_cells(profile, ["digits", "cifar10"], [1, 50], ["random", "dm"],
+                             data_root=str(tmp_path), dataset_cache={})
+    by = {(c.dataset, c.method, c.ipc): c for c in cells}
+    assert by[("digits", "dm", 1)].skip_reason is None
+    assert by[("digits", "dm", 1)].key["hyperparameters"]["iterations"] == 600  # the recipe's digits budget
+    assert by[("digits", "random", 1)].key["hyperparameters"]["iterations"] == 0
+    assert by[("cifar10", "dm", 1)].skip_reason.startswith("data not available")
+    assert not any(c.method == bench.UPPER_BOUND for c in cells)  # not named in --methods
+    mnist_like = bench.plan_cells(profile, ["digits"], [1], None, dataset_cache={})
+    assert any(c.method == bench.UPPER_BOUND and c.skip_reason is None for c in mnist_like)
+    assert {c.method for c in mnist_like} >= {"random", "herding", "kcenter", "dm"}
+
+
+def test_profile_ipc_restriction_is_a_recorded_skip():
+    profile = bench.PROFILES["cpu-small"]
+    cache = {"mnist": (None, None)}  # pretend the data are present without loading them
+    cells = bench.plan_cells(profile, ["mnist"], [50], ["dm"], dataset_cache=cache)
+    assert "IPC 50 is not in the cpu-small profile" in cells[0].skip_reason
+
+
+def test_estimate_grows_with_iterations():
+    profile = bench.PROFILES["cpu-small"]
+    cell = bench.plan_cells(profile, ["digits"], [10], ["dm"], dataset_cache={})[0]
+    small = bench.estimate_cell_seconds(cell, 10, 1437, 360)
+    cell.key["hyperparameters"]["iterations"] *= 10
+    assert bench.estimate_cell_seconds(cell, 10, 1437, 360) > small > 0
+
+
+def _args(tmp_path, *extra):
+    return bench._parser().parse_args(["--datasets", "digits", "--methods", "random", "dm", "--ipc", "1",
+                                       "--results-dir", str(tmp_path / "res"), "--runs-dir", str(tmp_path / "runs"),
+                                       *extra])
+
+
+def test_grid_skips_cached_cells_and_force_recomputes(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run_cell(cell, args):
+        calls.append(cell.name)
+        return {"status": "ok", "accuracy_mean": 0.5, "accuracy_std": 0.0, "n_models": 1, "condense_seconds": 0.0,
+                "cell_wall_seconds": 0.0}
+
+    monkeypatch.setattr(bench, "run_cell", fake_run_cell)
+    args = _args(tmp_path)
+    cells = bench.plan_cells(bench.PROFILES["cpu-small"], ["digits"], [1], ["random", "dm"], dataset_cache={})
+    random_cell = next(c for c in cells if c.method == "random")
+    path = bench.cell_path(args.results_dir, "cpu-small", "digits", "random", 1)
+    bench.atomic_write_json({"format": bench.CELL_FORMAT, "status": "ok", "key": random_cell.key}, path)
+
+    assert bench.run_grid(args) == 0
+    assert calls == ["dm-ipc1"]
+    calls.clear()
+    assert bench.run_grid(_args(tmp_path, "--force")) == 0
+    assert calls == ["random-ipc1", "dm-ipc1"]
+    calls.clear()
+    assert bench.run_grid(_args(tmp_path, "--max-cells", "1")) == 0
+    assert calls == ["dm-ipc1"]
+
+
+def test_dry_run_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "run_cell", lambda cell, args: pytest.fail("dry run ran a cell"))
+    assert bench.run_grid(_args(tmp_path, "--dry-run")) == 0
+    assert not (tmp_path / "res").exists()
+    out = capsys.readouterr().out
+    assert "dm-ipc1" in out and "estimated" in out
+
+
+# ------------------------------------------------------------------------------------------ RESULTS.md
+
+
+def _fake_cell(root, dataset, method, ipc, status="ok", **fields):
+    record = {"format": bench.CELL_FORMAT, "status": status, "profile": "cpu-small", "dataset": dataset,
+              "method": method, "ipc": ipc, "seed": 0, "hardware": "FakeCPU, 2 logical cores", "version": "0.1.0",
+              "git_commit": "abc123", "eval_epochs": None, "notes": []}
+    record.update(fields)
+    name = bench.UPPER_BOUND if method == bench.UPPER_BOUND else f"{method}-ipc{ipc}"
+    bench.atomic_write_json(record, root / "condense" / "cpu-small" / dataset / f"{name}.json")
+
+
+def test_results_tables_from_fake_cells(tmp_path):
+    ok = dict(accuracy_mean=0.912, accuracy_std=0.013, n_models=3, accuracies=[0.9, 0.91, 0.926],
+              condense_seconds=12.0, seconds_per_iteration=0.02, iterations=600, eval_seconds=30.0, peak_rss_mb=400.0)
+    _fake_cell(tmp_path, "mnist", "dm", 1, **ok)
+    _fake_cell(tmp_path, "mnist", "random", 10, **{**ok, "accuracy_mean": 0.7, "iterations": 0, "condense_seconds": 0.0})
+    _fake_cell(tmp_path, "mnist", "dc", 1, status="error", error="RuntimeError: boom")
+    _fake_cell(tmp_path, "mnist", "dsa", 50, status="skipped", reason="IPC 50 is not in the cpu-small profile")
+    _fake_cell(tmp_path, "mnist", bench.UPPER_BOUND, None, eval_epochs=1, **{**ok, "accuracy_mean": 0.98})
+    bench.atomic_write_json({"dataset": "digits", "ipc": 10, "hardware": "FakeCPU", "version": "0.1.0", "git_commit": "abc",
+                             "rows": [{"method": "dm", "median_batched": 0.01, "median_loop": 0.03, "median_ratio": 3.0,
+                                       "repeats": 3, "max_relative_loss_difference": 1e-7}]},
+                            tmp_path / "class_batching.json")
+    text = results.render_results(tmp_path, plot=True)
+    assert "## mnist — profile `cpu-small`" in text
+    assert "**91.2 ± 1.3** (n=3, seed 0)" in text
+    assert "89.7 ± 0.6 [DM paper; M]" in text  # published DM MNIST ipc 1 beside ours
+    assert "64.9 ± 3.5 [DC paper T1; M]" in text
+    assert "whole dataset (upper bound) | **98.0 ± 1.3** (n=3, seed 0), 1 epochs | 99.6 ± 0.0" in text
+    assert "error: RuntimeError: boom: dc-ipc1" in text
+    assert "skipped: IPC 50 is not in the cpu-small profile: dsa-ipc50" in text
+    assert "| dm | 10.0 | 30.0 | **3.00** | 3 |" in text
+    assert "FakeCPU, 2 logical cores" in text and "far below the papers'" in text
+    assert (tmp_path / "accuracy_vs_time.png").stat().st_size > 1000
+    # a dataset without cells still shows the published column with sources
+    assert "## cifar10" in text and "26.0 ± 0.8 [DM paper via PAD T1; P]" in text
+
+
+def test_every_published_number_has_a_source_and_shape():
+    for method, row in results.PUBLISHED.items():
+        assert row["source"].strip() and row["tag"].strip(), method
+        assert all(src.strip() and tag.strip() for src, tag in row["per_dataset"].values()), method
+        for dataset, values in row["values"].items():
+            assert dataset in results.PUBLISHED_DATASETS
+            assert len(values) == (1 if method == results.UPPER_BOUND else 3), (method, dataset)
+            for v in values:
+                assert v is None or (0 < v[0] <= 100 and (v[1] is None or 0 <= v[1] < 20)), (method, dataset, v)
+
+
+@pytest.mark.skipif(not METHODS_MD.exists(), reason="shared/reference/methods.md not present")
+def test_published_numbers_are_transcribed_from_methods_md():
+    section = METHODS_MD.read_text().split("## 4.", 1)[1].split("\n## 5.", 1)[0]
+    lines = {line.split("|")[1].strip(): line for line in section.splitlines() if line.startswith("| ")}
+    row_names = {"random": "Random (DC paper)", "herding": "Herding", results.UPPER_BOUND: "Whole dataset",
+                 "dd": "DD (Wang 2018)", "dc": "DC", "dsa": "DSA", "dm": "DM", "cafe": "CAFE+DSA", "idm": "IDM",
+                 "datadam": "DataDAM", "m3d": "M3D", "mtt": "MTT", "kip": "KIP → NN", "rfad": "RFAD", "rcig": "RCIG"}
+    assert set(row_names) == set(results.PUBLISHED)
+    for method, row in results.PUBLISHED.items():
+        line = lines[row_names[method]]
+        for values in row["values"].values():
+            for v in values:
+                if v is None:
+                    continue
+                text = f"{v[0]:.1f}" + (f"±{v[1]:.1f}" if v[1] is not None else "")
+                assert re.search(re.escape(text) + r"(?![0-9])", line), (method, text)

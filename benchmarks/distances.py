@@ -255,6 +255,22 @@ def _format_cell(cell: dict | None, roof: dict | None) -> str:
     return f"{fwd} / {bwd} / {peak}"
 
 
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def cached_sizes(results: dict, sizes: list[int], dim: int) -> list[int]:
+    """``sizes`` plus every MMD size cached in ``results`` for ``dim`` (the table shows all of them)."""
+    found = set(sizes)
+    for key in results:
+        parts = key.split("|")
+        if len(parts) == 4 and parts[0] == "mmd" and parts[3] == f"D={dim}":
+            found.add(int(parts[2].removeprefix("N=")))
+    return sorted(found)
+
+
 def write_markdown(results: dict, path: Path, sizes: list[int], dim: int, sinkhorn_n: int) -> None:
     meta = results.get("_meta", {})
     lines = [
@@ -299,11 +315,12 @@ def write_markdown(results: dict, path: Path, sizes: list[int], dim: int, sinkho
             status = "–" if cell is None else cell.get("status")
             reason = "" if cell is None else cell.get("reason", cell.get("message", ""))
             lines.append(f"| {method} | {status} | | | {reason} |")
-    skipped = [(k, v.get("reason", v.get("message", ""))) for k, v in results.items()
-               if k != "_meta" and isinstance(v, dict) and v.get("status") in ("skipped", "error")]
+    skipped = [(k, v.get("reason", v.get("message", f"did not finish within the cell timeout of {v.get('timeout_s', '?')} s")))
+               for k, v in results.items()
+               if k != "_meta" and isinstance(v, dict) and v.get("status") in ("skipped", "error", "timeout")]
     if skipped:
         lines += ["", "Cells not measured:", ""] + [f"- `{k}`: {reason}" for k, reason in skipped]
-    path.write_text("\n".join(lines) + "\n")
+    _write_atomically(path, "\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -356,9 +373,9 @@ def main(argv: list[str] | None = None) -> None:
             summary = (f"fwd {cell['fwd_s']:.3g} s, peak {cell['peak_rss_mb']:.0f} MB"
                        if cell["status"] == "ok" else cell.get("message", cell["status"]))
             print(f"measured {key}: {summary}", flush=True)
-        args.out.write_text(json.dumps(results, indent=2, sort_keys=True))
+        _write_atomically(args.out, json.dumps(results, indent=2, sort_keys=True))
     markdown = args.out.with_suffix(".md")
-    write_markdown(results, markdown, args.sizes, args.dim, args.sinkhorn_size)
+    write_markdown(results, markdown, cached_sizes(results, args.sizes, args.dim), args.dim, args.sinkhorn_size)
     print(f"wrote {args.out} and {markdown}")
 
 

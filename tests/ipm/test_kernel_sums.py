@@ -229,7 +229,11 @@ def test_tiled_forward_without_grad_keeps_no_graph(small_tiles):
 def test_auto_backend_choice():
     cpu = torch.device("cpu")
     assert ks.resolve_backend("auto", 100, 100, cpu) == "dense"
+    assert ks.resolve_backend("auto", 256, 256, cpu) == "dense"
+    assert ks.resolve_backend("auto", 257, 256, cpu) == "tiled"
     assert ks.resolve_backend("auto", 5000, 5000, cpu) == "tiled"
+    # on CUDA the dense Gram matrix pays off up to 4e6 entries
+    assert ks.resolve_backend("auto", 1000, 1000, torch.device("cuda")) == "dense"
     assert ks.resolve_backend("keops", 10, 10, cpu) == "keops"
 
 

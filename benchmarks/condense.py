@@ -179,6 +179,26 @@ PROFILES: dict[str, Profile] = {
                  "fashion-mnist": {"n_experts": 2, "epochs": 3, "train_fraction": 0.1},
                  "cifar10": {"n_experts": 2, "epochs": 3, "train_fraction": 0.1}},
     ),
+    # issue 4's MNIST acceptance runs: DM at IPC 10 and DC at IPC 1 with at most about an hour of
+    # condensation each on 2 CPU cores (DM ~1.5 s and DC ~4 s per outer iteration at batch_real 64),
+    # evaluated with the full protocol (1000 epochs with DSA) on 2 models at IPC 10 (~10 min each), 3 at IPC 1.
+    "cpu-hour": Profile(
+        name="cpu-hour",
+        description=(
+            "at most about an hour of condensation per cell on 2 CPU cores (MNIST: dm 500 and dc 200 outer "
+            "iterations at batch_real 64; the references run 20000 and 1000), the protocol's 1000 evaluation epochs"
+        ),
+        overrides={
+            "mnist": {
+                "dm": {"iterations": 500, "batch_real": 64},
+                "dc": {"iterations": 200, "batch_real": 64},
+            },
+        },
+        models={"*": {1: 3, 10: 2, 0: 2}},
+        eval_epochs={"*": {0: None}},
+        ipcs={"mnist": (1, 10)},
+        methods={"mnist": ("random", "dm", "dc")},
+    ),
     "paper": Profile(
         name="paper",
         description="the references' outer iterations, the protocol's epochs (1000 with DSA), 5 models",

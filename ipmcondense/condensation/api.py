@@ -203,7 +203,13 @@ def condense(
     augmentation: str | None = None,
     **overrides: Any,
 ) -> CondensationResult:
-    """Condense ``dataset`` to ``ipc`` images per class with the recipe ``method``.
+    r"""Condense ``dataset`` to ``ipc`` images per class with the recipe ``method``.
+
+    Minimises the recipe's objective over the synthetic set :math:`S`; for the feature-matching recipes
+    :math:`L(S) = \mathbb E_\theta \sum_c D(\phi_\theta(A(T_c)), \phi_\theta(A(S_c)))` (see
+    :mod:`ipmcondense.condensation.engine`), a stochastic estimate per step. Cost: ``iterations`` outer
+    steps, each (for matching recipes) one feature-map forward pass per side on ``batch_real`` real and
+    ``ipc`` synthetic images per class, for every sampled network, plus the sampler's network training.
 
     Args:
         method: a registry row (:data:`ipmcondense.condensation.recipes.METHOD_NAMES`).
@@ -375,6 +381,11 @@ def evaluate(
     learned_lr: bool = True,
 ) -> dict[str, Any]:
     """Train ``models`` fresh networks on a condensed set and report their test accuracy.
+
+    The estimate is the mean (and population std) of the test accuracies of the ``models`` networks,
+    each trained from scratch on the synthetic set alone with the protocol of
+    :class:`ipmcondense.evaluation.EvaluationProtocol`. Cost: ``models x epochs`` passes over the
+    synthetic set plus one pass over the test set per model.
 
     Uses :func:`ipmcondense.evaluation.evaluate_synthetic` with the standard protocol (ConvNet, SGD
     0.01 momentum 0.9, ``epochs`` (default 1000 with DSA), full test set once at the end).

@@ -302,6 +302,10 @@ def neural_ipm(
 ) -> Tensor:
     """Functional shortcut: ``NeuralIPM(...).fit(x, y).value`` (a 0-d tensor).
 
+    The value is :math:`\\mathbb E_x f(x) - \\mathbb E_y f(y)` for the trained critic :math:`f` (a lower bound
+    of the IPM over the critic class, estimated on the given samples). Cost: ``steps`` critic updates of
+    ``batch_size`` points per side (plus the gradient-penalty pass when used), then one pass over both sets.
+
     With a 1-Lipschitz critic (``"spectral"``, approximately ``"gp"``) this is a lower bound of the
     empirical :math:`W_1(x, y)`, estimated on the training samples (biased). See :class:`NeuralIPM`.
     """

@@ -47,7 +47,7 @@ def centred_one_hot(labels: Any, num_classes: int, dtype: torch.dtype | None = N
 
     KIP's regression targets (each row sums to 0). ``labels`` is a 1-D integer tensor/array with values
     in ``[0, num_classes)``; the result is ``(n, num_classes)`` of ``dtype`` (default: the default
-    floating dtype) on the labels' device.
+    floating dtype) on the labels' device. Cost: :math:`O(nC)`.
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")

@@ -143,6 +143,9 @@ class Kernel(nn.Module, ABC):
     Subclasses implement :meth:`forward` (the dense Gram matrix). Data-dependent hyper-parameters
     (a ``"median"`` bandwidth, a default polynomial scale) are fixed by :meth:`resolved`, which the
     distances call once on the pooled sample before evaluating any kernel sum.
+
+    Cost: the dense Gram matrix of ``n x m`` points costs :math:`O(nmd)` time and :math:`O(nm)` memory;
+    the distances never build it for large inputs (tiled or KeOps kernel sums, :math:`O(\\text{tile})` memory).
     """
 
     name: str = "kernel"
@@ -229,6 +232,8 @@ class GaussianKernel(RadialKernel):
     """Gaussian (RBF) kernel :math:`k(x, y) = \\exp(-\\|x - y\\|^2 / (2 h^2))`, with bandwidth :math:`h`.
 
     Characteristic and bounded by 1. ``bandwidth`` is a positive float or ``"median"``.
+
+    Cost: :math:`O(d)` per pair, :math:`O(nmd)` for an ``n x m`` Gram matrix.
     """
 
     name = "gaussian"
@@ -255,6 +260,8 @@ class LaplacianKernel(RadialKernel):
 
     Characteristic. Not differentiable at :math:`x = y`; the gradient of a coincident pair is
     defined as 0 (the subgradient of minimal norm).
+
+    Cost: :math:`O(d)` per pair, :math:`O(nmd)` for an ``n x m`` Gram matrix.
     """
 
     name = "laplacian"
@@ -282,6 +289,8 @@ class InverseMultiquadricKernel(RadialKernel):
 
     Characteristic, bounded by 1, with heavy (polynomial) tails: it still sees points far apart,
     where the Gaussian kernel vanishes.
+
+    Cost: :math:`O(d)` per pair, :math:`O(nmd)` for an ``n x m`` Gram matrix.
     """
 
     name = "imq"
@@ -307,6 +316,8 @@ class EnergyKernel(RadialKernel):
     needs: with this kernel the biased (V-statistic) MMD² equals the squared energy distance
     :math:`2E\\|X - Y\\| - E\\|X - X'\\| - E\\|Y - Y'\\|`. Has no bandwidth; the gradient of a coincident
     pair is defined as 0.
+
+    Cost: :math:`O(d)` per pair, :math:`O(nmd)` for an ``n x m`` Gram matrix.
     """
 
     name = "energy"
@@ -361,6 +372,8 @@ class LinearKernel(DotProductKernel):
     Its MMD is the distance between the means, :math:`\\|\\bar x - \\bar y\\|`; kernel sums cost
     ``O((n + m) d)`` because :math:`\\sum_{ij} a_i b_j \\langle x_i, y_j\\rangle =
     \\langle \\sum_i a_i x_i, \\sum_j b_j y_j \\rangle`.
+
+    Cost: :math:`O(d)` per pair, :math:`O(nmd)` for an ``n x m`` Gram matrix.
     """
 
     name = "linear"
@@ -379,6 +392,8 @@ class PolynomialKernel(DotProductKernel):
         degree: the integer power :math:`p \\ge 1`.
         gamma: the scale :math:`\\gamma > 0`; ``None`` means :math:`1/d` for ``d``-dimensional points.
         coef0: the offset :math:`c_0 \\ge 0`.
+
+    Cost: :math:`O(d)` per pair, :math:`O(nmd)` for an ``n x m`` Gram matrix.
     """
 
     name = "polynomial"
@@ -419,6 +434,8 @@ class MixtureKernel(Kernel):
     Args:
         kernels: the component kernels.
         weights: non-negative weights :math:`w_q` (default: all 1).
+
+    Cost: the sum of the components' costs.
     """
 
     name = "mixture"
@@ -526,6 +543,8 @@ def get_kernel(kernel: str | Kernel, bandwidth: float | str | None = None) -> Ke
         bandwidth: for the Gaussian, Laplacian and IMQ kernels: a positive float or ``"median"``
             (``None`` means ``"median"``). Kernels without a bandwidth accept only ``None``/``"median"``;
             a numeric bandwidth for them, or for a ready-made module (which carries its own), is an error.
+
+    Cost: :math:`O(1)` (a ``"median"`` bandwidth is resolved later, by the distance, on the pooled sample).
     """
     if isinstance(kernel, Kernel):
         if bandwidth is not None and bandwidth != "median":

@@ -408,7 +408,7 @@ def plan_cells(
             n_models = models or (spec or {}).get("models", 1)
             epochs = (spec or {}).get("epochs")
             key = cell_key(profile=profile.name, dataset=dataset, method=UPPER_BOUND, ipc=None, seed=seed,
-                           models=n_models, eval_epochs=epochs, hyperparameters={"arch": "convnet"})
+                           models=n_models, eval_epochs=epochs, hyperparameters={"arch": _dataset_arch(dataset)})
             reason = missing or (None if spec else f"the {profile.name} profile runs no whole-dataset bound for {dataset}")
             cells.append(Cell(profile.name, dataset, UPPER_BOUND, None, seed, n_models, epochs, {}, key, reason))
     return cells
@@ -559,7 +559,7 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     device = spec.get("device") or "cpu"
     out: dict[str, Any] = {"notes": []}
     if spec["method"] == UPPER_BOUND:
-        protocol = EvaluationProtocol(epochs=spec["eval_epochs"])
+        protocol = EvaluationProtocol(arch=_dataset_arch(spec["dataset"]), epochs=spec["eval_epochs"])
         start = time.perf_counter()
         result = evaluate_synthetic(ds.train_images.to(device), ds.train_labels.to(device), ds, protocol,
                                     n_models=int(spec["models"]), seed=int(spec["seed"]), device=device)
@@ -738,6 +738,13 @@ def run_grid(args: argparse.Namespace) -> int:
             failures += 1
             print(f"    error: {record['error']}", flush=True)
     return 1 if failures else 0
+
+
+def _dataset_arch(dataset: str) -> str:
+    """The evaluation network of ``dataset``'s cells (the recipes' default arch for it)."""
+    from ipmcondense.condensation.recipes import COMMON_DEFAULTS, DATASET_DEFAULTS
+
+    return DATASET_DEFAULTS.get(dataset, {}).get("arch", COMMON_DEFAULTS["arch"])
 
 
 # ------------------------------------------------------------------------------------------ class batching

@@ -303,7 +303,9 @@ def render_results(results_dir: Path = RESULTS_DIR, plot: bool = True) -> str:
         "not what a method reaches. The `paper` profile uses the references' iterations, the protocol's "
         "epochs and 5 models. Accuracies are % on the full test set, mean ± population std over the "
         "evaluated models (n), each trained from the condensed set with the VICO-UoE protocol "
-        "(ConvNet-3, SGD 0.01, momentum 0.9, DSA; `ipmcondense.evaluation.EvaluationProtocol`).",
+        "(ConvNet-3, SGD 0.01, momentum 0.9, DSA; `ipmcondense.evaluation.EvaluationProtocol`). On `digits` "
+        "(8x8) the ConvNet sized to the input has depth 2 (`convnet-d2`) for every method, the baselines and "
+        "the whole-dataset bound alike (`DATASET_DEFAULTS`).",
         "",
         f"**Published numbers** come from `{METHODS_MD}` with the source named in each cell and its "
         "confidence tag: [R] the method's README, [P] a verbatim table re-quoted in another paper (PAD "

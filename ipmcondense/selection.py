@@ -109,10 +109,10 @@ def embed_images(images: Tensor, feature_network: FeatureNetwork, batch_size: in
     return features
 
 
-def _default_network(dataset: Any, seed: int, device: torch.device) -> nn.Module:
+def _default_network(dataset: Any, seed: int, device: torch.device, arch: str = "convnet") -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        network = get_network("convnet", dataset.channels, dataset.num_classes, tuple(dataset.image_size))
+        network = get_network(arch, dataset.channels, dataset.num_classes, tuple(dataset.image_size))
     return network.to(device)
 
 
@@ -166,12 +166,13 @@ def _embedding_selection(
     feature_network: FeatureNetwork | None,
     batch_size: int,
     pick: Callable[[Tensor, torch.Generator], Tensor],
+    arch: str = "convnet",
 ) -> tuple[Tensor, Tensor]:
     per_class = _check_ipc(dataset, ipc)
     generator = _generator(seed)
     network = feature_network
     if network is None:
-        network = _default_network(dataset, seed, dataset.train_images.device)
+        network = _default_network(dataset, seed, dataset.train_images.device, arch)
     chosen = []
     for idx in per_class:
         features = embed_images(dataset.train_images[idx], network, batch_size)
@@ -186,6 +187,7 @@ def select_herding(
     feature_network: FeatureNetwork | None = None,
     *,
     batch_size: int = 512,
+    arch: str = "convnet",
 ) -> tuple[Tensor, Tensor]:
     """Herding selection of ``ipc`` images per class in the embedding of ``feature_network``.
 
@@ -193,15 +195,16 @@ def select_herding(
         dataset: a :class:`ipmcondense.data.LabelledImages` (training split used).
         ipc: images per class.
         seed: seeds the default (untrained) ConvNet; herding itself is deterministic.
-        feature_network: module with ``embed`` or callable ``images -> (n, d)``; default: ConvNet
-            initialised with ``seed``.
+        feature_network: module with ``embed`` or callable ``images -> (n, d)``; default: an untrained
+            ``arch`` network initialised with ``seed``.
         batch_size: embedding batch size.
+        arch: the default feature network's name (:func:`ipmcondense.nets.get_network`).
 
     Raises:
         ValueError: ``ipc`` is not positive or exceeds the size of a class.
     """
     return _embedding_selection(
-        dataset, ipc, seed, feature_network, batch_size, lambda features, _: herding_indices(features, ipc)
+        dataset, ipc, seed, feature_network, batch_size, lambda features, _: herding_indices(features, ipc), arch
     )
 
 
@@ -212,6 +215,7 @@ def select_kcenter(
     feature_network: FeatureNetwork | None = None,
     *,
     batch_size: int = 512,
+    arch: str = "convnet",
 ) -> tuple[Tensor, Tensor]:
     """k-center greedy selection of ``ipc`` images per class in the embedding of ``feature_network``.
 
@@ -224,7 +228,7 @@ def select_kcenter(
         first = int(torch.randint(features.shape[0], (1,), generator=generator))
         return kcenter_indices(features, ipc, first)
 
-    return _embedding_selection(dataset, ipc, seed, feature_network, batch_size, pick)
+    return _embedding_selection(dataset, ipc, seed, feature_network, batch_size, pick, arch)
 
 
 #: Name -> selection function, for command lines and benchmarks.

@@ -264,7 +264,7 @@ def condense(
         _check_resume(checkpoint, full_config, out_path)
 
     init_generator = torch.Generator().manual_seed(int(seed) + 7919)
-    images, labels = initial_images(ds, ipc, config["init"], init_generator, seed=seed)
+    images, labels = initial_images(ds, ipc, config["init"], init_generator, seed=seed, arch=config["arch"])
     if objective is None:
         from .synthetic import PixelSet
 

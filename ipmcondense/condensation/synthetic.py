@@ -189,13 +189,14 @@ def initial_images(
     generator: torch.Generator,
     *,
     seed: int = 0,
+    arch: str = "convnet",
 ) -> tuple[Tensor, Tensor]:
     """Initial synthetic images ``(num_classes * ipc, C, H, W)`` and labels, in class blocks.
 
     ``init``: ``"real"`` (random real training images of each class, drawn with ``generator``),
     ``"noise"`` (standard normal pixels in normalised space, drawn with ``generator``), or a selection
     baseline from :mod:`ipmcondense.selection`: ``"random"``, ``"herding"``, ``"kcenter"``, ``"kmeans"``
-    (when available), seeded with ``seed``.
+    (when available), seeded with ``seed``; herding and k-center embed with an untrained ``arch`` network.
     """
     check_choice(init, INIT_CHOICES, "init")
     images, labels = dataset.train_images, dataset.train_labels
@@ -220,5 +221,5 @@ def initial_images(
     fn = getattr(selection, f"select_{init}", None)
     if fn is None:
         raise ValueError(f"init {init!r} needs ipmcondense.selection.select_{init}, which is not available")
-    sel_images, sel_labels = fn(dataset, ipc, seed)
+    sel_images, sel_labels = fn(dataset, ipc, seed, **({"arch": arch} if init in ("herding", "kcenter") else {}))
     return sel_images.detach().cpu().float().clone(), sel_labels.detach().cpu().to(torch.int64).clone()

@@ -153,7 +153,7 @@ def test_dd_runs_and_decreases_its_loss(digits, dd_init):
             torch.manual_seed(seed)
             net = get_network("mlp", 1, 10, (8, 8))
             raw = torch.full((3,), float(torch.log(torch.expm1(torch.tensor(0.5)))))
-            total += float(unrolled_task_loss(net, flatten_parameters(net), r.images, r.labels, raw, x, y))
+            total += float(unrolled_task_loss(net, flatten_parameters(net), r.images, r.labels, raw, x, y).detach())
         return total
 
     assert fixed(after) < fixed(before)

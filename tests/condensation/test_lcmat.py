@@ -49,7 +49,7 @@ def test_perturbation_is_one_normalised_ascent_step_of_the_loss_gap(digits):
     # the gap grows along the step (first-order worst case)
     def gap_of(m):
         return (F.cross_entropy(m(real), rl) - F.cross_entropy(m(syn), sl)).abs()
-    assert float(gap_of(moved)) > float(gap_of(net))
+    assert float(gap_of(moved).detach()) > float(gap_of(net).detach())
 
 
 def test_regularised_loss_equals_its_definition(digits, monkeypatch):
@@ -64,7 +64,7 @@ def test_regularised_loss_equals_its_definition(digits, monkeypatch):
     moved = lcmat_perturbation(net, real, rl, result.images, result.labels, 0.1)
     gm_moved = matching_loss(moved, fm, disc, real, rl, result.images, result.labels).total
     expected = gm + 0.3 * (gm_moved - gm)
-    assert float(gm_moved) != pytest.approx(float(gm))
+    assert float(gm_moved.detach()) != pytest.approx(float(gm.detach()))
     # the objective's value, with the same batch and no augmentation
     obj = objectives.MatchingObjective.__new__(objectives.MatchingObjective)
     obj.feature_map, obj.discrepancy, obj.extra_terms = fm, disc, []

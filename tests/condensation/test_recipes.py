@@ -71,3 +71,16 @@ def test_rows_are_frozen_and_validated():
         dm.defaults["lr_images"] = 3  # type: ignore[index]
     with pytest.raises(ValueError, match="augmentation"):
         Recipe("x", "embedding", "mmd", "fresh", "mixup", "exact IPM", "why")
+
+
+def test_dataset_defaults_sit_below_recipe_budgets_and_overrides():
+    from ipmcondense.condensation.recipes import DATASET_DEFAULTS
+
+    assert DATASET_DEFAULTS["digits"]["arch"] == "convnet-d2"
+    # every digits recipe and baseline uses the depth-2 ConvNet, unless its budget names its own network
+    assert resolve_config(get_recipe("dm"), "digits")["arch"] == "convnet-d2"
+    assert resolve_config(get_recipe("random"), "digits")["arch"] == "convnet-d2"
+    assert resolve_config(get_recipe("mtt"), "digits")["arch"] == DATASET_BUDGETS["digits"]["mtt"]["arch"]
+    assert resolve_config(get_recipe("dm"), "digits", {"arch": "mlp"})["arch"] == "mlp"
+    # other datasets keep the field's ConvNet-3
+    assert resolve_config(get_recipe("dm"), "mnist")["arch"] == "convnet"

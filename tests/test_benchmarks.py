@@ -7,7 +7,6 @@ generator reads fake cell JSONs.
 from __future__ import annotations
 
 import importlib.util
-import json
 import re
 import sys
 from pathlib import Path

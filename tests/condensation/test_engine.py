@@ -10,7 +10,6 @@ from ipmcondense.condensation.discrepancies import (
     GradientCosineDiscrepancy,
     GradientMSEDiscrepancy,
     MeanEmbeddingDiscrepancy,
-    get_discrepancy,
 )
 from ipmcondense.condensation.engine import (
     build_discrepancy,

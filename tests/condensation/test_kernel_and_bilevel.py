@@ -14,25 +14,12 @@ from ipmcondense.condensation.objectives import (
     unrolled_task_loss,
 )
 from ipmcondense.condensation.recipes import NOT_AN_IPM, RECIPES
-from ipmcondense.data import load_dataset
 from ipmcondense.ipm.kernel_regression import krr_loss
 from ipmcondense.nets import get_network
 from ipmcondense.trajectories import flatten_parameters
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
 
-
-def _class_batch(digits, n, seed):
-    g = torch.Generator().manual_seed(seed)
-    xs, ys = [], []
-    for c in range(10):
-        idx = torch.nonzero(digits.train_labels == c).flatten()
-        xs.append(digits.train_images[idx[torch.randperm(idx.numel(), generator=g)[:n]]])
-        ys.append(torch.full((n,), c))
-    return torch.cat(xs), torch.cat(ys)
 
 
 def test_rows_state_they_are_not_ipms():
@@ -41,8 +28,8 @@ def test_rows_state_they_are_not_ipms():
 
 
 @pytest.mark.parametrize("kernel", ["fc_ntk", "fc_nngp"])
-def test_krr_with_support_equal_to_target_reproduces_the_labels(digits, kernel):
-    x, y = _class_batch(digits, 3, 0)
+def test_krr_with_support_equal_to_target_reproduces_the_labels(digits, class_batch, kernel):
+    x, y = class_batch(3, 0)
     k = build_kernel(kernel, (1, 8, 8), depth=2)
     from ipmcondense.ipm.kernel_regression import centred_one_hot
 
@@ -87,11 +74,11 @@ def test_kernel_that_cannot_be_applied_is_a_clear_error(digits, tmp_path):
     ("kip", {"kernel": "rf_nngp", "n_models": 2, "rf_width": 16}),
     ("rfad", {"n_models": 2, "rf_width": 16, "lr_images": 0.01}),
 ])
-def test_kernel_recipes_run_and_decrease_a_fixed_krr_loss(digits, method, extra):
+def test_kernel_recipes_run_and_decrease_a_fixed_krr_loss(digits, class_batch, method, extra):
     kwargs = dict(ipc=2, progress=False, seed=0, batch_real=16, **extra)
     before = condense(method, "digits", iterations=0, **kwargs)
     after = condense(method, "digits", iterations=15, **kwargs)
-    x, y = _class_batch(digits, 30, 9)
+    x, y = class_batch(30, 9)
     k = build_kernel("fc_ntk", (1, 8, 8))
     from ipmcondense.ipm.kernel_regression import centred_one_hot
 
@@ -140,12 +127,12 @@ def test_dd_hypergradient_matches_finite_differences():
 
 
 @pytest.mark.parametrize("dd_init", ["fresh", "fixed"])
-def test_dd_runs_and_decreases_its_loss(digits, dd_init):
+def test_dd_runs_and_decreases_its_loss(digits, class_batch, dd_init):
     kwargs = dict(ipc=1, progress=False, seed=0, arch="mlp", batch_real=10, dd_steps=3, dd_init=dd_init,
                   dd_lr_init=0.5, lr_images=0.05)
     before = condense("dd", "digits", iterations=0, **kwargs)
     after = condense("dd", "digits", iterations=10, **kwargs)
-    x, y = _class_batch(digits, 20, 4)
+    x, y = class_batch(20, 4)
 
     def fixed(r):
         total = 0.0
@@ -205,14 +192,14 @@ def test_rcig_implicit_gradient_matches_unrolled_differentiation_for_logistic_re
 
 
 @pytest.mark.parametrize("solver", ["cg", "neumann"])
-def test_rcig_runs_and_decreases_its_loss(digits, solver):
+def test_rcig_runs_and_decreases_its_loss(digits, class_batch, solver):
     kwargs = dict(ipc=2, progress=False, seed=0, arch="convnet-w32", batch_real=20, rcig_solver=solver,
                   lr_images=0.01)
     before = condense("rcig", "digits", iterations=0, **kwargs)
     after = condense("rcig", "digits", iterations=10, **kwargs)
     from ipmcondense.condensation.objectives import ImplicitBilevelObjective
 
-    x, y = _class_batch(digits, 20, 4)
+    x, y = class_batch(20, 4)
 
     def fixed(r):
         total = 0.0

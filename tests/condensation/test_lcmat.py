@@ -7,35 +7,22 @@ import torch
 import torch.nn.functional as F
 
 from ipmcondense.condensation.api import condense
-from ipmcondense.condensation.discrepancies import GradientCosineDiscrepancy, GradientMSEDiscrepancy
+from ipmcondense.condensation.discrepancies import GradientMSEDiscrepancy
 from ipmcondense.condensation.matching import matching_loss
 from ipmcondense.condensation.objectives import lcmat_perturbation
 from ipmcondense.condensation.recipes import FIRST_ORDER, get_recipe
-from ipmcondense.data import load_dataset
 from ipmcondense.features import GradientFeatures
 from ipmcondense.nets import get_network
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
 
 
-def _batch(digits, n=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    xs, ys = [], []
-    for c in range(10):
-        idx = torch.nonzero(digits.train_labels == c).flatten()
-        xs.append(digits.train_images[idx[torch.randperm(idx.numel(), generator=g)[:n]]])
-        ys.append(torch.full((n,), c))
-    return torch.cat(xs), torch.cat(ys)
 
-
-def test_perturbation_is_one_normalised_ascent_step_of_the_loss_gap(digits):
+def test_perturbation_is_one_normalised_ascent_step_of_the_loss_gap(digits, class_batch):
     torch.manual_seed(0)
     net = get_network("convnet-w32", 1, 10, (8, 8))
-    real, rl = _batch(digits, 6, 0)
-    syn, sl = _batch(digits, 2, 1)
+    real, rl = class_batch(6, 0)
+    syn, sl = class_batch(2, 1)
     moved = lcmat_perturbation(net, real, rl, syn, sl, rho=0.05)
     before = torch.cat([p.detach().flatten() for p in net.parameters()])
     after = torch.cat([p.detach().flatten() for p in moved.parameters()])
@@ -52,13 +39,13 @@ def test_perturbation_is_one_normalised_ascent_step_of_the_loss_gap(digits):
     assert float(gap_of(moved).detach()) > float(gap_of(net).detach())
 
 
-def test_regularised_loss_equals_its_definition(digits, monkeypatch):
+def test_regularised_loss_equals_its_definition(digits, class_batch, monkeypatch):
     from ipmcondense.condensation import objectives
 
     result = condense("dc", "digits", ipc=2, iterations=0, progress=False, seed=0)
     torch.manual_seed(1)
     net = get_network("convnet", 1, 10, (8, 8))
-    real, rl = _batch(digits, 4, 2)
+    real, rl = class_batch(4, 2)
     fm, disc = GradientFeatures(), GradientMSEDiscrepancy()
     gm = matching_loss(net, fm, disc, real, rl, result.images, result.labels).total
     moved = lcmat_perturbation(net, real, rl, result.images, result.labels, 0.1)

@@ -13,7 +13,7 @@ from ipmcondense.condensation.engine import CondensationEngine
 from ipmcondense.condensation.objectives import TrajectoryMatchingObjective
 from ipmcondense.condensation.recipes import FIRST_ORDER, RECIPES, get_recipe, resolve_config
 from ipmcondense.data import load_dataset
-from ipmcondense.trajectories import ExpertSample, flatten_parameters, train_experts, trajectory_matching_loss
+from ipmcondense.trajectories import ExpertSample, train_experts, trajectory_matching_loss
 
 ARCH = "convnet-w32"
 MTT = {"arch": ARCH, "max_start_epoch": 2, "expert_epochs": 1, "syn_steps": 3, "lr_images": 10.0}

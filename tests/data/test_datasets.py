@@ -19,7 +19,6 @@ from ipmcondense.data import (
     NORMALISATION,
     ClassBalancedSampler,
     DatasetNotFoundError,
-    LabelledImages,
     from_tensors,
     load_dataset,
 )

@@ -66,7 +66,7 @@ def _sgd_path(engine, start, lr, steps):
 def test_loss_is_zero_when_the_student_follows_the_expert(digits, buffer_dir):
     engine = _engine(digits, buffer_dir)
     start = engine.objective.buffer.snapshot(0, 0)
-    target = _sgd_path(engine, start, float(engine.synthetic.learning_rate), 3)
+    target = _sgd_path(engine, start, float(engine.synthetic.learning_rate.detach()), 3)
     engine.objective.buffer.sample = lambda *a, **k: ExpertSample(0, 0, start, target)
     loss, grads = engine.objective.loss_and_gradients([], _params(engine))
     assert float(loss) < 1e-9

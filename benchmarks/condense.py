@@ -161,7 +161,6 @@ PROFILES: dict[str, Profile] = {
             "digits": {
                 "*": {"iterations": 100},
                 "mtt": {"syn_steps": 10, "expert_epochs": 2, "max_start_epoch": 10},
-                "lcmat": {"iterations": 50, "batch_real": 64, "outer_loop": 5, "inner_loop": 5, "lr_images": 0.01},
             },
             "mnist": _MNIST_SMALL,
             "fashion-mnist": _MNIST_SMALL,

@@ -6,8 +6,8 @@
     ipmcondense evaluate runs/digits-dm-ipc10 --models 3
     ipmcondense condense --method dc --discrepancy mmd --sampler fresh --out runs/new-method
     ipmcondense methods --json
-    ipmcondense experts --dataset digits --arch convnet-w32 --n-experts 5 --epochs 20 --out buffers/digits
-    ipmcondense condense --method mtt --arch convnet-w32 --experts buffers/digits --out runs/digits-mtt
+    ipmcondense experts --dataset digits --arch convnet-d2 --n-experts 5 --epochs 20 --out buffers/digits
+    ipmcondense condense --method mtt --experts buffers/digits --out runs/digits-mtt
 """
 
 from __future__ import annotations

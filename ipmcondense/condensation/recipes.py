@@ -300,14 +300,17 @@ DATASET_BUDGETS: Mapping[str, Mapping[str, Mapping[str, Any]]] = MappingProxyTyp
         "idm":         {"iterations": 300, "batch_real": 64, "train_steps": 2, "batch_pool": 16,
                         "pool_size": 20, "init": "random"},
         # objectives of issue 5 (seconds/iteration measured at IPC 10 on a shared 2-core CPU; untuned)
-        "lcmat":       {"iterations": 25, "batch_real": 64, "outer_loop": 5, "inner_loop": 5, "lr_images": 0.01},
-        # mtt: the buffer must match: ipmcondense experts --dataset digits --arch convnet-w32 --epochs 10 ...
-        "mtt":         {"iterations": 20, "arch": "convnet-w32", "syn_steps": 10, "batch_syn": 20,
-                        "expert_epochs": 2, "max_start_epoch": 5, "lr_images": 10.0},
-        "kip":         {"iterations": 1000, "batch_real": 50, "lr_images": 0.01},
-        "rfad":        {"iterations": 100, "batch_real": 50, "rf_width": 64, "n_models": 4, "lr_images": 0.01},
-        "dd":          {"iterations": 400, "batch_real": 50, "dd_steps": 5, "dd_lr_init": 0.1, "lr_images": 0.05},
-        "rcig":        {"iterations": 300, "batch_real": 50, "lr_images": 0.01},
+        "lcmat":       {"iterations": 50, "batch_real": 64, "outer_loop": 5, "inner_loop": 5, "lr_images": 0.001,
+                        "init": "random"},
+        # mtt: the buffer must match the arch: ipmcondense experts --dataset digits --arch convnet-d2 ...
+        "mtt":         {"iterations": 20, "syn_steps": 10, "batch_syn": 20, "expert_epochs": 2,
+                        "max_start_epoch": 5, "lr_images": 10.0, "init": "random"},
+        "kip":         {"iterations": 1000, "batch_real": 50, "lr_images": 0.01, "init": "random"},
+        "rfad":        {"iterations": 100, "batch_real": 50, "rf_width": 64, "n_models": 4, "lr_images": 0.01,
+                        "init": "random"},
+        "dd":          {"iterations": 400, "batch_real": 50, "dd_steps": 5, "dd_lr_init": 0.1, "lr_images": 0.05,
+                        "init": "random"},
+        "rcig":        {"iterations": 300, "batch_real": 50, "lr_images": 0.01, "init": "random"},
     },
 })
 

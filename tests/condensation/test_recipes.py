@@ -80,7 +80,7 @@ def test_dataset_defaults_sit_below_recipe_budgets_and_overrides():
     # every digits recipe and baseline uses the depth-2 ConvNet, unless its budget names its own network
     assert resolve_config(get_recipe("dm"), "digits")["arch"] == "convnet-d2"
     assert resolve_config(get_recipe("random"), "digits")["arch"] == "convnet-d2"
-    assert resolve_config(get_recipe("mtt"), "digits")["arch"] == DATASET_BUDGETS["digits"]["mtt"]["arch"]
+    assert resolve_config(get_recipe("mtt"), "digits")["arch"] == "convnet-d2"
     assert resolve_config(get_recipe("dm"), "digits", {"arch": "mlp"})["arch"] == "mlp"
     # other datasets keep the field's ConvNet-3
     assert resolve_config(get_recipe("dm"), "mnist")["arch"] == "convnet"

@@ -1,7 +1,7 @@
 """Generate ``benchmarks/RESULTS.md`` from the cached benchmark cells only (nothing is hand-edited).
 
 Reads ``benchmarks/results/condense/<profile>/<dataset>/*.json`` (written by ``benchmarks/condense.py``),
-``benchmarks/results/class_batching.json`` and ``benchmarks/results/distances.md`` when present, and
+``benchmarks/results/class_batching*.json`` and ``benchmarks/results/distances.md`` when present, and
 writes ``benchmarks/RESULTS.md`` plus the plot ``benchmarks/results/accuracy_vs_time.png``.
 
 Published accuracies are transcribed below (:data:`PUBLISHED`) from ``shared/reference/methods.md``
@@ -348,8 +348,10 @@ def render_results(results_dir: Path = RESULTS_DIR, plot: bool = True) -> str:
                 "MTT, building the expert buffer.", ""]
     else:
         out += ["No successful cell yet.", ""]
-    out += ["## Class batching against the per-class loop", ""] + _class_batching_section(
-        results_dir / "class_batching.json") + [""]
+    out += ["## Class batching against the per-class loop", ""]
+    reports = sorted(results_dir.glob("class_batching*.json"))
+    for report in reports or [results_dir / "class_batching.json"]:
+        out += _class_batching_section(report) + [""]
     out += ["## Distances benchmark", ""]
     distances = results_dir / "distances.md"
     if distances.exists():

@@ -335,8 +335,9 @@ def _dataset_status(name: str, data_root: str | None, download: bool, cache: dic
     return cache[name]
 
 
-def _hyperparameters(profile: Profile, dataset: str, method: str, extra: dict[str, Any]) -> tuple[dict, dict]:
-    """(overrides passed to condense, resolved hyperparameters for the key)."""
+def _hyperparameters(profile: Profile, dataset: str, method: str, extra: dict[str, Any],
+                     ipc: int | None = None) -> tuple[dict, dict]:
+    """(overrides passed to condense, resolved hyperparameters for the key, per-IPC budgets included)."""
     from ipmcondense.condensation.recipes import COMMON_DEFAULTS, DATASET_BUDGETS, get_recipe, resolve_config
 
     recipe = get_recipe(method)
@@ -349,7 +350,7 @@ def _hyperparameters(profile: Profile, dataset: str, method: str, extra: dict[st
         if profile.use_reference_iterations:
             overrides["iterations"] = recipe.defaults.get("iterations", COMMON_DEFAULTS["iterations"])
     overrides.update(extra)
-    resolved = resolve_config(recipe, dataset, overrides)
+    resolved = resolve_config(recipe, dataset, overrides, ipc=ipc)
     if recipe.is_selection:
         resolved["iterations"] = 0
         resolved["init"] = recipe.selection
@@ -381,7 +382,7 @@ def plan_cells(
                 get_recipe(method)
                 n_models = models or profile.models_for(dataset, ipc)
                 epochs = profile.eval_epochs_for(dataset, ipc)
-                overrides, resolved = _hyperparameters(profile, dataset, method, {})
+                overrides, resolved = _hyperparameters(profile, dataset, method, {}, ipc)
                 experts = None
                 if get_recipe(method).objective == "mtt":
                     experts = dict(profile.experts.get(dataset, profile.experts.get("*", {}))) or None

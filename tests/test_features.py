@@ -127,3 +127,21 @@ def test_get_feature_map_rejects_unknown_names_and_options():
         get_feature_map("gradients", nonsense=1)
     with pytest.raises(ValueError, match="gradient mode"):
         GradientFeatures(mode="sometimes")
+
+
+def test_gradient_features_batch_classes_with_vmap_only_on_small_cpu_inputs(monkeypatch):
+    from ipmcondense.features import VMAP_MAX_PIXELS_CPU, GradientFeatures, segments_from_labels
+    from ipmcondense.nets import get_network
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("this path must not be taken")
+
+    labels = torch.arange(3).repeat_interleave(2)
+    for size, banned in ((8, "_class_loop"), (28, "_class_batched")):
+        assert (size * size <= VMAP_MAX_PIXELS_CPU) == (size == 8)
+        net = get_network("convnet-w32", 1, 3, (size, size))
+        images = torch.randn(6, 1, size, size)
+        with monkeypatch.context() as patched:
+            patched.setattr(GradientFeatures, banned, staticmethod(forbidden))
+            blocks = GradientFeatures()(net, images, labels, segments_from_labels(labels), differentiable=False)
+        assert blocks[0].values.shape[0] == 3  # one mean gradient per class either way

@@ -372,7 +372,7 @@ class TrajectoryMatchingObjective(Objective):
         )
         images, labels, lr = syn.images(), self._labels(), syn.learning_rate
         if not bool(torch.isfinite(lr.detach())):
-            raise FloatingPointError(f"the learned synthetic learning rate is {float(lr)}; lower lr_lr")
+            raise FloatingPointError(f"the learned synthetic learning rate is {float(lr.detach())}; lower lr_lr")
         soft = bool(cfg["soft_labels"])
         steps, batch = int(cfg["syn_steps"]), cfg["batch_syn"]
         params = list(params)
@@ -398,7 +398,7 @@ class TrajectoryMatchingObjective(Objective):
         lr = self.ctx.synthetic.learning_rate
         if not bool(torch.isfinite(lr.detach())):
             raise FloatingPointError(
-                f"the learned synthetic learning rate became {float(lr)} at iteration {iteration}; "
+                f"the learned synthetic learning rate became {float(lr.detach())} at iteration {iteration}; "
                 f"lower lr_lr (now {self.config['lr_lr']}) or lr_images"
             )
 

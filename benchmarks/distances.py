@@ -209,7 +209,6 @@ def run_child(spec: dict) -> dict:
         baseline = _rss_mb()
         result = {"rss_baseline_mb": round(baseline, 1), "threads": torch.get_num_threads()}
         result.update(_interleaved_ratio(x, y, spec["repeats"]))
-        result["fwd_s"] = result["fwd_ratio"]  # parent-side summaries print fwd_s
         result["peak_rss_mb"] = round(_rss_mb(), 1)
         result["status"] = "ok"
         return result
@@ -405,10 +404,12 @@ def main(argv: list[str] | None = None) -> None:
                     "repeats": args.repeats, "timeout": args.timeout, "threads": args.threads}
             results[key] = _run_cell(spec, args.timeout)
             cell = results[key]
-            summary = (f"fwd {cell['fwd_s']:.3g} s, peak {cell['peak_rss_mb']:.0f} MB"
-                       if cell["status"] == "ok" else cell.get("message", cell["status"]))
-            if cell["status"] == "ok" and "fwd_ratio" in cell:
+            if cell["status"] != "ok":
+                summary = cell.get("message", cell["status"])
+            elif "fwd_ratio" in cell:
                 summary = f"ipmcondense/geomloss {cell['fwd_ratio']:.2f} fwd, {cell['fwd_bwd_ratio']:.2f} fwd+bwd"
+            else:
+                summary = f"fwd {cell['fwd_s']:.3g} s, peak {cell['peak_rss_mb']:.0f} MB"
             print(f"measured {key}: {summary}", flush=True)
         _write_atomically(args.out, json.dumps(results, indent=2, sort_keys=True))
     markdown = args.out.with_suffix(".md")

@@ -236,6 +236,8 @@ class MatchingObjective(Objective):
         self.extra_terms = build_extra_terms(ctx.recipe, ctx.config)
         self.lcmat_weight = float(ctx.config.get("lcmat_weight") or 0.0)
         self.lcmat_rho = float(ctx.config.get("lcmat_rho") or 0.0)
+        if self.lcmat_weight > 0 and not self.feature_map.needs_parameter_gradients:
+            raise ValueError("lcmat_weight > 0 needs a gradient-matching recipe (feature map 'gradients')")
 
     @classmethod
     def prepare_config(cls, config, dataset):
@@ -255,8 +257,6 @@ class MatchingObjective(Objective):
         for net in networks:
             value = self._one(net, real_aug, real_labels, syn_aug, syn_labels)
             if self.lcmat_weight > 0:
-                if not self.feature_map.needs_parameter_gradients:
-                    raise ValueError("lcmat_weight > 0 needs a gradient-matching recipe (feature map 'gradients')")
                 moved = lcmat_perturbation(net, real_aug, real_labels, syn_aug, syn_labels, self.lcmat_rho)
                 centre = value if not self.extra_terms else self._one(net, real_aug, real_labels, syn_aug, syn_labels,
                                                                       extras=False)

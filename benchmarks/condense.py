@@ -98,6 +98,8 @@ class Profile:
             budget; method ``"*"`` applies to every optimised recipe *without* a dataset budget
             (:data:`~ipmcondense.condensation.recipes.DATASET_BUDGETS`) for that dataset; a method's
             own entry is applied after ``"*"``.
+        ipc_overrides: ``{dataset: {method: {ipc: {hyperparameter: value}}}}`` applied after
+            ``overrides`` for that IPC only (an iteration count that fits the hour at IPC 1 does not at 10).
         models: ``{dataset: {ipc: n}}`` evaluation models (key ``0`` for any IPC not listed).
         eval_epochs: ``{dataset: {ipc: epochs}}`` evaluation epochs (``None``: the protocol's).
         ipcs: ``{dataset: ipcs}`` the IPCs the profile runs (other IPCs are skipped, with a reason).
@@ -111,6 +113,7 @@ class Profile:
     description: str
     use_reference_iterations: bool = False
     overrides: dict[str, dict[str, dict[str, Any]]] = dataclasses.field(default_factory=dict)
+    ipc_overrides: dict[str, dict[str, dict[int, dict[str, Any]]]] = dataclasses.field(default_factory=dict)
     models: dict[str, dict[int, int]] = dataclasses.field(default_factory=dict)
     eval_epochs: dict[str, dict[int, int | None]] = dataclasses.field(default_factory=dict)
     ipcs: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
@@ -185,18 +188,27 @@ PROFILES: dict[str, Profile] = {
         name="cpu-hour",
         description=(
             "at most about an hour of condensation per cell on 2 CPU cores (MNIST: dm 500 and dc 200 outer "
-            "iterations at batch_real 64; the references run 20000 and 1000), the protocol's 1000 evaluation epochs"
+            "iterations at batch_real 64, the references run 20000 and 1000; mtt 300 at IPC 1 and 100 at IPC 10, "
+            "kip 2000), the protocol's 1000 evaluation epochs"
         ),
         overrides={
             "mnist": {
                 "dm": {"iterations": 500, "batch_real": 64},
                 "dc": {"iterations": 200, "batch_real": 64},
+                # issue 5's MNIST runs; MTT uses the cpu-small expert buffer (2 experts x 3 epochs on a
+                # tenth of the training set, ~8 min) and the same unroll, with more outer iterations
+                "mtt": {"syn_steps": 10, "expert_epochs": 1, "max_start_epoch": 2},
+                "kip": {"iterations": 2000, "batch_real": 100},
             },
         },
+        # MTT at IPC 10 costs ~20 s per outer iteration with the whole synthetic set in each step;
+        # half of it per step halves that
+        ipc_overrides={"mnist": {"mtt": {1: {"iterations": 300}, 10: {"iterations": 100, "batch_syn": 50}}}},
         models={"*": {1: 3, 10: 2, 0: 2}},
         eval_epochs={"*": {0: None}},
         ipcs={"mnist": (1, 10)},
-        methods={"mnist": ("random", "dm", "dc")},
+        methods={"mnist": ("random", "dm", "dc", "mtt", "kip")},
+        experts={"mnist": {"n_experts": 2, "epochs": 3, "train_fraction": 0.1}},
     ),
     "paper": Profile(
         name="paper",
@@ -347,6 +359,8 @@ def _hyperparameters(profile: Profile, dataset: str, method: str, extra: dict[st
         if method not in DATASET_BUDGETS.get(dataset, {}):
             overrides.update(table.get("*", {}))
         overrides.update(table.get(method, {}))
+        if ipc is not None:
+            overrides.update(profile.ipc_overrides.get(dataset, {}).get(method, {}).get(ipc, {}))
         if profile.use_reference_iterations:
             overrides["iterations"] = recipe.defaults.get("iterations", COMMON_DEFAULTS["iterations"])
     overrides.update(extra)
@@ -520,15 +534,20 @@ def _peak_memory() -> dict[str, float | None]:
 
 
 def _expert_buffer(spec: dict[str, Any], ds: Any) -> tuple[str, float]:
-    """Build (or reuse: :func:`train_experts` resumes) the profile's MTT buffer; return (path, seconds)."""
+    """Build (or reuse: :func:`train_experts` resumes) the profile's MTT buffer; return (path, seconds).
+
+    The folder is named by everything that determines the buffer (dataset, architecture, experts,
+    epochs, training fraction, seed), not by the profile: profiles with the same buffer share it.
+    """
     import torch
 
     from ipmcondense.trajectories import train_experts
 
     experts = spec["experts"]
     fraction = float(experts.get("train_fraction", 1.0))
-    folder = Path(spec["runs_dir"]) / spec["profile"] / "experts" / (
-        f"{spec['dataset']}-{experts['arch']}-n{experts['n_experts']}-e{experts['epochs']}-f{fraction:g}")
+    folder = Path(spec["runs_dir"]) / "experts" / (
+        f"{spec['dataset']}-{experts['arch']}-n{experts['n_experts']}-e{experts['epochs']}-f{fraction:g}"
+        f"-s{int(spec['seed'])}")
     train = ds
     if fraction < 1.0:
         generator = torch.Generator().manual_seed(int(spec["seed"]))

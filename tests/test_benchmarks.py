@@ -103,6 +103,17 @@ def test_profile_ipc_restriction_is_a_recorded_skip():
     assert "IPC 50 is not in the cpu-small profile" in cells[0].skip_reason
 
 
+def test_ipc_overrides_apply_to_their_ipc_only():
+    profile = bench.PROFILES["cpu-hour"]
+    cache = {"mnist": (None, None)}
+    cells = bench.plan_cells(profile, ["mnist"], [1, 10], ["mtt"], dataset_cache=cache)
+    by_ipc = {c.ipc: c.key["hyperparameters"] for c in cells}
+    assert by_ipc[1]["iterations"] == 300 and by_ipc[10]["iterations"] == 100
+    assert by_ipc[10]["batch_syn"] == 50 and by_ipc[1]["batch_syn"] != 50
+    assert by_ipc[1]["syn_steps"] == by_ipc[10]["syn_steps"] == 10  # the dataset-wide override still applies
+    assert all(c.experts["n_experts"] == 2 for c in cells)
+
+
 def test_estimate_grows_with_iterations():
     profile = bench.PROFILES["cpu-small"]
     cell = bench.plan_cells(profile, ["digits"], [10], ["dm"], dataset_cache={})[0]

@@ -747,6 +747,11 @@ def run_grid(args: argparse.Namespace) -> int:
         todo = todo[: args.max_cells]
     failures = 0
     for i, cell in enumerate(todo, 1):
+        path = cell_path(args.results_dir, cell.profile, cell.dataset, cell.method, cell.ipc)
+        if not args.force and cached_cell(path, cell.key, COMMON_DEFAULTS) is not None:
+            # another grid process sharing the results folder finished it meanwhile
+            print(f"[{i}/{len(todo)}] {cell.profile}/{cell.dataset}/{cell.name}: cached meanwhile", flush=True)
+            continue
         print(f"[{i}/{len(todo)}] {cell.profile}/{cell.dataset}/{cell.name} ...", flush=True)
         record = run_cell(cell, args)
         if record["status"] == "ok":

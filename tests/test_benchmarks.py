@@ -153,6 +153,25 @@ def test_grid_skips_cached_cells_and_force_recomputes(tmp_path, monkeypatch):
     assert calls == ["dm-ipc1"]
 
 
+def test_grid_skips_a_cell_another_process_finished_meanwhile(tmp_path, monkeypatch):
+    args = _args(tmp_path)
+    cells = {c.method: c for c in bench.plan_cells(bench.PROFILES["cpu-small"], ["digits"], [1], ["random", "dm"],
+                                                   dataset_cache={})}
+    calls = []
+
+    def fake_run_cell(cell, args):
+        calls.append(cell.name)
+        # while the first cell runs, a second grid process writes the other one
+        path = bench.cell_path(args.results_dir, "cpu-small", "digits", "dm", 1)
+        bench.atomic_write_json({"format": bench.CELL_FORMAT, "status": "ok", "key": cells["dm"].key}, path)
+        return {"status": "ok", "accuracy_mean": 0.5, "accuracy_std": 0.0, "n_models": 1, "condense_seconds": 0.0,
+                "cell_wall_seconds": 0.0}
+
+    monkeypatch.setattr(bench, "run_cell", fake_run_cell)
+    assert bench.run_grid(args) == 0
+    assert calls == ["random-ipc1"]
+
+
 def test_dry_run_writes_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench, "run_cell", lambda cell, args: pytest.fail("dry run ran a cell"))
     assert bench.run_grid(_args(tmp_path, "--dry-run")) == 0

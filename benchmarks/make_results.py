@@ -240,7 +240,7 @@ def plot_accuracy_vs_time(cells: list[dict[str, Any]], path: Path) -> bool:
             seen.add(c["method"])
             ax.errorbar(x, 100 * c["accuracy_mean"], yerr=100 * c["accuracy_std"], fmt=markers.get(c["ipc"], "D"),
                         color=colours[c["method"]], label=label, capsize=2,
-                        mfc="none" if c.get("profile") == "paper" else colours[c["method"]])
+                        mfc=colours[c["method"]] if c.get("profile") == "cpu-small" else "none")
         ax.set_xscale("log")
         ax.set_xlabel("condensation time (s, log; selection baselines at 0.1)")
         ax.set_ylabel("test accuracy (%)")
@@ -344,7 +344,7 @@ def render_results(results_dir: Path = RESULTS_DIR, plot: bool = True) -> str:
     png = results_dir / "accuracy_vs_time.png"
     if plot and plot_accuracy_vs_time(cells, png):
         out += [f"![accuracy against condensation time]({os.path.relpath(png, REPO_ROOT / 'benchmarks')})", "",
-                "Filled markers: `cpu-small`; hollow: `paper`. Condensation time excludes evaluation and, for "
+                "Filled markers: `cpu-small`; hollow: larger budgets (`cpu-hour`, `paper`). Condensation time excludes evaluation and, for "
                 "MTT, building the expert buffer.", ""]
     else:
         out += ["No successful cell yet.", ""]
@@ -352,13 +352,13 @@ def render_results(results_dir: Path = RESULTS_DIR, plot: bool = True) -> str:
     reports = sorted(results_dir.glob("class_batching*.json"))
     for report in reports or [results_dir / "class_batching.json"]:
         out += _class_batching_section(report) + [""]
-    out += ["## Distances benchmark", ""]
     distances = results_dir / "distances.md"
-    if distances.exists():
+    if distances.exists():  # its own title becomes this page's section heading
         text = distances.read_text().strip().splitlines()
         out += [line if not line.startswith("# ") else "#" + line for line in text] + [""]
     else:
-        out += ["`benchmarks/results/distances.md` is not there yet: `python benchmarks/distances.py` writes it.", ""]
+        out += ["## Distance benchmarks", "",
+                "`benchmarks/results/distances.md` is not there yet: `python benchmarks/distances.py` writes it.", ""]
     out += [f"_Profiles present: {', '.join(profiles_seen) if profiles_seen else 'none'}._", ""]
     return "\n".join(out)
 

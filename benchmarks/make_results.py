@@ -173,7 +173,7 @@ def _accuracy_table(dataset: str, profile: str, cells: list[dict[str, Any]]) -> 
             cell = by_key.get((UPPER_BOUND, None))
             ours = _format_ours(cell)
             if cell is not None and cell.get("status") == "ok" and cell.get("eval_epochs") is not None:
-                ours += f", {cell['eval_epochs']} epochs"
+                ours += f", {cell['eval_epochs']} epoch{'' if cell['eval_epochs'] == 1 else 's'}"
             pub = _format_published(published_entry(UPPER_BOUND, dataset, None))
             lines.append(f"| whole dataset (upper bound) | {ours} | {pub} |" + " |" * (2 * len(ipcs) - 2))
             continue

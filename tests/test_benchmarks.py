@@ -209,7 +209,7 @@ def test_results_tables_from_fake_cells(tmp_path):
     assert "**91.2 ± 1.3** (n=3, seed 0)" in text
     assert "89.7 ± 0.6 [DM paper; M]" in text  # published DM MNIST ipc 1 beside ours
     assert "64.9 ± 3.5 [DC paper T1; M]" in text
-    assert "whole dataset (upper bound) | **98.0 ± 1.3** (n=3, seed 0), 1 epochs | 99.6 ± 0.0" in text
+    assert "whole dataset (upper bound) | **98.0 ± 1.3** (n=3, seed 0), 1 epoch | 99.6 ± 0.0" in text
     assert "error: RuntimeError: boom: dc-ipc1" in text
     assert "skipped: IPC 50 is not in the cpu-small profile: dsa-ipc50" in text
     assert "| dm | 10.0 | 30.0 | **3.00** | 3 |" in text

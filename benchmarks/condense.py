@@ -151,6 +151,8 @@ _MNIST_SMALL = {
     "rcig": {"iterations": 50, "batch_real": 64, "rcig_inner_steps": 20, "rcig_hinv_steps": 5},
 }
 _MNIST_SMALL_METHODS = ("random", "herding", "kcenter", "dm", "m3d", "dc", "dsa", "mtt", "kip")
+# MTT expert buffer at that budget: 2 experts x 3 epochs on a tenth of the training set (~8 min on MNIST)
+_MNIST_SMALL_EXPERTS = {"n_experts": 2, "epochs": 3, "train_fraction": 0.1}
 
 PROFILES: dict[str, Profile] = {
     "cpu-small": Profile(
@@ -177,9 +179,8 @@ PROFILES: dict[str, Profile] = {
                      "mnist": {"epochs": 1, "models": 1},
                      "fashion-mnist": {"epochs": 1, "models": 1}},
         experts={"digits": {"n_experts": 5, "epochs": 12, "train_fraction": 1.0},
-                 "mnist": {"n_experts": 2, "epochs": 3, "train_fraction": 0.1},
-                 "fashion-mnist": {"n_experts": 2, "epochs": 3, "train_fraction": 0.1},
-                 "cifar10": {"n_experts": 2, "epochs": 3, "train_fraction": 0.1}},
+                 "mnist": _MNIST_SMALL_EXPERTS, "fashion-mnist": _MNIST_SMALL_EXPERTS,
+                 "cifar10": _MNIST_SMALL_EXPERTS},
     ),
     # issue 4's MNIST acceptance runs: DM at IPC 10 and DC at IPC 1 with at most about an hour of
     # condensation each on 2 CPU cores (DM ~1.5 s and DC ~4 s per outer iteration at batch_real 64),
@@ -195,8 +196,7 @@ PROFILES: dict[str, Profile] = {
             "mnist": {
                 "dm": {"iterations": 500, "batch_real": 64},
                 "dc": {"iterations": 200, "batch_real": 64},
-                # issue 5's MNIST runs; MTT uses the cpu-small expert buffer (2 experts x 3 epochs on a
-                # tenth of the training set, ~8 min) and the same unroll, with more outer iterations
+                # issue 5's MNIST runs; MTT shares cpu-small's expert buffer and unroll, with more outer iterations
                 "mtt": {"syn_steps": 10, "expert_epochs": 1, "max_start_epoch": 2},
                 "kip": {"iterations": 2000, "batch_real": 100},
             },
@@ -208,7 +208,7 @@ PROFILES: dict[str, Profile] = {
         eval_epochs={"*": {0: None}},
         ipcs={"mnist": (1, 10)},
         methods={"mnist": ("random", "dm", "dc", "mtt", "kip")},
-        experts={"mnist": {"n_experts": 2, "epochs": 3, "train_fraction": 0.1}},
+        experts={"mnist": _MNIST_SMALL_EXPERTS},
     ),
     "paper": Profile(
         name="paper",

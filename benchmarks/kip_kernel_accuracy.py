@@ -34,7 +34,7 @@ SETS = {
 
 def main() -> None:
     from ipmcondense.data import load_dataset
-    from ipmcondense.ipm.kernel_regression import kernel_ridge_predict
+    from ipmcondense.ipm.kernel_regression import centred_one_hot, kernel_ridge_predict
     from ipmcondense.ipm.neural_kernels import FullyConnectedNTK
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -50,7 +50,7 @@ def main() -> None:
     for name, folder in SETS.items():
         saved = torch.load(args.runs_dir / folder / "synthetic.pt", weights_only=False)
         support = saved["images"].float().reshape(len(saved["images"]), -1)
-        targets = torch.nn.functional.one_hot(saved["labels"], ds.num_classes).double() - 1.0 / ds.num_classes
+        targets = centred_one_hot(saved["labels"], ds.num_classes, dtype=torch.float64)
         pred = kernel_ridge_predict(kernel(x_test, support).double(), kernel(support, support).double(), targets,
                                     reg=1e-6)
         rows[name] = {"krr_test_accuracy": float((pred.argmax(1) == ds.test_labels).float().mean()),

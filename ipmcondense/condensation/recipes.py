@@ -328,10 +328,10 @@ DATASET_IPC_BUDGETS: Mapping[str, Mapping[str, Mapping[int, Mapping[str, Any]]]]
         # dd from IPC 10: a 5-step unroll optimises for networks far from the ones the protocol trains
         # (IPC 10: 92.5% at 400 iterations, 91.7% at image step 0.005, below random's 95.6%); 20 unrolled
         # steps for 100 iterations reach 97.4% at about the same cost
-        "dd": {10: {"iterations": 100, "dd_steps": 20}, 50: {"iterations": 100, "dd_steps": 20}},
+        "dd": dict.fromkeys((10, 50), {"iterations": 100, "dd_steps": 20}),
         # rcig from IPC 10: 100+ synthetic points are separable in the 513 random features, and a weaker ridge
         # lets the inner optimum use all of them (IPC 10: l2 1e-3 95.5%, 1e-4 98.4%, 1e-5 98.8%; 1e-2 89.3%)
-        "rcig": {10: {"rcig_l2": 1e-5}, 50: {"rcig_l2": 1e-5}},
+        "rcig": dict.fromkeys((10, 50), {"rcig_l2": 1e-5}),
     },
 })
 

@@ -1,0 +1,95 @@
+"""Golden synthetic sets: every registry row (and the notable options) on digits, a few iterations.
+
+The sets in ``tests/condensation/golden/`` were written by the code *before* the engine was reshaped
+into typed components (issue "a method is one row"); ``test_golden_sets.py`` checks that every row
+still produces the same set bit-for-bit on the CPU for the same seed. Regenerate only on purpose,
+when a change of the numbers is intended and stated in the commit:
+
+    python -m tests.condensation.golden_cases --write
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+GOLDEN_DIR = Path(__file__).with_name("golden")
+EXPERT_ARCH = "convnet-w32"
+
+_TINY = {"batch_real": 8, "outer_loop": 2, "inner_loop": 2, "train_steps": 1, "batch_pool": 4, "pool_size": 3}
+_MTT = {"arch": EXPERT_ARCH, "max_start_epoch": 2, "expert_epochs": 1, "syn_steps": 3, "lr_images": 10.0}
+
+# name -> (method, keyword arguments of condense)
+CASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "dm": ("dm", {**_TINY}),
+    "dm-noise": ("dm", {**_TINY, "init": "noise"}),
+    "dm-per-class": ("dm", {**_TINY, "class_batching": False}),
+    "m3d": ("m3d", {**_TINY}),
+    "wasserstein": ("wasserstein", {**_TINY}),
+    "wasserstein-sliced": ("wasserstein", {**_TINY, "discrepancy": "sliced"}),
+    "dc": ("dc", {**_TINY}),
+    "dc-mse": ("dc", {**_TINY, "discrepancy": "gradient_mse"}),
+    "dsa": ("dsa", {**_TINY}),
+    "cafe": ("cafe", {**_TINY}),
+    "datadam": ("datadam", {**_TINY}),
+    "lcmat": ("lcmat", {**_TINY}),
+    "idm": ("idm", {**_TINY}),
+    "mtt": ("mtt", {**_MTT}),
+    "mtt-soft": ("mtt", {**_MTT, "soft_labels": True}),
+    "kip": ("kip", {"batch_real": 8}),
+    "kip-labels": ("kip", {"batch_real": 8, "learn_labels": True}),
+    "kip-nngp": ("kip", {"batch_real": 8, "kernel": "fc_nngp"}),
+    "rfad": ("rfad", {"batch_real": 8, "rf_width": 16, "n_models": 2}),
+    "dd": ("dd", {"batch_real": 8, "dd_steps": 3}),
+    "dd-fixed": ("dd", {"batch_real": 8, "dd_steps": 3, "dd_init": "fixed"}),
+    "rcig": ("rcig", {"batch_real": 8, "rcig_inner_steps": 10, "rcig_hinv_steps": 5}),
+    "rcig-neumann": ("rcig", {"batch_real": 8, "rcig_inner_steps": 10, "rcig_hinv_steps": 5,
+                              "rcig_solver": "neumann"}),
+    "random": ("random", {}),
+    "herding": ("herding", {}),
+    "kcenter": ("kcenter", {}),
+}
+
+
+def make_buffer(out: Path) -> Path:
+    """The small expert buffer the MTT cases read (deterministic on the CPU)."""
+    from ipmcondense.data import load_dataset
+    from ipmcondense.trajectories import train_experts
+
+    train_experts(load_dataset("digits"), 2, 3, out, arch=EXPERT_ARCH, progress=False, seed=0)
+    return out
+
+
+def run_case(name: str, buffer_dir: Path | None, iterations: int = 3) -> dict[str, Any]:
+    """The case's synthetic set after ``iterations``: images, training labels, learned learning rate (CPU)."""
+    from ipmcondense.condensation.api import condense
+
+    method, kwargs = CASES[name]
+    if method == "mtt":
+        kwargs = {**kwargs, "experts": str(buffer_dir)}
+    torch.manual_seed(0)
+    result = condense(method, "digits", ipc=2, iterations=iterations, seed=5, progress=False, **kwargs)
+    return {"images": result.images, "training_labels": result.training_labels, "learning_rate": result.learning_rate}
+
+
+def main(argv: list[str]) -> int:
+    import tempfile
+
+    if argv != ["--write"]:
+        print(__doc__)
+        return 2
+    GOLDEN_DIR.mkdir(exist_ok=True)
+    torch.set_num_threads(2)
+    with tempfile.TemporaryDirectory() as tmp:
+        buffer_dir = make_buffer(Path(tmp) / "experts")
+        for name in CASES:
+            torch.save(run_case(name, buffer_dir), GOLDEN_DIR / f"{name}.pt")
+            print("wrote", name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -4,7 +4,7 @@ The distances of :mod:`ipmcondense.ipm` are re-exported here (``ipmcondense.mmd(
 with the two entry points of the condensation engine, :func:`condense` and :func:`evaluate`.
 """
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402
 
 from .ipm import *  # noqa: E402,F401,F403  (the public distances, listed in ipm.__all__)
 from .ipm import __all__ as _ipm_all  # noqa: E402

@@ -36,12 +36,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ipmcondense.augment import DifferentiableSiameseAugmentation, NoAugmentation, dsa_strategy_for
 from ipmcondense.ipm._validation import check_choice, check_positive
-from ipmcondense.nets import NETWORK_NAMES, get_network
+from ipmcondense.nets import NETWORK_NAMES, build_isolated, get_network
+from ipmcondense.training import train_epoch
 
 __all__ = [
     "EvaluationProtocol",
@@ -274,9 +274,9 @@ def build_network(
     The global RNG state is restored afterwards (``torch.random.fork_rng``), so building a network
     does not disturb the caller's randomness.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        network = get_network(protocol.arch, dataset.channels, dataset.num_classes, tuple(dataset.image_size))
+    network = build_isolated(
+        lambda: get_network(protocol.arch, dataset.channels, dataset.num_classes, tuple(dataset.image_size)), seed
+    )
     return network.to(device) if device is not None else network
 
 
@@ -340,7 +340,6 @@ def train_network(
     """
     augmentation = augmentation if augmentation is not None else NoAugmentation()
     schedule = protocol.learning_rate_schedule()
-    n = images.shape[0]
 
     def make_optimizer(lr: float) -> torch.optim.Optimizer:
         return torch.optim.SGD(
@@ -350,15 +349,9 @@ def train_network(
     optimizer = make_optimizer(schedule[0])
     network.train()
     for epoch in range(len(schedule)):
-        order = torch.randperm(n, generator=generator, device=generator.device).to(images.device)
-        loss = images.new_zeros(())
-        for start in range(0, n, protocol.batch_size):
-            index = order[start : start + protocol.batch_size]
-            batch = augmentation(images[index], generator)
-            loss = F.cross_entropy(network(batch), labels[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        losses = train_epoch(network, optimizer, images, labels, protocol.batch_size, generator,
+                             augmentation=augmentation)
+        loss = losses[-1] if losses else images.new_zeros(())
         if epoch == protocol.decay_epoch and epoch + 1 < len(schedule):
             optimizer = make_optimizer(schedule[epoch + 1])
         if epoch_callback is not None:

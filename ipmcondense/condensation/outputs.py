@@ -14,7 +14,6 @@ A crash can never leave a half-written file under one of these names.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -22,6 +21,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from ipmcondense.files import atomic_torch_save, atomic_write
+from ipmcondense.files import atomic_write_json as _atomic_write_json
 
 __all__ = [
     "SYNTHETIC_FILE",
@@ -50,22 +52,6 @@ SYNTHETIC_FORMAT = "ipmcondense-synthetic-v1"
 CHECKPOINT_FORMAT = "ipmcondense-checkpoint-v1"
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, then atomically rename it to ``path``."""
-    path = Path(path)
-    tmp = _tmp(path)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _jsonable(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
@@ -84,14 +70,7 @@ def _jsonable(obj: Any) -> Any:
 
 def atomic_write_json(obj: Any, path: str | os.PathLike) -> None:
     """Write ``obj`` as indented JSON atomically (tensors/tuples converted, non-finite floats as strings)."""
-    path = Path(path)
-    tmp = _tmp(path)
-    try:
-        tmp.write_text(json.dumps(_jsonable(obj), indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    _atomic_write_json(_jsonable(obj), path)
 
 
 def save_image_grid(images: Tensor, ipc: int, path: str | os.PathLike, denormalise=None) -> None:
@@ -109,14 +88,7 @@ def save_image_grid(images: Tensor, ipc: int, path: str | os.PathLike, denormali
     if denormalise is not None:
         pixels = denormalise(pixels)
     pixels = pixels.clamp(0.0, 1.0)
-    path = Path(path)
-    tmp = _tmp(path)
-    try:
-        save_image(pixels, tmp, nrow=max(1, int(ipc)), padding=1, format="png")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(path, lambda handle: save_image(pixels, handle, nrow=max(1, int(ipc)), padding=1, format="png"))
 
 
 def synthetic_path(path: str | os.PathLike) -> Path:

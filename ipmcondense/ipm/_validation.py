@@ -152,3 +152,20 @@ def check_finite_scalar(value: Any, name: str) -> float:
     if not np.isfinite(v):
         raise ValueError(f"{name} must be finite, got {value!r}")
     return v
+
+
+def check_positive_int(value: Any, name: str, *, allow_zero: bool = False) -> int:
+    """Return ``value`` as an int if it is an integer (not a bool) ``>= 1`` (``>= 0`` when allowed)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < (0 if allow_zero else 1):
+        bound = "a non-negative" if allow_zero else "a positive"
+        raise ValueError(f"{name} must be {bound} integer, got {value!r}")
+    return int(value)
+
+
+def check_positive_number(value: Any, name: str, *, allow_zero: bool = False) -> float:
+    """Return ``value`` as a float if it is a real number (not a bool or NaN) ``> 0`` (``>= 0`` when allowed)."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating))
+            or value != value or value < 0 or (value == 0 and not allow_zero)):
+        bound = "a non-negative" if allow_zero else "a positive"
+        raise ValueError(f"{name} must be {bound} number, got {value!r}")
+    return float(value)

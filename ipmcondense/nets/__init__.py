@@ -14,8 +14,10 @@ Parameters are initialised by PyTorch's defaults, so ``torch.manual_seed`` (or a
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+import torch
 from torch import nn
 
 from ipmcondense.ipm._validation import check_choice
@@ -28,6 +30,8 @@ from ipmcondense.nets.resnet import BasicBlock, ResNet18
 __all__ = [
     "NETWORK_NAMES",
     "get_network",
+    "build_isolated",
+    "draw_seed",
     "ConvNet",
     "MLP",
     "LeNet",
@@ -87,3 +91,23 @@ def get_network(
     check_choice(key, NETWORK_NAMES, "network name")
     cls, defaults = _REGISTRY[key]
     return cls(channels, num_classes, image_size, **{**defaults, **kwargs})
+
+
+_Built = TypeVar("_Built")
+
+
+def draw_seed(generator: torch.Generator) -> int:
+    """A network seed in ``[0, 2**62)`` drawn from ``generator`` (one ``randint`` draw)."""
+    return int(torch.randint(0, 2**62, (1,), generator=generator))
+
+
+def build_isolated(build: Callable[[], _Built], seed: int | None = None) -> _Built:
+    """``build()`` under ``torch.manual_seed(seed)`` (or the current state if ``None``), global RNG restored.
+
+    The one way the library constructs seeded networks: the initialisation depends on ``seed`` only,
+    and the caller's global random state is the same afterwards (``torch.random.fork_rng``, CPU).
+    """
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(int(seed))
+        return build()

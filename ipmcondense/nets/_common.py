@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ipmcondense.ipm._validation import check_choice
+from ipmcondense.ipm._validation import check_positive_int, check_choice
 
 __all__ = [
     "NORM_NAMES",
@@ -26,24 +26,18 @@ NORM_NAMES = ("instancenorm", "batchnorm", "layernorm", "groupnorm", "none")
 ACTIVATION_NAMES = ("relu", "leakyrelu", "sigmoid", "swish")
 
 
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
 def check_geometry(
     channels: Any, num_classes: Any, image_size: Any
 ) -> tuple[int, int, tuple[int, int]]:
     """Validate the ``(channels, num_classes, image_size)`` triple that sizes every network."""
-    channels = _positive_int(channels, "channels")
-    num_classes = _positive_int(num_classes, "num_classes")
+    channels = check_positive_int(channels, "channels")
+    num_classes = check_positive_int(num_classes, "num_classes")
     if isinstance(image_size, int) and not isinstance(image_size, bool):
         image_size = (image_size, image_size)
     if not isinstance(image_size, Sequence) or len(image_size) != 2:
         raise ValueError(f"image_size must be a pair (height, width), got {image_size!r}")
-    height = _positive_int(image_size[0], "image_size[0] (height)")
-    width = _positive_int(image_size[1], "image_size[1] (width)")
+    height = check_positive_int(image_size[0], "image_size[0] (height)")
+    width = check_positive_int(image_size[1], "image_size[1] (width)")
     return channels, num_classes, (height, width)
 
 

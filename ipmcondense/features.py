@@ -30,9 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ipmcondense.components import Component, Registry, option
 from ipmcondense.ipm._validation import check_choice, check_positive
 
 __all__ = [
+    "FEATURE_MAPS",
     "FeatureBlock",
     "FeatureMap",
     "EmbeddingFeatures",
@@ -82,8 +84,10 @@ def segments_from_labels(labels: Tensor) -> list[slice]:
     return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-class FeatureMap(ABC):
-    """A map from a network and a batch of images to feature blocks."""
+class FeatureMap(Component, ABC):
+    """A map from a network and a batch of images to feature blocks (a component: ``name``, ``Options``)."""
+
+    kind = "feature map"
 
     #: whether gradients w.r.t. the network parameters are needed (then they must require grad)
     needs_parameter_gradients: bool = False
@@ -137,6 +141,11 @@ class LayerFeatures(FeatureMap):
 
     name = "layers"
 
+    @dataclass(frozen=True)
+    class Options:
+        layer_weights: tuple[float, ...] | None = option(None, "all ones; CAFE's row sets (0.1, 0.1, 1.0)")
+        embedding_weight: float = option(1.0, "CAFE: the embedding term at weight 1")
+
     def __init__(self, layer_weights: Sequence[float] | None = None, embedding_weight: float = 1.0) -> None:
         self.layer_weights = None if layer_weights is None else tuple(float(w) for w in layer_weights)
         self.embedding_weight = float(embedding_weight)
@@ -189,6 +198,16 @@ class AttentionFeatures(FeatureMap):
 
     name = "attention"
 
+    @dataclass(frozen=True)
+    class Options:
+        attention_power: float = option(1.0, "DataDAM main_DataDAM.py: attention map power p=1")
+        attention_weight: float = option(100.0, "DataDAM: attention loss weight 100")
+        embedding_weight: float = option(1.0, "DataDAM: 100 x task_balance 0.01")
+
+    @classmethod
+    def from_options(cls, options, **context):
+        return cls(options.attention_power, options.attention_weight, options.embedding_weight)
+
     def __init__(self, power: float = 1.0, attention_weight: float = 100.0, embedding_weight: float = 1.0) -> None:
         self.power = check_positive(power, "attention_power")
         self.attention_weight = float(attention_weight)
@@ -237,6 +256,14 @@ class GradientFeatures(FeatureMap):
 
     name = "gradients"
     needs_parameter_gradients = True
+
+    @dataclass(frozen=True)
+    class Options:
+        gradient_mode: str = option("mean", "DC: gradients of the class-mean loss")
+
+    @classmethod
+    def from_options(cls, options, **context):
+        return cls(options.gradient_mode)
 
     def __init__(self, mode: str = "mean") -> None:
         self.mode = check_choice(mode, ("mean", "per_sample"), "gradient mode")
@@ -314,22 +341,21 @@ class GradientFeatures(FeatureMap):
         ]
 
 
-FEATURE_MAP_NAMES = ("embedding", "layers", "attention", "gradients")
+#: Registry of feature maps (name -> class).
+FEATURE_MAPS: Registry = Registry("feature map")
+for _cls in (EmbeddingFeatures, LayerFeatures, AttentionFeatures, GradientFeatures):
+    FEATURE_MAPS.register(_cls)
+FEATURE_MAP_NAMES = FEATURE_MAPS.names
 
 
 def get_feature_map(name: str, **options) -> FeatureMap:
-    """Build a feature map by name (:data:`FEATURE_MAP_NAMES`) with its options.
+    """Build a feature map by name (:data:`FEATURE_MAP_NAMES`) with its constructor options.
 
     Options: ``layers``: ``layer_weights``, ``embedding_weight``; ``attention``: ``power``,
     ``attention_weight``, ``embedding_weight``; ``gradients``: ``mode`` (``"mean"`` | ``"per_sample"``).
+    (:meth:`~ipmcondense.components.Component.from_config` builds one from the flat hyperparameters.)
     """
-    check_choice(name, FEATURE_MAP_NAMES, "feature map")
-    cls = {
-        "embedding": EmbeddingFeatures,
-        "layers": LayerFeatures,
-        "attention": AttentionFeatures,
-        "gradients": GradientFeatures,
-    }[name]
+    cls = FEATURE_MAPS.get(name)
     try:
         return cls(**options)
     except TypeError as err:

@@ -4,7 +4,7 @@
 
     ipmcondense condense --method dm --dataset digits --ipc 10 --out runs/digits-dm-ipc10
     ipmcondense evaluate runs/digits-dm-ipc10 --models 3
-    ipmcondense condense --method dc --discrepancy mmd --sampler fresh --out runs/new-method
+    ipmcondense condense --method dc --discrepancy mmd2 --sampler fresh --out runs/new-method
     ipmcondense methods --json
     ipmcondense experts --dataset digits --arch convnet-d2 --n-experts 5 --epochs 20 --out buffers/digits
     ipmcondense condense --method mtt --experts buffers/digits --out runs/digits-mtt
@@ -34,9 +34,11 @@ def _override(text: str) -> tuple[str, Any]:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``condense``, ``evaluate`` and ``methods`` to the ``ipmcondense`` parser."""
-    from ipmcondense.condensation.discrepancies import DISCREPANCY_NAMES
-    from ipmcondense.condensation.recipes import METHOD_NAMES
+    from ipmcondense.condensation.discrepancies import DISCREPANCY_ALIASES, DISCREPANCY_NAMES
+    from ipmcondense.condensation.real_batches import REAL_BATCH_NAMES
+    from ipmcondense.condensation.recipes import AUGMENTATION_NAMES, METHOD_NAMES
     from ipmcondense.condensation.samplers import SAMPLER_NAMES
+    from ipmcondense.condensation.synthetic import SYNTHETIC_NAMES
     from ipmcondense.features import FEATURE_MAP_NAMES
 
     p = subparsers.add_parser(
@@ -58,9 +60,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-every", type=int, default=None, help="evaluate every N iterations")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--feature-map", choices=FEATURE_MAP_NAMES, default=None, help="replace the feature map")
-    p.add_argument("--discrepancy", choices=DISCREPANCY_NAMES, default=None, help="replace the discrepancy")
+    p.add_argument("--discrepancy", choices=(*DISCREPANCY_NAMES, *DISCREPANCY_ALIASES), default=None,
+                   metavar="{" + ",".join(DISCREPANCY_NAMES) + "}", help="replace the discrepancy")
     p.add_argument("--sampler", choices=SAMPLER_NAMES, default=None, help="replace the parameter sampler")
-    p.add_argument("--augmentation", choices=("dsa", "none"), default=None, help="replace the augmentation")
+    p.add_argument("--augmentation", choices=AUGMENTATION_NAMES, default=None, help="replace the augmentation")
+    p.add_argument("--synthetic", choices=SYNTHETIC_NAMES, default=None,
+                   help="how the synthetic set is parameterised (default: the recipe's, pixels)")
+    p.add_argument("--real-batches", choices=REAL_BATCH_NAMES, default=None,
+                   help="how real images are drawn each step (default: the recipe's, random)")
     p.add_argument("--lr-images", type=float, default=None)
     p.add_argument("--batch-real", type=int, default=None)
     p.add_argument("--init", default=None, help="real | noise | random | herding | kcenter | kmeans")
@@ -105,7 +112,8 @@ def run_condense(args: argparse.Namespace) -> int:
         args.method, args.dataset, args.ipc, out=args.out, iterations=args.iterations, seed=args.seed,
         data_root=args.data_root, resume=args.resume, overwrite=args.overwrite, device=args.device,
         progress=not args.no_progress, eval_every=args.eval_every, feature_map=args.feature_map,
-        discrepancy=args.discrepancy, sampler=args.sampler, augmentation=args.augmentation, **overrides,
+        discrepancy=args.discrepancy, sampler=args.sampler, augmentation=args.augmentation,
+        synthetic=args.synthetic, real_batches=args.real_batches, **overrides,
     )
     losses = result.metrics["loss_history"]
     summary = {
@@ -134,18 +142,29 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+_TABLE_COLUMNS = (
+    ("method", "name"), ("kind", "kind"), ("objective", "objective"), ("feature map", "feature_map"),
+    ("discrepancy", "discrepancy"), ("sampler", "sampler"), ("aug", "augmentation"), ("synthetic", "synthetic"),
+    ("real batches", "real_batches"), ("relation to an IPM", "relation_to_ipm"),
+)
+
+
 def methods_table() -> str:
-    """The recipe table as fixed-width text, one row per method."""
+    """The recipe table as fixed-width text, one row per method (``-``: the axis does not apply to the row)."""
     from ipmcondense.condensation.recipes import RECIPES
 
-    header = ("method", "feature map", "discrepancy", "sampler", "aug", "objective", "relation to an IPM")
-    rows = [header] + [
-        (r.name, r.feature_map if not r.is_selection else f"selection:{r.selection}", r.discrepancy, r.sampler,
-         r.augmentation, r.objective if not r.is_selection else "-", r.relation_to_ipm + (" + " + ",".join(r.extra_terms) if r.extra_terms else ""))
-        for r in RECIPES.values()
-    ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+    def cell(axes: dict, key: str) -> str:
+        value = axes.get(key)
+        if key == "relation_to_ipm" and axes["extra_terms"]:
+            return f"{value} + {','.join(axes['extra_terms'])}"
+        if key == "kind" and axes.get("selection"):
+            return f"selection:{axes['selection']}"
+        return "-" if value is None else str(value)
+
+    rows = [tuple(title for title, _ in _TABLE_COLUMNS)]
+    rows += [tuple(cell(r.axes(), key) for _, key in _TABLE_COLUMNS) for r in RECIPES.values()]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_TABLE_COLUMNS))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 
 
 def run_methods(args: argparse.Namespace) -> int:

@@ -6,8 +6,8 @@
     result = condense("dm", "digits", ipc=10, out="runs/digits-dm-ipc10")
     print(evaluate("runs/digits-dm-ipc10", models=3)["accuracy_mean"])
 
-    condense("dm", "digits", discrepancy="mmd")           # M3D by composition
-    condense("dc", "digits", discrepancy="mmd", sampler="fresh", gradient_mode="per_sample")
+    condense("dm", "digits", discrepancy="mmd2")           # M3D by composition
+    condense("dc", "digits", discrepancy="mmd2", sampler="fresh", gradient_mode="per_sample")
 
 Everything is validated (method, axes, dataset, data root, architecture, IPC, hyperparameters,
 device, checkpoint) before the output folder is created, and every file is written atomically, so a
@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ipmcondense import __version__
-from ipmcondense.ipm._validation import check_choice
+from ipmcondense._version import __version__
+from ipmcondense.ipm._validation import check_choice, check_positive_int
 
 from .engine import CondensationEngine
 from .outputs import (
@@ -45,8 +45,8 @@ from .outputs import (
     synthetic_path,
 )
 from .objectives import get_objective_class
-from .recipes import COMMON_DEFAULTS, Recipe, compose_recipe, resolve_config
-from .synthetic import INIT_CHOICES, initial_images
+from .recipes import COMMON_DEFAULTS, MatchingRecipe, Recipe, compose_recipe, resolve_config
+from .synthetic import INIT_CHOICES, build_synthetic_set, initial_images
 
 __all__ = ["condense", "evaluate", "CondensationResult", "load_dataset_checked"]
 
@@ -105,9 +105,7 @@ def load_dataset_checked(dataset: Any, data_root: str | os.PathLike | None) -> A
 
 
 def _positive_int(value: Any, name: str, *, allow_zero: bool = False) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
-        bound = "a non-negative" if allow_zero else "a positive"
-        raise ValueError(f"{name} must be {bound} integer, got {value!r}")
+    check_positive_int(value, name, allow_zero=allow_zero)
     return value
 
 
@@ -128,7 +126,7 @@ def _check_config(config: dict[str, Any], recipe: Recipe, dataset: Any, ipc: int
         raise TypeError(f"arch must be a network name, got {type(config['arch']).__name__}")
     with torch.random.fork_rng(devices=[]):
         net = get_network(config["arch"], dataset.channels, dataset.num_classes, dataset.image_size)
-    if not recipe.is_selection and recipe.feature_map in ("layers", "attention") and not hasattr(net, "layer_features"):
+    if isinstance(recipe, MatchingRecipe) and recipe.feature_map in ("layers", "attention") and not hasattr(net, "layer_features"):
         raise ValueError(f"feature map {recipe.feature_map!r} needs an arch with layer_features, got {config['arch']!r}")
     counts = torch.bincount(dataset.train_labels.cpu(), minlength=dataset.num_classes)
     smallest = int(counts.min())
@@ -201,6 +199,8 @@ def condense(
     discrepancy: str | None = None,
     sampler: str | None = None,
     augmentation: str | None = None,
+    synthetic: str | None = None,
+    real_batches: str | None = None,
     **overrides: Any,
 ) -> CondensationResult:
     r"""Condense ``dataset`` to ``ipc`` images per class with the recipe ``method``.
@@ -226,6 +226,10 @@ def condense(
         progress: tqdm progress bar on stderr.
         eval_every: evaluate every N iterations (``eval_models`` models, ``eval_epochs`` epochs).
         feature_map, discrepancy, sampler, augmentation: replace axes of ``method`` (free composition).
+        synthetic: the parameterisation of S (:data:`~ipmcondense.condensation.synthetic.SYNTHETIC_NAMES`,
+            default the row's, ``"pixels"``).
+        real_batches: how real images are drawn per step
+            (:data:`~ipmcondense.condensation.real_batches.REAL_BATCH_NAMES`, default the row's, ``"random"``).
         **overrides: hyperparameters (:data:`ipmcondense.condensation.recipes.HYPERPARAMETER_KEYS`), e.g.
             ``lr_images``, ``batch_real``, ``init``, ``arch``, ``inner_loop``, ``bandwidth``.
 
@@ -239,7 +243,8 @@ def condense(
     if not isinstance(method, str):
         raise TypeError(f"method must be a recipe name, got {type(method).__name__}")
     recipe = compose_recipe(method.lower().strip(), feature_map=feature_map, discrepancy=discrepancy,
-                            sampler=sampler, augmentation=augmentation)
+                            sampler=sampler, augmentation=augmentation, synthetic=synthetic,
+                            real_batches=real_batches)
     ipc = _positive_int(ipc, "ipc")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
@@ -265,12 +270,8 @@ def condense(
 
     init_generator = torch.Generator().manual_seed(int(seed) + 7919)
     images, labels = initial_images(ds, ipc, config["init"], init_generator, seed=seed, arch=config["arch"])
-    if objective is None:
-        from .synthetic import PixelSet
-
-        synthetic = PixelSet(images, labels, ds.num_classes).to(dev)
-    else:
-        synthetic = objective.build_synthetic(images, labels, ds, config).to(dev)
+    extras = None if objective is None else objective.synthetic_extras(images, labels, ds, config)
+    synthetic_set = build_synthetic_set(recipe.synthetic, images, labels, ds.num_classes, config, extras).to(dev)
 
     created = out_path is not None and not out_path.exists()
     if out_path is not None:
@@ -280,8 +281,8 @@ def condense(
                     (out_path / name).unlink()
         out_path.mkdir(parents=True, exist_ok=True)
     try:
-        history = _optimise(recipe, full_config, ds, synthetic, seed, dev, out_path, progress, checkpoint)
-        return _finish(recipe, full_config, ds, synthetic, history, out_path, time.perf_counter() - start, dev)
+        history = _optimise(recipe, full_config, ds, synthetic_set, seed, dev, out_path, progress, checkpoint)
+        return _finish(recipe, full_config, ds, synthetic_set, history, out_path, time.perf_counter() - start, dev)
     except BaseException:
         # a run that failed before its first checkpoint leaves no folder behind
         if created and out_path.exists() and not any(out_path.iterdir()):
@@ -357,7 +358,8 @@ def _finish(recipe, config, ds, synthetic, history, out_path, seconds, dev) -> C
             {
                 "format": SYNTHETIC_FORMAT, "images": images, "labels": labels, "training_labels": training_labels,
                 "learning_rate": lr, "config": config, "recipe": recipe.axes(), "dataset": ds.name,
-                "ipc": config["ipc"], "version": __version__,
+                "ipc": config["ipc"], "version": __version__, "synthetic": recipe.synthetic,
+                "stored": {k: v.detach().cpu().clone() for k, v in synthetic.state_dict().items()},
             },
             out_path / SYNTHETIC_FILE,
         )

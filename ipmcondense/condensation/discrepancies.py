@@ -22,13 +22,13 @@ live at the end of this module and are added to the loss with their weights.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from ipmcondense.ipm._validation import check_choice
+from ipmcondense.components import Component, Registry, option
 
 __all__ = [
     "Discrepancy",
@@ -38,13 +38,11 @@ __all__ = [
     "SlicedWassersteinDiscrepancy",
     "GradientMSEDiscrepancy",
     "GradientCosineDiscrepancy",
+    "DISCREPANCIES",
     "DISCREPANCY_NAMES",
+    "DISCREPANCY_ALIASES",
+    "canonical_discrepancy_name",
     "get_discrepancy",
-    "ExtraTerm",
-    "SyntheticCrossEntropy",
-    "PrototypeDiscrimination",
-    "EXTRA_TERM_NAMES",
-    "get_extra_term",
     "class_means",
 ]
 
@@ -54,8 +52,10 @@ def class_means(values: Tensor, segments: Sequence[slice]) -> Tensor:
     return torch.stack([values[s].mean(dim=0) for s in segments])
 
 
-class Discrepancy(ABC):
-    """A differentiable discrepancy between two point clouds of features."""
+class Discrepancy(Component, ABC):
+    """A differentiable discrepancy between two point clouds of features (a component: ``name``, ``Options``)."""
+
+    kind = "discrepancy"
 
     name: str = ""
     #: one of "exact IPM", "normalised variant", "approximation / not an IPM"
@@ -100,8 +100,13 @@ class GaussianMMDDiscrepancy(Discrepancy):
         estimator: ``"biased"`` | ``"unbiased"`` | ``"linear"``.
     """
 
-    name = "mmd"
+    name = "mmd2"
     relation_to_ipm = "exact IPM"
+
+    @dataclass(frozen=True)
+    class Options:
+        bandwidth: float | str = option("median", "median heuristic of the pooled sample (M3D: median)")
+        estimator: str = option("biased", "V-statistic: non-negative, defined at one image per class")
 
     def __init__(self, bandwidth: float | str = "median", estimator: str = "biased", kernel: str = "gaussian") -> None:
         self.bandwidth = bandwidth
@@ -127,6 +132,10 @@ class SinkhornDiscrepancy(Discrepancy):
     name = "sinkhorn"
     relation_to_ipm = "approximation / not an IPM"
 
+    @dataclass(frozen=True)
+    class Options:
+        blur: float = option(0.05, "geomloss default blur")
+
     def __init__(self, p: int = 2, blur: float = 0.05, scaling: float = 0.5) -> None:
         self.p, self.blur, self.scaling = p, blur, scaling
 
@@ -148,6 +157,10 @@ class SlicedWassersteinDiscrepancy(Discrepancy):
 
     name = "sliced"
     relation_to_ipm = "approximation / not an IPM"
+
+    @dataclass(frozen=True)
+    class Options:
+        n_projections: int = option(200, "sliced Wasserstein: 200 random directions")
 
     def __init__(self, n_projections: int = 200, p: int = 2) -> None:
         self.n_projections, self.p = n_projections, p
@@ -204,100 +217,33 @@ class GradientCosineDiscrepancy(Discrepancy):
         return (1.0 - cos).sum()
 
 
-DISCREPANCY_NAMES = ("mean_embedding", "mmd", "sinkhorn", "sliced", "gradient_mse", "gradient_cosine")
+#: Registry of discrepancies (name -> class).
+DISCREPANCIES: Registry = Registry("discrepancy")
+for _cls in (MeanEmbeddingDiscrepancy, GaussianMMDDiscrepancy, SinkhornDiscrepancy, SlicedWassersteinDiscrepancy,
+             GradientMSEDiscrepancy, GradientCosineDiscrepancy):
+    DISCREPANCIES.register(_cls)
+DISCREPANCY_NAMES = DISCREPANCIES.names
 
-_DISCREPANCIES = {
-    "mean_embedding": MeanEmbeddingDiscrepancy,
-    "mmd": GaussianMMDDiscrepancy,
-    "sinkhorn": SinkhornDiscrepancy,
-    "sliced": SlicedWassersteinDiscrepancy,
-    "gradient_mse": GradientMSEDiscrepancy,
-    "gradient_cosine": GradientCosineDiscrepancy,
-}
+#: Old spellings still accepted (with a ``DeprecationWarning``): ``"mmd"`` computed MMD^2, so it is ``"mmd2"``.
+DISCREPANCY_ALIASES = {"mmd": "mmd2"}
+
+
+def canonical_discrepancy_name(name: str) -> str:
+    """``name`` with deprecated aliases replaced (``"mmd"`` -> ``"mmd2"``, warned)."""
+    if isinstance(name, str) and name in DISCREPANCY_ALIASES:
+        import warnings
+
+        new = DISCREPANCY_ALIASES[name]
+        warnings.warn(f"discrepancy {name!r} is now called {new!r} (it computes the squared MMD)",
+                      DeprecationWarning, stacklevel=3)
+        return new
+    return name
 
 
 def get_discrepancy(name: str, **options) -> Discrepancy:
-    """Build a discrepancy by name (:data:`DISCREPANCY_NAMES`) with its options."""
-    check_choice(name, DISCREPANCY_NAMES, "discrepancy")
+    """Build a discrepancy by name (:data:`DISCREPANCY_NAMES`) with its constructor options."""
+    cls = DISCREPANCIES.get(canonical_discrepancy_name(name))
     try:
-        return _DISCREPANCIES[name](**options)
+        return cls(**options)
     except TypeError as err:
         raise TypeError(f"bad options for discrepancy {name!r}: {err}") from err
-
-
-# ----------------------------------------------------------------------------------------------
-# Extra terms: not IPMs, added to the matching loss with a weight.
-
-
-class ExtraTerm(ABC):
-    """A regulariser added to a recipe's matching loss (it is not an IPM)."""
-
-    name: str = ""
-
-    def __init__(self, weight: float) -> None:
-        self.weight = float(weight)
-
-    @abstractmethod
-    def __call__(
-        self,
-        net: nn.Module,
-        real_images: Tensor,
-        real_labels: Tensor,
-        synthetic_images: Tensor,
-        synthetic_labels: Tensor,
-        real_segments: Sequence[slice],
-        synthetic_segments: Sequence[slice],
-    ) -> Tensor:
-        """The weighted term, a 0-d tensor differentiable w.r.t. the synthetic images."""
-
-
-class SyntheticCrossEntropy(ExtraTerm):
-    r"""IDM's term :math:`w \cdot \text{acc}_\theta(T) \cdot \sum_c \text{CE}(f_\theta(S_c), c)`.
-
-    ``acc`` is the network's accuracy on the real batch (no gradient): a partly trained network's
-    logits are trusted in proportion to its accuracy. Cost: one forward pass of each side.
-    """
-
-    name = "synthetic_ce"
-
-    def __call__(self, net, real_images, real_labels, synthetic_images, synthetic_labels, real_segments, synthetic_segments):
-        with torch.no_grad():
-            acc = (net(real_images).argmax(dim=1) == real_labels).float().mean()
-        logits = net(synthetic_images)
-        ce = logits.new_zeros(())
-        for s in synthetic_segments:
-            ce = ce + F.cross_entropy(logits[s], synthetic_labels[s])
-        return self.weight * acc * ce
-
-
-class PrototypeDiscrimination(ExtraTerm):
-    r"""CAFE's discrimination term :math:`w \cdot \sum_i \text{CE}(\langle e(t_i), \bar e(S_c)\rangle_c, y_i)`.
-
-    Real embeddings are classified by the synthetic class-mean embeddings (prototypes) with a
-    summed cross-entropy; the gradient reaches S through the prototypes. Cost: two forward passes
-    (the real one without a graph) and a ``(B, n_classes)`` product.
-    """
-
-    name = "prototype_discrimination"
-
-    def __call__(self, net, real_images, real_labels, synthetic_images, synthetic_labels, real_segments, synthetic_segments):
-        with torch.no_grad():
-            real_emb = net.embed(real_images)
-        protos = class_means(net.embed(synthetic_images), synthetic_segments)
-        classes = torch.stack([synthetic_labels[s][0] for s in synthetic_segments])
-        logits = real_emb @ protos.t()
-        # map real labels to prototype positions
-        position = torch.full((int(classes.max()) + 1,), -1, dtype=torch.long, device=classes.device)
-        position[classes] = torch.arange(classes.numel(), device=classes.device)
-        targets = position[real_labels]
-        keep = targets >= 0
-        return self.weight * F.cross_entropy(logits[keep], targets[keep], reduction="sum")
-
-
-EXTRA_TERM_NAMES = ("synthetic_ce", "prototype_discrimination")
-
-
-def get_extra_term(name: str, weight: float) -> ExtraTerm:
-    """Build an extra term by name (:data:`EXTRA_TERM_NAMES`) with its weight."""
-    check_choice(name, EXTRA_TERM_NAMES, "extra term")
-    return {"synthetic_ce": SyntheticCrossEntropy, "prototype_discrimination": PrototypeDiscrimination}[name](weight)

@@ -7,7 +7,8 @@ step (``optimizer_images``: SGD with momentum ``momentum_images``, or Adam; step
 the synthetic set's parameters, its learnable extras and the objective's own parameters (each group
 with its own step). For the ``"matching"`` objective one step is:
 
-1. sample a class-balanced real batch ``T`` (``batch_real`` images per class, class-blocked);
+1. draw a class-balanced real batch ``T`` from the row's ``real_batches`` selector (``batch_real`` images
+   per class, class-blocked);
 2. draw ONE siamese augmentation per class and apply it to that class's real and synthetic images;
 3. compute the features of *all classes in one forward pass* per side (``class_batching=True``;
    ``False`` runs the reference's per-class loop, same value) and the loss
@@ -39,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ipmcondense import __version__
+from ipmcondense._version import __version__
 
 from .matching import (
     MatchingLoss,
@@ -52,8 +53,9 @@ from .matching import (
 )
 from .objectives import Objective, ObjectiveContext, get_objective_class
 from .outputs import CHECKPOINT_FILE, CHECKPOINT_FORMAT, atomic_torch_save
+from .real_batches import RealBatchSelector, build_real_batches
 from .recipes import Recipe
-from .samplers import ParameterSampler, SamplerContext, get_sampler
+from .samplers import SAMPLERS, ParameterSampler, SamplerContext
 from .synthetic import SyntheticSet
 
 __all__ = [
@@ -64,6 +66,7 @@ __all__ = [
     "build_discrepancy",
     "build_extra_terms",
     "build_sampler",
+    "build_real_batch_selector",
     "build_augmentation",
     "build_objective",
     "build_optimizer",
@@ -73,10 +76,21 @@ __all__ = [
 
 
 def build_sampler(recipe: Recipe, config: dict[str, Any], ipc: int) -> ParameterSampler:
-    """The recipe's parameter sampler (``"-"``: the objective draws nothing from a sampler)."""
-    keys = ("outer_loop", "inner_loop", "lr_net", "batch_train", "pool_size", "generate_interval", "fetch",
-            "train_steps", "lr_pool", "batch_pool")
-    return get_sampler("none" if recipe.sampler == "-" else recipe.sampler, ipc=ipc, **{k: config[k] for k in keys})
+    """The row's parameter sampler (options from the flat hyperparameters; ``ipc`` for DC's loop table)."""
+    return SAMPLERS.get(recipe.sampler).from_config(config, ipc=ipc)
+
+
+def build_real_batch_selector(recipe: Recipe, config: dict[str, Any], dataset: Any, generator: torch.Generator,
+                              device: torch.device) -> RealBatchSelector:
+    """The row's real-batch selector over the dataset's training images on ``device``.
+
+    A row that draws no real batches itself (``real_batches=None``, e.g. MTT) still gets the ``random``
+    selector, for samplers that train networks on real data; it draws nothing unless asked.
+    """
+    name = recipe.real_batches or "random"
+    return build_real_batches(name, config, images=dataset.train_images.to(device),
+                              labels=dataset.train_labels.to(device), num_classes=dataset.num_classes,
+                              generator=generator)
 
 
 def build_objective(ctx: ObjectiveContext) -> Objective:
@@ -148,8 +162,6 @@ class CondensationEngine:
         progress: bool = True,
         evaluate: Callable[[Tensor, Tensor], dict[str, Any]] | None = None,
     ) -> None:
-        from ipmcondense.data import ClassBalancedSampler
-
         self.recipe, self.config, self.dataset = recipe, config, dataset
         self.synthetic = synthetic
         self.device = device
@@ -158,12 +170,10 @@ class CondensationEngine:
         self.generator.manual_seed(int(seed))
         self.sampler = build_sampler(recipe, config, synthetic.ipc)
         self.augmentation = build_augmentation(recipe, dataset)
-        self.real_sampler = ClassBalancedSampler(
-            dataset.train_images.to(device), dataset.train_labels.to(device), dataset.num_classes, self.generator
-        )
+        self.real_batches = build_real_batch_selector(recipe, config, dataset, self.generator, device)
         self.objective = build_objective(ObjectiveContext(
             recipe=recipe, config=config, dataset=dataset, synthetic=synthetic, generator=self.generator,
-            device=device, real_sampler=self.real_sampler, augmentation=self.augmentation,
+            device=device, real_batches=self.real_batches, augmentation=self.augmentation,
             build_network=build_network,
         ))
         # the matching objective's feature map / discrepancy / extra terms (None for other objectives)
@@ -174,7 +184,7 @@ class CondensationEngine:
             build_network=build_network,
             device=device,
             generator=self.generator,
-            real_sampler=self.real_sampler,
+            real_batches=self.real_batches,
             augmentation=self.augmentation,
             synthetic=lambda: (self.synthetic.images().detach(), self.synthetic.labels),
             parameter_gradients=bool(self.feature_map is not None and self.feature_map.needs_parameter_gradients),
@@ -248,6 +258,7 @@ class CondensationEngine:
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
             "sampler": self.sampler.state_dict(),
+            "real_batches": self.real_batches.state_dict(),
             "objective": self.objective.state_dict(),
             "history": self.history.state_dict(),
             "config": dict(self.config),
@@ -259,6 +270,7 @@ class CondensationEngine:
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.sampler.load_state_dict(state["sampler"], self.context)
+        self.real_batches.load_state_dict(state.get("real_batches", {}))
         self.objective.load_state_dict(state.get("objective", {}))
         self.history = EngineHistory.from_state(state["history"])
         self.iteration = int(state["iteration"])

@@ -3,7 +3,7 @@ r"""The matching loss of the feature-matching recipes (DM, DC, DSA, CAFE, ...) a
 :math:`L(S) = \sum_c \sum_b w_b D(\phi^b_\theta(A_c(T_c)), \phi^b_\theta(A_c(S_c)))` plus the recipe's extra
 terms, for class-blocked real and synthetic batches, and the siamese augmentation that draws one
 augmentation per class for both sides. Used by the ``"matching"`` objective
-(:class:`ipmcondense.condensation.objectives.MatchingObjective`); re-exported by
+(:class:`ipmcondense.condensation.objectives.matching.MatchingObjective`); re-exported by
 :mod:`ipmcondense.condensation.engine`.
 """
 
@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from ipmcondense.features import FeatureMap, get_feature_map, segments_from_labels
+from ipmcondense.features import FEATURE_MAPS, FeatureMap, segments_from_labels
 
-from .discrepancies import Discrepancy, ExtraTerm, get_discrepancy, get_extra_term
+from .discrepancies import DISCREPANCIES, Discrepancy
+from .extra_terms import EXTRA_TERMS, ExtraTerm
 
 if TYPE_CHECKING:
     from .recipes import Recipe
@@ -130,36 +131,18 @@ def siamese_augment(
 
 
 def build_feature_map(recipe: Recipe, config: dict[str, Any]) -> FeatureMap:
-    name = recipe.feature_map
-    options: dict[str, Any] = {}
-    if name == "layers":
-        options = {"layer_weights": config["layer_weights"], "embedding_weight": config["embedding_weight"]}
-    elif name == "attention":
-        options = {
-            "power": config["attention_power"],
-            "attention_weight": config["attention_weight"],
-            "embedding_weight": config["embedding_weight"],
-        }
-    elif name == "gradients":
-        options = {"mode": config["gradient_mode"]}
-    return get_feature_map(name, **options)
+    """The row's feature map, options from the flat hyperparameters."""
+    return FEATURE_MAPS.get(recipe.feature_map).from_config(config)
 
 
 def build_discrepancy(recipe: Recipe, config: dict[str, Any]) -> Discrepancy:
-    name = recipe.discrepancy
-    options: dict[str, Any] = {}
-    if name == "mmd":
-        options = {"bandwidth": config["bandwidth"], "estimator": config["estimator"]}
-    elif name == "sinkhorn":
-        options = {"blur": config["blur"]}
-    elif name == "sliced":
-        options = {"n_projections": config["n_projections"]}
-    return get_discrepancy(name, **options)
+    """The row's discrepancy, options from the flat hyperparameters."""
+    return DISCREPANCIES.get(recipe.discrepancy).from_config(config)
 
 
 def build_extra_terms(recipe: Recipe, config: dict[str, Any]) -> list[ExtraTerm]:
-    weight_key = {"synthetic_ce": "ce_weight", "prototype_discrimination": "inner_weight"}
-    return [get_extra_term(name, config[weight_key[name]]) for name in recipe.extra_terms]
+    """The row's extra terms (weights from the flat hyperparameters)."""
+    return [EXTRA_TERMS.get(name).from_config(config) for name in recipe.extra_terms]
 
 
 def build_augmentation(recipe: Recipe, dataset: Any) -> Any:

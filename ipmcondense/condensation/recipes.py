@@ -1,18 +1,24 @@
 r"""The method registry: every condensation method is one row of one table.
 
-A recipe chooses one value on each of the three axes of the outer loss
+A row is one of three kinds (a tagged union):
 
-.. math:: L(S) = E_{\theta \sim \text{sampler}} \sum_c D\big(\phi_\theta(A(S_c)), \phi_\theta(A(T_c))\big)
+* :class:`MatchingRecipe`: the outer loss
+  :math:`L(S) = E_{\theta \sim \text{sampler}} \sum_c D\big(\phi_\theta(A(S_c)), \phi_\theta(A(T_c))\big)`
+  with a feature map :math:`\phi`, a discrepancy :math:`D`, a parameter sampler, optional extra (non-IPM)
+  terms and the siamese augmentation ``A`` (DM, M3D, DC, DSA, CAFE, DataDAM, IDM, LCMat, ...);
+* :class:`ObjectiveRecipe`: a non-matching objective (trajectory matching, kernel ridge regression,
+  bilevel) with the sampler it draws networks from (MTT, KIP, RFAD, DD, RCIG);
+* :class:`SelectionRecipe`: a selection baseline (random, herding, k-center) through the same pipeline.
 
-(feature map :math:`\phi`, discrepancy :math:`D`, parameter sampler), plus the augmentation ``A``
-(``"dsa"``: differentiable siamese augmentation; ``"none"``), the parameterisation of S, optional
-extra (non-IPM) terms, its relation to an IPM, and its reference hyperparameters. Selection
-baselines (random, herding, k-center) are rows too: they go through the same pipeline and write
-the same outputs.
+Every row also names its ``synthetic`` parameterisation (how S is stored and decoded) and its
+``real_batches`` selector (how real images are drawn per step), its relation to an IPM with a one-sentence
+reason, its reference hyperparameters and their source. Every axis is a registered component
+(:mod:`ipmcondense.components`); :func:`compose_recipe` swaps any of them without new code.
 
 Hyperparameters are resolved as ``COMMON_DEFAULTS | DATASET_DEFAULTS[dataset] | recipe.defaults
 | DATASET_BUDGETS[dataset][recipe] | DATASET_IPC_BUDGETS[dataset][recipe][ipc] | user overrides``
-(:func:`resolve_config`).
+(:func:`resolve_config`); :data:`COMMON_DEFAULTS` is derived from the components' options
+(:mod:`ipmcondense.condensation.config`).
 """
 
 from __future__ import annotations
@@ -20,17 +26,24 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Any
+from typing import Any, ClassVar
 
-from ipmcondense.features import FEATURE_MAP_NAMES
+from ipmcondense.features import FEATURE_MAPS
 from ipmcondense.ipm._validation import check_choice
 
-from .discrepancies import DISCREPANCY_NAMES, EXTRA_TERM_NAMES, get_discrepancy
-from .objectives import OBJECTIVE_NAMES
-from .samplers import SAMPLER_NAMES
+from .config import COMMON_DEFAULTS, HYPERPARAMETER_KEYS
+from .discrepancies import DISCREPANCIES, canonical_discrepancy_name
+from .extra_terms import EXTRA_TERMS
+from .objectives import OBJECTIVES
+from .real_batches import REAL_BATCH_SELECTORS
+from .samplers import SAMPLERS
+from .synthetic import SYNTHETIC_SETS
 
 __all__ = [
     "Recipe",
+    "MatchingRecipe",
+    "ObjectiveRecipe",
+    "SelectionRecipe",
     "RECIPES",
     "METHOD_NAMES",
     "COMMON_DEFAULTS",
@@ -38,7 +51,9 @@ __all__ = [
     "DATASET_IPC_BUDGETS",
     "DATASET_DEFAULTS",
     "HYPERPARAMETER_KEYS",
+    "AUGMENTATION_NAMES",
     "get_recipe",
+    "register_recipe",
     "compose_recipe",
     "resolve_config",
     "EXACT",
@@ -53,43 +68,37 @@ NORMALISED = "normalised variant"
 APPROXIMATE = "approximation / not an IPM"
 FIRST_ORDER = "first-order approximation"
 NOT_AN_IPM = "not an IPM"
+RELATIONS = (EXACT, NORMALISED, APPROXIMATE, FIRST_ORDER, NOT_AN_IPM)
+AUGMENTATION_NAMES = ("dsa", "none")
+SELECTION_NAMES = ("random", "herding", "kcenter")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Recipe:
-    """One condensation method as a choice on the three axes.
+    """What every row has (see the module docstring for the three kinds).
 
     Attributes:
         name: registry key (the paper's short name, lower case).
-        feature_map: a :data:`ipmcondense.features.FEATURE_MAP_NAMES` entry (``"-"`` for selection).
-        discrepancy: a :data:`DISCREPANCY_NAMES` entry (``"-"`` for selection).
-        sampler: a :data:`SAMPLER_NAMES` entry (``"-"`` for selection).
-        augmentation: ``"dsa"`` or ``"none"`` (siamese, inside the loss).
         relation_to_ipm: :data:`EXACT`, :data:`NORMALISED`, :data:`APPROXIMATE`, :data:`FIRST_ORDER` or :data:`NOT_AN_IPM`.
         why: one sentence justifying ``relation_to_ipm``.
         defaults: reference hyperparameters (override :data:`COMMON_DEFAULTS`).
-        parameterisation: how S is stored (``"pixels"``).
-        extra_terms: names of non-IPM terms added to the loss (weights in ``defaults``).
-        selection: for baselines, the :mod:`ipmcondense.selection` strategy; ``None`` for optimised recipes.
-        source: where the reference hyperparameters come from.
-        objective: what one step minimises (:data:`ipmcondense.condensation.objectives.OBJECTIVE_NAMES`):
-            ``"matching"`` (the three axes above) or a non-matching objective (``"mtt"``, ``"kip"``,
-            ``"rfad"``, ``"dd"``, ``"rcig"``), whose unused axes are ``"-"``.
+        source: where the reference hyperparameters come from (and what the row was compared against).
+        augmentation: ``"dsa"`` (siamese, inside the loss) or ``"none"``.
+        synthetic: the synthetic-set parameterisation (:data:`~ipmcondense.condensation.synthetic.SYNTHETIC_NAMES`).
+        real_batches: the real-batch selector (:data:`~ipmcondense.condensation.real_batches.REAL_BATCH_NAMES`),
+            ``None`` where the row draws no real batches.
     """
 
+    kind: ClassVar[str] = ""
+
     name: str
-    feature_map: str
-    discrepancy: str
-    sampler: str
-    augmentation: str
     relation_to_ipm: str
     why: str
     defaults: Mapping[str, Any] = field(default_factory=dict)
-    parameterisation: str = "pixels"
-    extra_terms: tuple[str, ...] = ()
-    selection: str | None = None
     source: str = ""
-    objective: str = "matching"
+    augmentation: str = "none"
+    synthetic: str = "pixels"
+    real_batches: str | None = "random"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
@@ -97,43 +106,33 @@ class Recipe:
 
     @property
     def is_selection(self) -> bool:
-        return self.selection is not None
+        return False
 
     def validate(self) -> None:
-        """Check the axes are known and compatible; raise ``ValueError`` naming the bad one."""
-        check_choice(self.augmentation, ("dsa", "none"), "augmentation")
-        check_choice(self.relation_to_ipm, (EXACT, NORMALISED, APPROXIMATE, FIRST_ORDER, NOT_AN_IPM), "relation_to_ipm")
-        if self.is_selection:
-            return
-        check_choice(self.objective, OBJECTIVE_NAMES, "objective")
-        if self.objective != "matching":
-            check_choice(self.sampler, (*SAMPLER_NAMES, "-"), "sampler")
-            return
-        if self.sampler == "none":
-            raise ValueError("the matching objective needs networks: sampler 'none' draws none")
-        check_choice(self.feature_map, FEATURE_MAP_NAMES, "feature map")
-        check_choice(self.discrepancy, DISCREPANCY_NAMES, "discrepancy")
-        check_choice(self.sampler, SAMPLER_NAMES, "sampler")
-        for term in self.extra_terms:
-            check_choice(term, EXTRA_TERM_NAMES, "extra term")
-        if get_discrepancy(self.discrepancy).needs_gradient_features and self.feature_map != "gradients":
-            raise ValueError(
-                f"discrepancy {self.discrepancy!r} compares parameter gradients: it needs feature map "
-                f"'gradients', got {self.feature_map!r}"
-            )
+        """Check the row's names; raise ``ValueError`` naming the bad axis."""
+        check_choice(self.augmentation, AUGMENTATION_NAMES, "augmentation")
+        check_choice(self.relation_to_ipm, RELATIONS, "relation_to_ipm")
+        SYNTHETIC_SETS.get(self.synthetic)
+        if self.real_batches is not None:
+            REAL_BATCH_SELECTORS.get(self.real_batches)
+        unknown = sorted(set(self.defaults) - set(HYPERPARAMETER_KEYS))
+        if unknown:
+            raise ValueError(f"recipe {self.name!r} has unknown hyperparameter default(s) {unknown}")
 
     def axes(self) -> dict[str, Any]:
-        """The row as a plain dict (for ``ipmcondense methods --json`` and saved configs)."""
+        """The row as a plain dict (``ipmcondense methods --json`` and saved configs); ``None`` = not applicable."""
         return {
             "name": self.name,
-            "feature_map": self.feature_map,
-            "discrepancy": self.discrepancy,
-            "sampler": self.sampler,
+            "kind": self.kind,
+            "objective": getattr(self, "objective", None),
+            "feature_map": getattr(self, "feature_map", None),
+            "discrepancy": getattr(self, "discrepancy", None),
+            "sampler": getattr(self, "sampler", None),
+            "extra_terms": list(getattr(self, "extra_terms", ())),
+            "selection": getattr(self, "selection", None),
             "augmentation": self.augmentation,
-            "objective": self.objective,
-            "parameterisation": self.parameterisation,
-            "extra_terms": list(self.extra_terms),
-            "selection": self.selection,
+            "synthetic": self.synthetic,
+            "real_batches": self.real_batches,
             "relation_to_ipm": self.relation_to_ipm,
             "why": self.why,
             "defaults": dict(self.defaults),
@@ -141,133 +140,195 @@ class Recipe:
         }
 
 
-# Hyperparameters every recipe has (reference values of VICO-UoE DC/DSA/DM, methods.md §1-2.4).
-COMMON_DEFAULTS: Mapping[str, Any] = MappingProxyType({
-    "arch": "convnet",           # the network of the feature map and of the evaluation
-    "iterations": 1000,          # outer iterations (fresh_inner: each takes outer_loop image steps)
-    "lr_images": 0.1,            # SGD on S
-    "momentum_images": 0.5,
-    "batch_real": 256,           # real images per class per step
-    "init": "real",              # real | noise | random | herding | kcenter | kmeans
-    "lr_decay_at": (),           # fractions of `iterations` where lr_images is multiplied by lr_decay
-    "lr_decay": 0.5,
-    "class_batching": True,      # one forward pass for all classes where the recipe allows
-    "checkpoint_every": 0,       # 0: 20 checkpoints per run (and always the last iteration)
-    "eval_every": 0,             # 0: no evaluation during condensation
-    "eval_models": 1,
-    "eval_epochs": None,         # None: protocol default (1000 with DSA)
-    # feature-map options
-    "layer_weights": None, "embedding_weight": 1.0, "attention_weight": 100.0,
-    "attention_power": 1.0, "gradient_mode": "mean",
-    # discrepancy options
-    "bandwidth": "median", "estimator": "biased", "blur": 0.05, "n_projections": 200,
-    # sampler options
-    "outer_loop": None, "inner_loop": None, "lr_net": 0.01, "batch_train": 256,
-    "pool_size": 100, "generate_interval": 5, "fetch": 2, "train_steps": 10, "lr_pool": 0.01, "batch_pool": 26,
-    # extra-term weights
-    "ce_weight": 0.5, "inner_weight": 0.01,
-    # optimiser of S: "sgd" (momentum_images) or "adam"
-    "optimizer_images": "sgd",
-    # LCMat curvature regulariser on gradient matching (0: off)
-    "lcmat_weight": 0.0, "lcmat_rho": 0.05,
-    # mtt: expert buffer, unroll, learnable lr (init lr_teacher; None: the buffer's lr), soft labels
-    "experts": None, "syn_steps": 20, "expert_epochs": 2, "max_start_epoch": None, "batch_syn": None,
-    "lr_teacher": None, "lr_lr": 1e-5, "memory_lean": False, "soft_labels": False, "lr_labels": 2.0,
-    # kip / rfad: kernel ridge regression
-    "kernel": "fc_ntk", "kernel_depth": 1, "krr_reg": 1e-6, "learn_labels": False, "n_models": 8,
-    "rf_width": 256, "lr_temperature": 0.01,
-    # dd: unrolled bilevel
-    "dd_steps": 10, "dd_lr_init": 0.02, "lr_lrs": 0.01, "dd_init": "fresh",
-    # rcig: implicit bilevel
-    "rcig_solver": "cg", "rcig_l2": 1e-3, "rcig_inner_steps": 100, "rcig_hinv_steps": 20,
-})
+@dataclass(frozen=True, kw_only=True)
+class MatchingRecipe(Recipe):
+    """A feature-matching row: feature map x discrepancy x parameter sampler (+ extra terms)."""
 
-HYPERPARAMETER_KEYS = tuple(COMMON_DEFAULTS)
+    kind: ClassVar[str] = "matching"
+    objective: ClassVar[str] = "matching"
+
+    feature_map: str
+    discrepancy: str
+    sampler: str
+    extra_terms: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        super().validate()
+        FEATURE_MAPS.get(self.feature_map)
+        discrepancy = DISCREPANCIES.get(self.discrepancy)
+        SAMPLERS.get(self.sampler)
+        if self.sampler == "none":
+            raise ValueError("the matching objective needs networks: sampler 'none' draws none")
+        for term in self.extra_terms:
+            EXTRA_TERMS.get(term)
+        if discrepancy.needs_gradient_features and self.feature_map != "gradients":
+            raise ValueError(
+                f"discrepancy {self.discrepancy!r} compares parameter gradients: it needs feature map "
+                f"'gradients', got {self.feature_map!r}"
+            )
+        if self.real_batches is None:
+            raise ValueError("a matching recipe draws real batches: real_batches cannot be None")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ObjectiveRecipe(Recipe):
+    """A row whose step minimises a non-matching objective (:data:`~ipmcondense.condensation.objectives.OBJECTIVE_NAMES`)."""
+
+    kind: ClassVar[str] = "objective"
+
+    objective: str
+    sampler: str = "none"
+
+    def validate(self) -> None:
+        super().validate()
+        cls = OBJECTIVES.get(self.objective)
+        if self.objective == "matching":
+            raise ValueError("use MatchingRecipe for the matching objective")
+        SAMPLERS.get(self.sampler)
+        if (self.real_batches is None) == cls.uses_real_batches:
+            expected = "a selector name" if cls.uses_real_batches else "None (it draws no real batches)"
+            raise ValueError(f"objective {self.objective!r} needs real_batches {expected}, got {self.real_batches!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SelectionRecipe(Recipe):
+    """A selection baseline: real images picked by :mod:`ipmcondense.selection`, no optimisation."""
+
+    kind: ClassVar[str] = "selection"
+
+    selection: str
+    real_batches: str | None = None
+
+    @property
+    def is_selection(self) -> bool:
+        return True
+
+    def validate(self) -> None:
+        super().validate()
+        check_choice(self.selection, SELECTION_NAMES, "selection")
+
 
 _DM = {"iterations": 20000, "lr_images": 1.0, "batch_real": 256, "init": "real"}
 _DC = {"iterations": 1000, "lr_images": 0.1, "batch_real": 256, "init": "noise", "lr_net": 0.01}
 
-#  name          feature map    discrepancy        sampler         aug     relation to an IPM
 _ROWS = (
-    Recipe("dm",          "embedding",  "mean_embedding",  "fresh",       "dsa",  EXACT,
-           "squared linear-kernel IPM per random network; averaged over networks an MMD^2 with the "
-           "random-feature kernel E<phi(x), phi(x')>.", _DM, source="Zhao & Bilen WACV'23, main_DM.py"),
-    Recipe("m3d",         "embedding",  "mmd",             "fresh",       "dsa",  EXACT,
-           "Gaussian-kernel MMD^2 of random-network embeddings (characteristic kernel).", _DM,
-           source="Zhang et al. AAAI'24 (no code: DM defaults)"),
-    Recipe("wasserstein", "embedding",  "sinkhorn",        "fresh",       "dsa",  APPROXIMATE,
-           "debiased Sinkhorn divergence: approximates W_p (the 1-Lipschitz IPM for p=1); use "
-           "discrepancy='sliced' for sliced Wasserstein.", _DM, source="WMDD-style; DM defaults"),
-    Recipe("dc",          "gradients",  "gradient_cosine", "fresh_inner", "none", NORMALISED,
-           "row-wise cosine between class-mean loss gradients: the gradient-ball IPM normalised by "
-           "gradient norms (gradient_mse gives the exact IPM^2).", _DC, source="Zhao et al. ICLR'21, main.py"),
-    Recipe("dsa",         "gradients",  "gradient_cosine", "fresh_inner", "dsa",  NORMALISED,
-           "DC with the siamese augmentation inside the loss.", {**_DC, "init": "real"},
-           source="Zhao & Bilen ICML'21, main.py --method DSA"),
-    Recipe("cafe",        "layers",     "mean_embedding",  "fresh_inner", "dsa",  APPROXIMATE,
-           "a weighted sum of per-layer linear-kernel IPM^2 plus a discriminative cross-entropy "
-           "term that is not an IPM.",
-           {**_DC, "iterations": 2000, "layer_weights": (0.1, 0.1, 1.0), "embedding_weight": 1.0,
-            "inner_weight": 0.01, "lr_decay_at": (0.6, 0.8, 0.9)},
-           extra_terms=("prototype_discrimination",), source="Wang et al. CVPR'22, distill.py (fixed loops)"),
-    Recipe("datadam",     "attention",  "mean_embedding",  "fresh",       "dsa",  EXACT,
-           "sum of linear-kernel IPM^2 on attention maps (x100) and on the embedding (x100*0.01).",
-           {**_DM, "batch_real": 64, "attention_weight": 100.0, "embedding_weight": 1.0},
-           source="Sajedi et al. ICCV'23, main_DataDAM.py"),
-    Recipe("lcmat",       "gradients",  "gradient_cosine", "fresh_inner", "dsa",  APPROXIMATE,
-           "gradient-matching IPM (DSA, normalised) plus the loss-curvature regulariser "
-           "lcmat_weight*(GM(theta + rho g/|g|) - GM(theta)) (worst case over a rho-ball, one ascent step): "
-           "not an IPM as a whole.", {**_DC, "init": "real", "lcmat_weight": 0.5, "lcmat_rho": 0.05},
-           source="Shin et al. AISTATS'23 (LCMat-C code unreleased: DSA defaults)"),
-    Recipe("idm",         "embedding",  "mean_embedding",  "pool",        "dsa",  APPROXIMATE,
-           "linear-kernel IPM^2 on partly trained networks plus an accuracy-weighted cross-entropy "
-           "on S (not an IPM).", {**_DM, "lr_images": 0.2, "ce_weight": 0.5},
-           extra_terms=("synthetic_ce",), source="Zhao et al. CVPR'23, IDM command.txt (pixels only)"),
-    # non-matching objectives (ipmcondense.condensation.objectives): unused axes are "-"
-    Recipe("mtt",         "-",          "-",               "-",           "dsa",  FIRST_ORDER,
-           "first-order approximation: as the synthetic lr -> 0 the normalised parameter displacement "
-           "after N steps is accumulated gradient matching along the expert trajectory.",
-           {"iterations": 5000, "lr_images": 100.0, "init": "real", "syn_steps": 20, "expert_epochs": 2,
-            "max_start_epoch": 20, "lr_lr": 1e-5},
-           source="Cazenavette et al. CVPR'22, distill.py (DC-BENCH table)", objective="mtt"),
-    Recipe("kip",         "-",          "-",               "-",           "none", NOT_AN_IPM,
-           "not an IPM: KRR regression loss of the predictor fitted on S; its witness class is the "
-           "RKHS of the (NTK) kernel, the MMD with that kernel is the IPM counterpart.",
-           {"iterations": 1000, "lr_images": 0.04, "optimizer_images": "adam", "init": "real",
-            "batch_real": 500, "kernel": "fc_ntk", "krr_reg": 1e-6},
-           source="Nguyen et al. ICLR'21, KIP.ipynb (FC kernel)", objective="kip"),
-    Recipe("rfad",        "-",          "-",               "-",           "none", NOT_AN_IPM,
-           "not an IPM: Platt-scaled KRR loss with the random-feature NNGP kernel (the kernel whose MMD "
-           "DM estimates).",
-           {"iterations": 1000, "lr_images": 1e-3, "optimizer_images": "adam", "init": "real",
-            "batch_real": 128, "kernel": "rf_nngp", "krr_reg": 5e-3, "n_models": 8, "rf_width": 256},
-           source="Loo et al. NeurIPS'22, yolky/RFAD (Adam for AdaBelief)", objective="rfad"),
-    Recipe("dd",          "-",          "-",               "fresh",       "none", NOT_AN_IPM,
-           "not an IPM: bilevel performance objective (real-data loss after unrolled SGD on S with "
-           "learned step sizes).",
-           {"iterations": 1000, "lr_images": 0.01, "optimizer_images": "adam", "init": "real",
-            "batch_real": 100, "dd_steps": 10, "dd_lr_init": 0.02},
-           source="Wang et al. 2018, ssnl/dataset-distillation (unknown_init)", objective="dd"),
-    Recipe("rcig",        "-",          "-",               "fresh",       "none", NOT_AN_IPM,
-           "not an IPM: bilevel objective, convex last-layer inner problem, implicit gradient (CG or "
-           "Neumann inverse-Hessian-vector products).",
-           {"iterations": 1000, "lr_images": 0.003, "optimizer_images": "adam", "init": "real",
-            "batch_real": 100, "rcig_l2": 1e-3},
-           source="Loo et al. ICML'23, yolky/RCIG (simplified: random-feature last layer)", objective="rcig"),
-    # selection baselines: the same pipeline and outputs, no optimisation
-    Recipe("random",      "-", "-", "-", "none", APPROXIMATE,
-           "uniform real images per class: unbiased but not optimised for any IPM.",
-           {"iterations": 0}, selection="random", source="real-data baseline"),
-    Recipe("herding",     "-", "-", "-", "none", APPROXIMATE,
-           "greedy (kernel herding) minimisation of the mean-embedding IPM over real images.",
-           {"iterations": 0}, selection="herding", source="Welling ICML'09; Chen et al. UAI'10"),
-    Recipe("kcenter",     "-", "-", "-", "none", APPROXIMATE,
-           "greedy minimax coverage in feature space: a covering radius, not an IPM.",
-           {"iterations": 0}, selection="kcenter", source="Sener & Savarese ICLR'18"),
+    # ------------------------------------------------------------------ feature matching
+    #             name           feature map   discrepancy        sampler          aug
+    MatchingRecipe(name="dm", feature_map="embedding", discrepancy="mean_embedding", sampler="fresh", augmentation="dsa",
+                   relation_to_ipm=EXACT,
+                   why="squared linear-kernel IPM per random network; averaged over networks an MMD^2 with the "
+                       "random-feature kernel E<phi(x), phi(x')>.",
+                   defaults=_DM, source="Zhao & Bilen WACV'23, main_DM.py"),
+    MatchingRecipe(name="m3d", feature_map="embedding", discrepancy="mmd2", sampler="fresh", augmentation="dsa",
+                   relation_to_ipm=EXACT,
+                   why="Gaussian-kernel MMD^2 of random-network embeddings (characteristic kernel).",
+                   defaults=_DM, source="Zhang et al. AAAI'24 (no code: DM defaults)"),
+    MatchingRecipe(name="wasserstein", feature_map="embedding", discrepancy="sinkhorn", sampler="fresh",
+                   augmentation="dsa", relation_to_ipm=APPROXIMATE,
+                   why="debiased Sinkhorn divergence: approximates W_p (the 1-Lipschitz IPM for p=1); use "
+                       "discrepancy='sliced' for sliced Wasserstein.",
+                   defaults=_DM, source="WMDD-style; DM defaults"),
+    MatchingRecipe(name="dc", feature_map="gradients", discrepancy="gradient_cosine", sampler="fresh_inner",
+                   augmentation="none", relation_to_ipm=NORMALISED,
+                   why="row-wise cosine between class-mean loss gradients: the gradient-ball IPM normalised by "
+                       "gradient norms (gradient_mse gives the exact IPM^2).",
+                   defaults=_DC, source="Zhao et al. ICLR'21, main.py"),
+    MatchingRecipe(name="dsa", feature_map="gradients", discrepancy="gradient_cosine", sampler="fresh_inner",
+                   augmentation="dsa", relation_to_ipm=NORMALISED,
+                   why="DC with the siamese augmentation inside the loss.",
+                   defaults={**_DC, "init": "real"}, source="Zhao & Bilen ICML'21, main.py --method DSA"),
+    MatchingRecipe(name="cafe", feature_map="layers", discrepancy="mean_embedding", sampler="fresh_inner",
+                   augmentation="dsa", extra_terms=("prototype_discrimination",), relation_to_ipm=APPROXIMATE,
+                   why="a weighted sum of per-layer linear-kernel IPM^2 plus a discriminative cross-entropy "
+                       "term that is not an IPM.",
+                   defaults={**_DC, "iterations": 2000, "layer_weights": (0.1, 0.1, 1.0), "embedding_weight": 1.0,
+                             "inner_weight": 0.01, "lr_decay_at": (0.6, 0.8, 0.9)},
+                   source="Wang et al. CVPR'22, distill.py (fixed loops)"),
+    MatchingRecipe(name="datadam", feature_map="attention", discrepancy="mean_embedding", sampler="fresh",
+                   augmentation="dsa", relation_to_ipm=EXACT,
+                   why="sum of linear-kernel IPM^2 on attention maps (x100) and on the embedding (x100*0.01).",
+                   defaults={**_DM, "batch_real": 64, "attention_weight": 100.0, "embedding_weight": 1.0},
+                   source="Sajedi et al. ICCV'23, main_DataDAM.py"),
+    MatchingRecipe(name="lcmat", feature_map="gradients", discrepancy="gradient_cosine", sampler="fresh_inner",
+                   augmentation="dsa", relation_to_ipm=APPROXIMATE,
+                   why="gradient-matching IPM (DSA, normalised) plus the loss-curvature regulariser "
+                       "lcmat_weight*(GM(theta + rho g/|g|) - GM(theta)) (worst case over a rho-ball, one ascent "
+                       "step): not an IPM as a whole.",
+                   defaults={**_DC, "init": "real", "lcmat_weight": 0.5, "lcmat_rho": 0.05},
+                   source="Shin et al. AISTATS'23 (LCMat-C code unreleased: DSA defaults)"),
+    MatchingRecipe(name="idm", feature_map="embedding", discrepancy="mean_embedding", sampler="pool",
+                   augmentation="dsa", extra_terms=("synthetic_ce",), relation_to_ipm=APPROXIMATE,
+                   why="linear-kernel IPM^2 on partly trained networks plus an accuracy-weighted cross-entropy "
+                       "on S (not an IPM).",
+                   defaults={**_DM, "lr_images": 0.2, "ce_weight": 0.5},
+                   source="Zhao et al. CVPR'23, IDM command.txt (pixels only)"),
+    # ------------------------------------------------------------------ other objectives
+    ObjectiveRecipe(name="mtt", objective="mtt", augmentation="dsa", real_batches=None, relation_to_ipm=FIRST_ORDER,
+                    why="first-order approximation: as the synthetic lr -> 0 the normalised parameter displacement "
+                        "after N steps is accumulated gradient matching along the expert trajectory.",
+                    defaults={"iterations": 5000, "lr_images": 100.0, "init": "real", "syn_steps": 20,
+                              "expert_epochs": 2, "max_start_epoch": 20, "lr_lr": 1e-5},
+                    source="Cazenavette et al. CVPR'22, distill.py (DC-BENCH table)"),
+    ObjectiveRecipe(name="kip", objective="kip", relation_to_ipm=NOT_AN_IPM,
+                    why="not an IPM: KRR regression loss of the predictor fitted on S; its witness class is the "
+                        "RKHS of the (NTK) kernel, the MMD with that kernel is the IPM counterpart.",
+                    defaults={"iterations": 1000, "lr_images": 0.04, "optimizer_images": "adam", "init": "real",
+                              "batch_real": 500, "kernel": "fc_ntk", "krr_reg": 1e-6},
+                    source="Nguyen et al. ICLR'21, KIP.ipynb (FC kernel)"),
+    ObjectiveRecipe(name="rfad", objective="rfad", relation_to_ipm=NOT_AN_IPM,
+                    why="not an IPM: Platt-scaled KRR loss with the random-feature NNGP kernel (the kernel whose "
+                        "MMD DM estimates).",
+                    defaults={"iterations": 1000, "lr_images": 1e-3, "optimizer_images": "adam", "init": "real",
+                              "batch_real": 128, "kernel": "rf_nngp", "krr_reg": 5e-3, "n_models": 8,
+                              "rf_width": 256},
+                    source="Loo et al. NeurIPS'22, yolky/RFAD (Adam for AdaBelief)"),
+    ObjectiveRecipe(name="dd", objective="dd", sampler="fresh", relation_to_ipm=NOT_AN_IPM,
+                    why="not an IPM: bilevel performance objective (real-data loss after unrolled SGD on S with "
+                        "learned step sizes).",
+                    defaults={"iterations": 1000, "lr_images": 0.01, "optimizer_images": "adam", "init": "real",
+                              "batch_real": 100, "dd_steps": 10, "dd_lr_init": 0.02},
+                    source="Wang et al. 2018, ssnl/dataset-distillation (unknown_init)"),
+    ObjectiveRecipe(name="rcig", objective="rcig", sampler="fresh", relation_to_ipm=NOT_AN_IPM,
+                    why="not an IPM: bilevel objective, convex last-layer inner problem, implicit gradient (CG or "
+                        "Neumann inverse-Hessian-vector products).",
+                    defaults={"iterations": 1000, "lr_images": 0.003, "optimizer_images": "adam", "init": "real",
+                              "batch_real": 100, "rcig_l2": 1e-3},
+                    source="Loo et al. ICML'23, yolky/RCIG (simplified: random-feature last layer)"),
+    # ------------------------------------------------------------------ selection baselines
+    SelectionRecipe(name="random", selection="random", relation_to_ipm=APPROXIMATE,
+                    why="uniform real images per class: unbiased but not optimised for any IPM.",
+                    defaults={"iterations": 0}, source="real-data baseline"),
+    SelectionRecipe(name="herding", selection="herding", relation_to_ipm=APPROXIMATE,
+                    why="greedy (kernel herding) minimisation of the mean-embedding IPM over real images.",
+                    defaults={"iterations": 0}, source="Welling ICML'09; Chen et al. UAI'10"),
+    SelectionRecipe(name="kcenter", selection="kcenter", relation_to_ipm=APPROXIMATE,
+                    why="greedy minimax coverage in feature space: a covering radius, not an IPM.",
+                    defaults={"iterations": 0}, source="Sener & Savarese ICLR'18"),
 )
 
-RECIPES: Mapping[str, Recipe] = MappingProxyType({r.name: r for r in _ROWS})
-METHOD_NAMES = tuple(RECIPES)
+_RECIPES: dict[str, Recipe] = {r.name: r for r in _ROWS}
+#: The registry: method name -> row (a read-only live view; :func:`register_recipe` adds rows).
+RECIPES: Mapping[str, Recipe] = MappingProxyType(_RECIPES)
+#: The names of the rows that ship with the library.
+METHOD_NAMES = tuple(_RECIPES)
+
+
+def register_recipe(recipe: Recipe) -> Recipe:
+    """Add a row to :data:`RECIPES` (a new method from user code or a plugin); returns it.
+
+    The row is validated like the built-in ones (every axis must be a registered component); a name
+    that is taken raises ``ValueError``. Composition (``+`` in the name) is reserved for
+    :func:`compose_recipe`.
+    """
+    if not isinstance(recipe, (MatchingRecipe, ObjectiveRecipe, SelectionRecipe)):
+        raise TypeError(f"recipe must be a MatchingRecipe, ObjectiveRecipe or SelectionRecipe, got {type(recipe).__name__}")
+    if not recipe.name or "+" in recipe.name or recipe.name != recipe.name.lower().strip():
+        raise ValueError(f"recipe name must be a lower-case name without '+', got {recipe.name!r}")
+    if recipe.name in _RECIPES:
+        raise ValueError(f"method {recipe.name!r} is already registered")
+    recipe.validate()
+    _RECIPES[recipe.name] = recipe
+    return recipe
 
 # Dataset-wide settings, for every recipe and baseline of that dataset (below the recipes' own defaults).
 # digits: the ConvNet sized to 8x8 inputs has depth 2. At depth 3 the last block's instance norm sees only
@@ -336,10 +397,14 @@ DATASET_IPC_BUDGETS: Mapping[str, Mapping[str, Mapping[int, Mapping[str, Any]]]]
 })
 
 
+
 def get_recipe(name: str) -> Recipe:
     """The registry row ``name``; unknown names raise ``ValueError`` listing :data:`METHOD_NAMES`."""
-    check_choice(name, METHOD_NAMES, "method")
-    return RECIPES[name]
+    check_choice(name, tuple(_RECIPES), "method")
+    return _RECIPES[name]
+
+
+_MATCHING_AXES = ("feature_map", "discrepancy", "sampler")
 
 
 def compose_recipe(
@@ -349,37 +414,50 @@ def compose_recipe(
     discrepancy: str | None = None,
     sampler: str | None = None,
     augmentation: str | None = None,
+    synthetic: str | None = None,
+    real_batches: str | None = None,
 ) -> Recipe:
     """A registry row with some axes replaced: free composition without new code.
 
-    ``compose_recipe("dm", discrepancy="mmd")`` is M3D; ``compose_recipe("dc", discrepancy="mmd",
-    sampler="fresh")`` is gradient matching with a Gaussian MMD on frozen random networks. The
-    defaults stay those of ``method``. The composed row is named ``"<method>+<changes>"`` and its
-    ``relation_to_ipm`` follows the new discrepancy.
+    ``compose_recipe("dm", discrepancy="mmd2")`` is M3D; ``compose_recipe("dc", discrepancy="mmd2",
+    sampler="fresh")`` is gradient matching with a Gaussian MMD on frozen random networks;
+    ``synthetic`` and ``real_batches`` swap the parameterisation of S and the real-batch selector of any
+    optimised row. The defaults stay those of ``method``. The composed row is named
+    ``"<method>+<axis>=<value>+..."``; a new discrepancy sets ``relation_to_ipm`` from the discrepancy.
+    Unknown names raise ``ValueError`` listing the choices of that axis.
     """
     base = get_recipe(method)
-    changes = {
-        k: v
-        for k, v in (("feature_map", feature_map), ("discrepancy", discrepancy), ("sampler", sampler),
-                     ("augmentation", augmentation))
-        if v is not None and v != getattr(base, k)
-    }
+    if discrepancy is not None:
+        discrepancy = canonical_discrepancy_name(discrepancy)
+    requested = {"feature_map": feature_map, "discrepancy": discrepancy, "sampler": sampler,
+                 "augmentation": augmentation, "synthetic": synthetic, "real_batches": real_batches}
+    for axis, registry in (("feature_map", FEATURE_MAPS), ("discrepancy", DISCREPANCIES), ("sampler", SAMPLERS),
+                           ("synthetic", SYNTHETIC_SETS), ("real_batches", REAL_BATCH_SELECTORS)):
+        if requested[axis] is not None:
+            registry.get(requested[axis])
+    if augmentation is not None:
+        check_choice(augmentation, AUGMENTATION_NAMES, "augmentation")
+    changes = {k: v for k, v in requested.items() if v is not None and v != getattr(base, k, None)}
     if not changes:
         return base
     if base.is_selection:
         raise ValueError(f"method {method!r} is a selection baseline: its axes cannot be changed")
-    if base.objective != "matching":
-        raise ValueError(
-            f"method {method!r} uses the {base.objective!r} objective, not feature matching: its feature map, "
-            "discrepancy, sampler and augmentation cannot be changed (use --set for its hyperparameters)"
-        )
+    if isinstance(base, ObjectiveRecipe):
+        fixed = [k for k in ("feature_map", "discrepancy", "augmentation") if k in changes]
+        if fixed:
+            raise ValueError(
+                f"method {method!r} uses the {base.objective!r} objective, not feature matching: its "
+                f"{', '.join(fixed)} cannot be changed (use --set for its hyperparameters)"
+            )
+        if "real_batches" in changes and base.real_batches is None:
+            raise ValueError(f"method {method!r} draws no real batches: real_batches cannot be set")
     if "discrepancy" in changes:
-        relation = get_discrepancy(changes["discrepancy"]).relation_to_ipm
-        if base.extra_terms:
+        relation = DISCREPANCIES.get(changes["discrepancy"]).relation_to_ipm
+        if getattr(base, "extra_terms", ()):
             relation = APPROXIMATE
-        why = f"composed from {method!r} with discrepancy {changes['discrepancy']!r} ({relation})."
-        changes.update(relation_to_ipm=relation, why=why)
-    suffix = "+".join(f"{k}={v}" for k, v in changes.items() if k in ("feature_map", "discrepancy", "sampler", "augmentation"))
+        changes.update(relation_to_ipm=relation,
+                       why=f"composed from {method!r} with discrepancy {changes['discrepancy']!r} ({relation}).")
+    suffix = "+".join(f"{k}={v}" for k, v in changes.items() if k in requested)
     return replace(base, name=f"{method}+{suffix}", **changes)
 
 

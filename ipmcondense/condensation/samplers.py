@@ -32,10 +32,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ipmcondense.ipm._validation import check_choice
+from ipmcondense.components import Component, Registry, option
+from ipmcondense.nets import build_isolated, draw_seed
+from ipmcondense.training import shuffled_batches, train_on_batches
 
 __all__ = [
     "SamplerContext",
@@ -44,6 +45,7 @@ __all__ = [
     "FreshInnerSampler",
     "PoolSampler",
     "NoNetworkSampler",
+    "SAMPLERS",
     "SAMPLER_NAMES",
     "get_sampler",
     "dc_loops",
@@ -59,7 +61,7 @@ class SamplerContext:
         build_network: builds one network on the CPU with PyTorch's default initialisation.
         device: where networks live.
         generator: the run's generator (CPU).
-        real_sampler: ``sample(n_per_class) -> (images, labels)`` on ``device``, class-blocked.
+        real_batches: the run's real-batch selector, ``sample(n_per_class) -> (images, labels)`` on ``device``.
         augmentation: training-time augmentation, ``augmentation(x, generator=...)`` (per-sample draws).
         synthetic: a callable returning the current ``(images, labels)`` of S, detached.
         parameter_gradients: whether the returned networks' parameters must require grad.
@@ -68,7 +70,7 @@ class SamplerContext:
     build_network: Callable[[], nn.Module]
     device: torch.device
     generator: torch.Generator
-    real_sampler: Any
+    real_batches: Any
     augmentation: Any
     synthetic: Callable[[], tuple[Tensor, Tensor]]
     parameter_gradients: bool
@@ -76,11 +78,7 @@ class SamplerContext:
 
 def fresh_network(ctx: SamplerContext) -> nn.Module:
     """A network initialised from a seed drawn from ``ctx.generator`` (global RNG left untouched)."""
-    seed = int(torch.randint(0, 2**62, (1,), generator=ctx.generator))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = ctx.build_network()
-    return net.to(ctx.device)
+    return build_isolated(ctx.build_network, draw_seed(ctx.generator)).to(ctx.device)
 
 
 def _freeze(net: nn.Module, ctx: SamplerContext) -> nn.Module:
@@ -97,12 +95,7 @@ def _train_steps(
 ) -> None:
     net.requires_grad_(True)
     net.train()
-    for images, labels in batches:
-        images = augmentation(images, generator=generator)
-        loss = F.cross_entropy(net(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    train_on_batches(net, optimizer, batches, augmentation=augmentation, generator=generator)
 
 
 def dc_loops(ipc: int) -> tuple[int, int]:
@@ -118,10 +111,10 @@ def dc_loops(ipc: int) -> tuple[int, int]:
     return table[key]
 
 
-class ParameterSampler(ABC):
-    """Draws the networks of one iteration."""
+class ParameterSampler(Component, ABC):
+    """Draws the networks of one iteration (a component: ``name``, ``Options``, built with the run's ``ipc``)."""
 
-    name: str = ""
+    kind = "sampler"
 
     def steps_per_draw(self) -> int:
         """Image steps taken on one draw of networks."""
@@ -151,6 +144,10 @@ class FreshSampler(ParameterSampler):
 
     name = "fresh"
 
+    @classmethod
+    def from_options(cls, options, **context):
+        return cls()
+
     def draw(self, ctx):
         return [_freeze(fresh_network(ctx), ctx)]
 
@@ -165,6 +162,23 @@ class FreshInnerSampler(ParameterSampler):
     """
 
     name = "fresh_inner"
+
+    @dataclass(frozen=True)
+    class Options:
+        outer_loop: int | None = option(None, "DC utils.py get_loops(ipc) (dc_loops)")
+        inner_loop: int | None = option(None, "DC utils.py get_loops(ipc) (dc_loops)")
+        lr_net: float = option(0.01, "DC main.py: --lr_net 0.01")
+        batch_train: int = option(256, "DC main.py: --batch_train 256")
+
+    @classmethod
+    def from_options(cls, options, *, ipc: int = 1, **context):
+        outer, inner = dc_loops(ipc)
+        return cls(
+            outer_loop=int(options.outer_loop or outer),
+            inner_loop=int(inner if options.inner_loop is None else options.inner_loop),
+            lr_net=float(options.lr_net),
+            batch_train=int(options.batch_train),
+        )
 
     def __init__(self, outer_loop: int, inner_loop: int, lr_net: float = 0.01, batch_train: int = 256) -> None:
         if outer_loop < 1 or inner_loop < 0:
@@ -185,10 +199,9 @@ class FreshInnerSampler(ParameterSampler):
         images, labels = ctx.synthetic()
         for net in networks:
             for _ in range(self.inner_loop):
-                perm = torch.randperm(images.shape[0], generator=ctx.generator).to(images.device)
                 batches = [
-                    (images[perm[i : i + self.batch_train]], labels[perm[i : i + self.batch_train]])
-                    for i in range(0, images.shape[0], self.batch_train)
+                    (images[index], labels[index])
+                    for index in shuffled_batches(images.shape[0], self.batch_train, ctx.generator, images.device)
                 ]
                 _train_steps(net, self._optimizer, batches, ctx.augmentation, ctx.generator)
             _freeze(net, ctx)
@@ -207,6 +220,15 @@ class PoolSampler(ParameterSampler):
     """
 
     name = "pool"
+
+    @dataclass(frozen=True)
+    class Options:
+        pool_size: int = option(100, "IDM command.txt: --net_num 100")
+        generate_interval: int = option(5, "IDM command.txt: --net_generate_interval 5")
+        fetch: int = option(2, "IDM: --fetch_net_num 2")
+        train_steps: int = option(10, "IDM command.txt: --train_net_num 10")
+        lr_pool: float = option(0.01, "IDM: --lr_net 0.01")
+        batch_pool: int = option(26, "IDM command.txt: --net_batch 26 (per class)")
 
     def __init__(
         self,
@@ -239,7 +261,7 @@ class PoolSampler(ParameterSampler):
         nets = []
         for i in picks:
             net, opt = self.pool[i]
-            batches = (ctx.real_sampler.sample(self.batch_pool) for _ in range(self.train_steps))
+            batches = (ctx.real_batches.sample(self.batch_pool) for _ in range(self.train_steps))
             _train_steps(net, opt, batches, ctx.augmentation, ctx.generator)
             nets.append(_freeze(net, ctx))
         return nets
@@ -263,8 +285,7 @@ class PoolSampler(ParameterSampler):
 
 def fresh_network_from_state(ctx: SamplerContext, state: dict[str, Tensor]) -> nn.Module:
     """A network built without touching any generator, then loaded from ``state``."""
-    with torch.random.fork_rng(devices=[]):
-        net = ctx.build_network()
+    net = build_isolated(ctx.build_network)
     net.load_state_dict(state)
     return net.to(ctx.device)
 
@@ -274,32 +295,28 @@ class NoNetworkSampler(ParameterSampler):
 
     name = "none"
 
+    @classmethod
+    def from_options(cls, options, **context):
+        return cls()
+
     def draw(self, ctx):
         return []
 
 
-SAMPLER_NAMES = ("fresh", "fresh_inner", "pool", "none")
+#: Registry of parameter samplers (name -> class).
+SAMPLERS: Registry = Registry("sampler")
+for _cls in (FreshSampler, FreshInnerSampler, PoolSampler, NoNetworkSampler):
+    SAMPLERS.register(_cls)
+SAMPLER_NAMES = SAMPLERS.names
 
 
 def get_sampler(name: str, *, ipc: int, **options) -> ParameterSampler:
-    """Build a sampler by name (:data:`SAMPLER_NAMES`).
+    """Build a sampler by name (:data:`SAMPLER_NAMES`) from (a subset of) the flat hyperparameters.
 
     Options: ``fresh_inner``: ``outer_loop``, ``inner_loop`` (default :func:`dc_loops(ipc)`), ``lr_net``,
     ``batch_train``; ``pool``: ``pool_size``, ``generate_interval``, ``fetch``, ``train_steps``,
-    ``lr_pool``, ``batch_pool``. Options meant for other samplers are ignored.
+    ``lr_pool``, ``batch_pool``. Options meant for other samplers are ignored; ``None`` means the default.
     """
-    check_choice(name, SAMPLER_NAMES, "sampler")
-    if name == "none":
-        return NoNetworkSampler()
-    if name == "fresh":
-        return FreshSampler()
-    if name == "fresh_inner":
-        outer, inner = dc_loops(ipc)
-        return FreshInnerSampler(
-            outer_loop=int(options.get("outer_loop") or outer),
-            inner_loop=int(inner if options.get("inner_loop") is None else options["inner_loop"]),
-            lr_net=float(options.get("lr_net", 0.01)),
-            batch_train=int(options.get("batch_train", 256)),
-        )
-    keys = ("pool_size", "generate_interval", "fetch", "train_steps", "lr_pool", "batch_pool")
-    return PoolSampler(**{k: options[k] for k in keys if options.get(k) is not None})
+    cls = SAMPLERS.get(name)
+    given = {k: v for k, v in options.items() if v is not None or k in ("outer_loop", "inner_loop")}
+    return cls.from_config(given, ipc=ipc)

@@ -1,163 +1,147 @@
-"""Synthetic sets: how the condensed data S is stored and decoded into images.
+r"""The ``synthetic`` axis: how the condensed set S is stored and decoded into the images the loss sees.
 
-The optimizer loop only ever calls :meth:`SyntheticSet.images` (decoded, differentiable images in
-class blocks) and :meth:`SyntheticSet.parameters`; it never knows how the images are stored. Raw
-pixels (:class:`PixelSet`) come first; multi-formation, factorised bases or generator latents are
-further subclasses that the loop does not need to know about.
+A :class:`SyntheticSet` owns the *stored* parameters (what the optimiser updates and checkpoints hold)
+and decodes them into training examples with :meth:`SyntheticSet.images` (differentiable, class-blocked)
+and :attr:`SyntheticSet.labels`. The loop, the objectives and the evaluation never know how the images
+are stored: evaluation reads the decoded images only (``synthetic.pt`` holds them next to the stored
+parameters). Decoding composes with the feature map, so every matching recipe over a parameterised set
+is the IPM of the *pushed-forward* set: :math:`d_F(\mathrm{decode}_\#\,\nu_S, \mu_T)`.
 
-Optional learnable extras (a learnable training learning rate, learnable soft labels) are hooks on
-the interface: :meth:`SyntheticSet.extra_parameter_groups` returns optimizer groups for them, and
-:meth:`SyntheticSet.training_labels` returns what the evaluation network is trained on.
+Registered parameterisations (:data:`SYNTHETIC_SETS`): ``pixels`` (every image a free tensor). A new
+one is a subclass with a ``name``, an ``Options`` dataclass, :meth:`~SyntheticSet.images` and
+:meth:`~SyntheticSet.from_images` (how to start from real or noise images), plus a registry entry.
+
+Learnable extras requested by an objective (:class:`SyntheticExtras`: a training step size for MTT,
+soft-label logits for DATM-style MTT, regression labels for KIP/RFAD) live on the base class, so every
+parameterisation supports them: :meth:`SyntheticSet.extra_parameter_groups` returns their optimiser
+groups and :meth:`SyntheticSet.training_labels` what the evaluation network is trained on.
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ipmcondense.components import Component, Registry
 from ipmcondense.ipm._validation import check_choice
 
-__all__ = ["SyntheticSet", "PixelSet", "LearnedExtrasPixelSet", "INIT_CHOICES", "initial_images"]
+__all__ = [
+    "SyntheticSet",
+    "SyntheticExtras",
+    "PixelSet",
+    "SYNTHETIC_SETS",
+    "SYNTHETIC_NAMES",
+    "build_synthetic_set",
+    "INIT_CHOICES",
+    "initial_images",
+]
 
 INIT_CHOICES = ("real", "noise", "herding", "kcenter", "kmeans", "random")
 
 
-class SyntheticSet(nn.Module, ABC):
-    """A learnable synthetic dataset of ``ipc`` images for each of ``num_classes`` classes.
+@dataclass(frozen=True)
+class SyntheticExtras:
+    r"""Learnable extras an objective asks the synthetic set to carry (see the module docstring).
 
-    Images are always returned in class blocks: rows ``[c * ipc, (c + 1) * ipc)`` belong to class ``c``.
-
-    Args:
-        labels: ``(num_classes * ipc,)`` int64 hard labels in class blocks.
-        num_classes: number of classes.
-        ipc: images per class.
+    Attributes:
+        learning_rate: initial learnable training step size :math:`\eta` (MTT), or ``None``; optimised by
+            SGD with step ``lr_lr`` and momentum 0.5 (MTT's ``syn_lr``); saved with the set and used by the
+            evaluation protocol (``learned_lr``).
+        label_logits: initial ``(n, C)`` logits :math:`z` of learnable soft labels
+            :math:`\mathrm{softmax}(z)` (DATM), or ``None``; SGD with step ``lr_labels``, momentum 0.9.
+        label_values: initial ``(n, C)`` learnable regression targets (KIP/RFAD ``learn_labels``; init
+            centred one-hot), or ``None``; step ``lr_labels``. Evaluation trains on the hard labels.
     """
 
-    def __init__(self, labels: Tensor, num_classes: int, ipc: int) -> None:
-        super().__init__()
-        if labels.shape != (num_classes * ipc,):
+    learning_rate: float | None = None
+    lr_lr: float = 1e-5
+    label_logits: Tensor | None = None
+    label_values: Tensor | None = None
+    lr_labels: float = 1.0
+
+
+class SyntheticSet(Component, nn.Module, ABC):
+    """A learnable synthetic dataset: stored parameters decoded into class-blocked training images.
+
+    Decoded images are returned in class blocks of equal size: rows ``[c * k, (c + 1) * k)`` belong to
+    class ``c`` with ``k = images_per_class`` (``ipc`` for pixels; a decoder may produce more).
+
+    Args:
+        labels: ``(n,)`` int64 hard labels of the decoded images, in class blocks.
+        num_classes: number of classes.
+        ipc: stored images per class (the budget).
+        extras: learnable extras (:class:`SyntheticExtras`), or ``None``.
+    """
+
+    kind = "synthetic set"
+
+    def __init__(self, labels: Tensor, num_classes: int, ipc: int, extras: SyntheticExtras | None = None) -> None:
+        nn.Module.__init__(self)
+        if labels.dim() != 1 or labels.shape[0] % num_classes:
             raise ValueError(
-                f"labels must have shape ({num_classes * ipc},) for {num_classes} classes x ipc {ipc}, "
-                f"got {tuple(labels.shape)}"
+                f"labels must be a vector holding the same number of images for each of {num_classes} classes, "
+                f"got shape {tuple(labels.shape)}"
             )
         self.register_buffer("labels", labels.to(torch.int64).clone())
         self.num_classes = int(num_classes)
         self.ipc = int(ipc)
+        self.images_per_class = labels.shape[0] // num_classes
+        self._init_extras(extras or SyntheticExtras())
+
+    # ------------------------------------------------------------------ the parameterisation
+    @classmethod
+    @abstractmethod
+    def from_images(cls, images: Tensor, labels: Tensor, num_classes: int, options: Any,
+                    extras: SyntheticExtras | None = None) -> SyntheticSet:
+        """A set whose decoded images start at (or from) ``images`` ``(num_classes * ipc, C, H, W)``."""
 
     @abstractmethod
     def images(self) -> Tensor:
-        """Decoded images ``(num_classes * ipc, C, H, W)``, differentiable w.r.t. the stored parameters."""
+        """Decoded images ``(n, C, H, W)``, differentiable w.r.t. the stored parameters."""
+
+    @abstractmethod
+    def image_parameters(self) -> list[nn.Parameter]:
+        """The stored parameters that encode the images (optimised with the recipe's ``lr_images``)."""
 
     def class_slice(self, c: int) -> slice:
         """Rows of class ``c`` in :meth:`images` and :attr:`labels`."""
         if not 0 <= c < self.num_classes:
             raise ValueError(f"class index c must be in [0, {self.num_classes}), got {c}")
-        return slice(c * self.ipc, (c + 1) * self.ipc)
+        return slice(c * self.images_per_class, (c + 1) * self.images_per_class)
 
-    def image_parameters(self) -> list[nn.Parameter]:
-        """The parameters that encode the images (optimised with the recipe's ``lr_images``)."""
-        return [p for p in self.parameters() if p.requires_grad]
-
-    def extra_parameter_groups(self) -> list[dict[str, Any]]:
-        """Optimizer groups for optional learnable extras (learning rate, soft labels); none by default."""
-        return []
-
-    def training_labels(self) -> Tensor:
-        """Targets the evaluation network is trained on (hard labels unless a subclass learns labels)."""
-        return self.labels
-
-    def learned_learning_rate(self) -> float | None:
-        """A learned training learning rate if the parameterisation has one, else ``None``."""
-        return None
-
-
-class PixelSet(SyntheticSet):
-    """Raw pixels: every synthetic image is a free ``(C, H, W)`` tensor (DC, DSA, DM, ...).
-
-    Storage equals the decoded size: ``num_classes * ipc * C * H * W`` numbers; decoding is free.
-
-    Args:
-        images: ``(num_classes * ipc, C, H, W)`` initial images (normalised space), class-blocked.
-        labels: matching hard labels.
-        num_classes: number of classes.
-    """
-
-    def __init__(self, images: Tensor, labels: Tensor, num_classes: int) -> None:
-        if images.dim() != 4:
-            raise ValueError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
-        if images.shape[0] % num_classes:
-            raise ValueError(
-                f"images must hold the same number of images for each of {num_classes} classes, "
-                f"got {images.shape[0]} images"
-            )
-        super().__init__(labels, num_classes, images.shape[0] // num_classes)
-        self.pixels = nn.Parameter(images.detach().clone().float())
-
-    def images(self) -> Tensor:
-        return self.pixels
-
-
-
-class LearnedExtrasPixelSet(PixelSet):
-    r"""Raw pixels plus optional learnable extras: a training step size, soft labels, regression labels.
-
-    * ``learning_rate`` (MTT, DATM): a learnable scalar :math:`\eta` (the student's SGD step size),
-      optimised by SGD with step ``lr_lr`` and momentum 0.5 (MTT's ``syn_lr``); saved with the set and
-      used by the evaluation protocol (``learned_lr``).
-    * ``label_logits`` (DATM): learnable logits :math:`z`; the labels are :math:`\mathrm{softmax}(z)`
-      (a distribution per image) and the evaluation trains on them with soft cross-entropy. SGD with
-      step ``lr_labels`` and momentum 0.9 (DATM's ``lr_y``, ``Momentum_y``).
-    * ``label_values`` (KIP, RFAD ``learn_labels``): learnable regression targets :math:`Y_s`
-      ``(n, C)`` (init: centred one-hot); step ``lr_labels``. The evaluation network is trained on
-      the hard labels (the learned targets are KRR targets, not distributions).
-
-    Storage: the pixels plus one number and ``n * C`` numbers per label extra.
-
-    Args:
-        images, labels, num_classes: as :class:`PixelSet`.
-        learning_rate: initial learnable step size, or ``None`` for none.
-        lr_lr: optimiser step for ``learning_rate``.
-        label_logits: initial ``(n, C)`` logits, or ``None``.
-        label_values: initial ``(n, C)`` regression labels, or ``None``.
-        lr_labels: optimiser step for the labels.
-    """
-
-    def __init__(
-        self,
-        images: Tensor,
-        labels: Tensor,
-        num_classes: int,
-        *,
-        learning_rate: float | None = None,
-        lr_lr: float = 1e-5,
-        label_logits: Tensor | None = None,
-        label_values: Tensor | None = None,
-        lr_labels: float = 1.0,
-    ) -> None:
-        super().__init__(images, labels, num_classes)
-        if label_logits is not None and label_values is not None:
+    # ------------------------------------------------------------------------- the extras
+    def _init_extras(self, extras: SyntheticExtras) -> None:
+        if extras.label_logits is not None and extras.label_values is not None:
             raise ValueError("pass at most one of label_logits (soft labels) and label_values (regression labels)")
         n = self.labels.shape[0]
-        for name, value in (("label_logits", label_logits), ("label_values", label_values)):
-            if value is not None and tuple(value.shape) != (n, num_classes):
-                raise ValueError(f"{name} must have shape ({n}, {num_classes}), got {tuple(value.shape)}")
-        self.learning_rate = None
-        if learning_rate is not None:
-            if not isinstance(learning_rate, (int, float)) or not math.isfinite(learning_rate) or learning_rate <= 0:
-                raise ValueError(f"learning_rate must be a positive finite number, got {learning_rate!r}")
-            self.learning_rate = nn.Parameter(torch.tensor(float(learning_rate)))
-        self.label_logits = None if label_logits is None else nn.Parameter(label_logits.detach().clone().float())
-        self.label_values = None if label_values is None else nn.Parameter(label_values.detach().clone().float())
-        self.lr_lr, self.lr_labels = float(lr_lr), float(lr_labels)
+        for name in ("label_logits", "label_values"):
+            value = getattr(extras, name)
+            if value is not None and tuple(value.shape) != (n, self.num_classes):
+                raise ValueError(f"{name} must have shape ({n}, {self.num_classes}), got {tuple(value.shape)}")
+        self._extras = extras
 
-    def image_parameters(self) -> list[nn.Parameter]:
-        return [self.pixels]
+    def _register_extras(self) -> None:
+        """Create the extras' parameters (called by subclasses after their stored parameters)."""
+        extras = self._extras
+        self.learning_rate = None
+        if extras.learning_rate is not None:
+            lr = extras.learning_rate
+            if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+                raise ValueError(f"learning_rate must be a positive finite number, got {lr!r}")
+            self.learning_rate = nn.Parameter(torch.tensor(float(lr)))
+        self.label_logits = None if extras.label_logits is None else nn.Parameter(
+            extras.label_logits.detach().clone().float())
+        self.label_values = None if extras.label_values is None else nn.Parameter(
+            extras.label_values.detach().clone().float())
+        self.lr_lr, self.lr_labels = float(extras.lr_lr), float(extras.lr_labels)
 
     def extra_parameter_groups(self) -> list[dict[str, Any]]:
+        """Optimizer groups for the learnable extras (learning rate, soft labels, regression labels)."""
         groups: list[dict[str, Any]] = []
         if self.learning_rate is not None:
             groups.append({"params": [self.learning_rate], "lr": self.lr_lr, "momentum": 0.5})
@@ -174,12 +158,72 @@ class LearnedExtrasPixelSet(PixelSet):
         return torch.softmax(self.label_logits, dim=1)
 
     def training_labels(self) -> Tensor:
+        """Targets the evaluation network is trained on: soft labels if learned, else the hard labels."""
         if self.label_logits is not None:
             return self.soft_labels().detach()
         return self.labels
 
     def learned_learning_rate(self) -> float | None:
+        """The learned training step size, or ``None``."""
         return None if self.learning_rate is None else float(self.learning_rate.detach())
+
+
+class PixelSet(SyntheticSet):
+    """``pixels``: every synthetic image is a free ``(C, H, W)`` tensor (DC, DSA, DM, MTT, KIP, ...).
+
+    Storage equals the decoded size: ``num_classes * ipc * C * H * W`` numbers (plus the extras);
+    decoding is the identity, free.
+
+    Args:
+        images: ``(num_classes * ipc, C, H, W)`` initial images (normalised space), class-blocked.
+        labels: matching hard labels.
+        num_classes: number of classes.
+        extras: learnable extras, or ``None``.
+    """
+
+    name = "pixels"
+
+    def __init__(self, images: Tensor, labels: Tensor, num_classes: int, extras: SyntheticExtras | None = None) -> None:
+        if images.dim() != 4:
+            raise ValueError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
+        if images.shape[0] % num_classes:
+            raise ValueError(
+                f"images must hold the same number of images for each of {num_classes} classes, "
+                f"got {images.shape[0]} images"
+            )
+        if labels.shape != (images.shape[0],):
+            raise ValueError(
+                f"labels must have shape ({images.shape[0]},) for {num_classes} classes x ipc "
+                f"{images.shape[0] // num_classes}, got {tuple(labels.shape)}"
+            )
+        super().__init__(labels, num_classes, images.shape[0] // num_classes, extras)
+        self.pixels = nn.Parameter(images.detach().clone().float())
+        self._register_extras()
+
+    @classmethod
+    def from_images(cls, images, labels, num_classes, options, extras=None):
+        return cls(images, labels, num_classes, extras)
+
+    def images(self) -> Tensor:
+        return self.pixels
+
+    def image_parameters(self) -> list[nn.Parameter]:
+        return [self.pixels]
+
+
+#: Registry of synthetic-set parameterisations (name -> class): the ``synthetic`` axis.
+SYNTHETIC_SETS: Registry = Registry("synthetic set")
+SYNTHETIC_SETS.register(PixelSet)
+SYNTHETIC_NAMES = SYNTHETIC_SETS.names
+
+
+def build_synthetic_set(
+    name: str, images: Tensor, labels: Tensor, num_classes: int, config: dict[str, Any],
+    extras: SyntheticExtras | None = None,
+) -> SyntheticSet:
+    """The ``name`` parameterisation (:data:`SYNTHETIC_NAMES`) started from ``images``, options from ``config``."""
+    cls = SYNTHETIC_SETS.get(name)
+    return cls.from_images(images, labels, num_classes, cls.options_from(config), extras)
 
 
 def initial_images(

@@ -108,10 +108,10 @@ def test_periodic_evaluation_is_recorded(tmp_path):
 
 
 def test_composition_from_python_changes_only_the_named_axis():
-    result = condense("dm", "digits", ipc=1, iterations=2, progress=False, batch_real=8, discrepancy="mmd")
-    assert result.recipe.discrepancy == "mmd" and result.recipe.feature_map == "embedding"
+    result = condense("dm", "digits", ipc=1, iterations=2, progress=False, batch_real=8, discrepancy="mmd2")
+    assert result.recipe.discrepancy == "mmd2" and result.recipe.feature_map == "embedding"
     assert result.config["recipe"]["name"] == "dm+discrepancy=mmd"
-    new = condense("dc", "digits", ipc=1, iterations=1, progress=False, batch_real=4, discrepancy="mmd",
+    new = condense("dc", "digits", ipc=1, iterations=1, progress=False, batch_real=4, discrepancy="mmd2",
                    sampler="fresh", gradient_mode="per_sample")
     assert new.recipe.sampler == "fresh" and len(new.metrics["loss_history"]) == 1
 

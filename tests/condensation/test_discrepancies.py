@@ -10,10 +10,7 @@ from ipmcondense.condensation.discrepancies import (
     GradientCosineDiscrepancy,
     GradientMSEDiscrepancy,
     MeanEmbeddingDiscrepancy,
-    PrototypeDiscrimination,
-    SyntheticCrossEntropy,
     get_discrepancy,
-    get_extra_term,
 )
 from ipmcondense.ipm.mean_embedding import mean_embedding_distance
 from ipmcondense.ipm.mmd import mmd2
@@ -89,7 +86,7 @@ def test_gradient_cosine_is_zero_for_parallel_and_two_for_opposite_rows():
 
 def test_discrepancies_are_differentiable_wrt_synthetic():
     real, syn = _clouds()
-    for name in ("mean_embedding", "mmd", "gradient_mse"):
+    for name in ("mean_embedding", "mmd2", "gradient_mse"):
         s = syn.clone().requires_grad_(True)
         get_discrepancy(name)(real, s).backward()
         assert s.grad is not None and torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
@@ -102,42 +99,21 @@ def test_every_discrepancy_states_its_relation():
         assert d.name == name
 
 
-def test_unknown_discrepancy_and_term():
-    with pytest.raises(ValueError, match="discrepancy"):
+def test_unknown_discrepancy():
+    with pytest.raises(ValueError, match="unknown discrepancy 'kl'.*'mmd2'"):
         get_discrepancy("kl")
-    with pytest.raises(ValueError, match="extra term"):
-        get_extra_term("magic", 1.0)
 
 
-class _Linear(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.classifier = torch.nn.Linear(4, 2).double()
-
-    def embed(self, x):
-        return x.flatten(1)
-
-    def forward(self, x):
-        return self.classifier(self.embed(x))
+def test_old_mmd_spelling_is_mmd2_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match="'mmd2'"):
+        d = get_discrepancy("mmd")
+    assert d.name == "mmd2"
 
 
-def test_prototype_discrimination_matches_direct_formula():
-    net = _Linear()
-    g = torch.Generator().manual_seed(3)
-    real, syn = torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randn(4, 4, generator=g, dtype=torch.float64)
-    rl, sl = torch.tensor([0, 0, 0, 1, 1, 1]), torch.tensor([0, 0, 1, 1])
-    value = PrototypeDiscrimination(0.01)(net, real, rl, syn, sl, [slice(0, 3), slice(3, 6)], [slice(0, 2), slice(2, 4)])
-    protos = torch.stack([syn[:2].mean(0), syn[2:].mean(0)])
-    expected = 0.01 * torch.nn.functional.cross_entropy(real @ protos.T, rl, reduction="sum")
-    torch.testing.assert_close(value, expected)
+def test_options_are_declared_with_defaults_and_build_the_same_discrepancy():
+    from ipmcondense.condensation.discrepancies import DISCREPANCIES
 
-
-def test_synthetic_cross_entropy_weights_by_real_accuracy():
-    net = _Linear()
-    real, syn = torch.randn(4, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
-    rl, sl = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1])
-    value = SyntheticCrossEntropy(0.5)(net, real, rl, syn, sl, [slice(0, 2), slice(2, 4)], [slice(0, 1), slice(1, 2)])
-    acc = (net(real).argmax(1) == rl).double().mean()
-    ce = sum(torch.nn.functional.cross_entropy(net(syn[i : i + 1]), sl[i : i + 1]) for i in range(2))
-    torch.testing.assert_close(value, 0.5 * acc * ce)
+    mmd = DISCREPANCIES.get("mmd2").from_config({"bandwidth": 2.0, "estimator": "unbiased", "blur": 9.0})
+    assert (mmd.bandwidth, mmd.estimator) == (2.0, "unbiased")
+    assert DISCREPANCIES.option_defaults() == {"bandwidth": "median", "estimator": "biased", "blur": 0.05,
+                                               "n_projections": 200}

@@ -6,9 +6,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ipmcondense.condensation.api import condense
+from ipmcondense.autodiff import flatten_parameters, implicit_hypergradient
 from ipmcondense.condensation.objectives import (
     build_kernel,
-    implicit_hypergradient,
     inner_linear_loss,
     solve_inner_linear,
     unrolled_task_loss,
@@ -16,7 +16,6 @@ from ipmcondense.condensation.objectives import (
 from ipmcondense.condensation.recipes import NOT_AN_IPM, RECIPES
 from ipmcondense.ipm.kernel_regression import krr_loss
 from ipmcondense.nets import get_network
-from ipmcondense.trajectories import flatten_parameters
 
 
 

@@ -62,7 +62,7 @@ def test_regularised_loss_equals_its_definition(digits, class_batch, monkeypatch
         generator = torch.Generator()
         augmentation = __import__("ipmcondense.augment", fromlist=["NoAugmentation"]).NoAugmentation()
 
-        class real_sampler:
+        class real_batches:
             @staticmethod
             def sample(n):
                 return real, rl

@@ -13,7 +13,8 @@ from ipmcondense.condensation.engine import CondensationEngine
 from ipmcondense.condensation.objectives import TrajectoryMatchingObjective
 from ipmcondense.condensation.recipes import FIRST_ORDER, RECIPES, get_recipe, resolve_config
 from ipmcondense.data import load_dataset
-from ipmcondense.trajectories import ExpertSample, train_experts, trajectory_matching_loss
+from ipmcondense.condensation.objectives import trajectory_matching_loss
+from ipmcondense.trajectories import ExpertSample, train_experts
 
 ARCH = "convnet-w32"
 MTT = {"arch": ARCH, "max_start_epoch": 2, "expert_epochs": 1, "syn_steps": 3, "lr_images": 10.0}
@@ -53,7 +54,7 @@ def _sgd_path(engine, start, lr, steps):
     net = engine.objective.template
     x, y = engine.synthetic.images().detach(), engine.synthetic.labels
     theta = start.clone()
-    from ipmcondense.trajectories import load_flat_parameters
+    from ipmcondense.autodiff import load_flat_parameters
 
     for _ in range(steps):
         load_flat_parameters(net, theta)
@@ -82,10 +83,10 @@ def test_first_order_is_accumulated_gradient_matching(digits, buffer_dir, memory
     engine = _engine(digits, buffer_dir, memory_lean=memory_lean)
     net = engine.objective.template
     start = engine.objective.buffer.snapshot(0, 1)
-    real, rl = engine.real_sampler.sample(8)
+    real, rl = engine.real_batches.sample(8)
 
     def grad_at(x, y):
-        from ipmcondense.trajectories import load_flat_parameters
+        from ipmcondense.autodiff import load_flat_parameters
 
         load_flat_parameters(net, start)
         return torch.cat([g.flatten() for g in torch.autograd.grad(F.cross_entropy(net(x), y), list(net.parameters()))])
@@ -130,7 +131,7 @@ def test_runs_end_to_end_learns_lr_and_decreases_the_loss(digits, buffer_dir, tm
     buffer = engine.objective.buffer
 
     def fixed_loss(result):
-        from ipmcondense.trajectories import unrolled_sgd
+        from ipmcondense.autodiff import unrolled_sgd
 
         total = 0.0
         for k in range(2):

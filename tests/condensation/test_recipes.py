@@ -6,7 +6,9 @@ from ipmcondense.condensation.recipes import (
     COMMON_DEFAULTS,
     DATASET_BUDGETS,
     RECIPES,
-    Recipe,
+    MatchingRecipe,
+    ObjectiveRecipe,
+    SelectionRecipe,
     compose_recipe,
     get_recipe,
     resolve_config,
@@ -19,7 +21,7 @@ def test_reference_defaults():
     assert dict(dm.defaults) == {"iterations": 20000, "lr_images": 1.0, "batch_real": 256, "init": "real"}
     assert (dc.defaults["lr_images"], dc.defaults["init"], dc.defaults["iterations"], dc.augmentation) == (0.1, "noise", 1000, "none")
     assert (dsa.augmentation, dsa.defaults["init"]) == ("dsa", "real")
-    assert get_recipe("m3d").discrepancy == "mmd" and get_recipe("wasserstein").discrepancy == "sinkhorn"
+    assert get_recipe("m3d").discrepancy == "mmd2" and get_recipe("wasserstein").discrepancy == "sinkhorn"
     assert get_recipe("datadam").defaults["batch_real"] == 64
     assert get_recipe("idm").defaults["ce_weight"] == 0.5 and get_recipe("cafe").defaults["inner_weight"] == 0.01
 
@@ -48,29 +50,89 @@ def test_every_budget_row_names_a_recipe_and_known_keys():
 
 def test_compose_recipe():
     assert compose_recipe("dm") is get_recipe("dm")
-    mmd = compose_recipe("dm", discrepancy="mmd")
-    assert (mmd.feature_map, mmd.discrepancy, mmd.sampler, mmd.relation_to_ipm) == ("embedding", "mmd", "fresh", "exact IPM")
-    assert mmd.name == "dm+discrepancy=mmd" and mmd.defaults == get_recipe("dm").defaults
-    new = compose_recipe("dc", discrepancy="mmd", sampler="fresh")
+    mmd = compose_recipe("dm", discrepancy="mmd2")
+    assert (mmd.feature_map, mmd.discrepancy, mmd.sampler, mmd.relation_to_ipm) == ("embedding", "mmd2", "fresh", "exact IPM")
+    assert mmd.name == "dm+discrepancy=mmd2" and mmd.defaults == get_recipe("dm").defaults
+    with pytest.warns(DeprecationWarning, match="'mmd2'"):
+        assert compose_recipe("dm", discrepancy="mmd").discrepancy == "mmd2"
+    new = compose_recipe("dc", discrepancy="mmd2", sampler="fresh")
     assert new.feature_map == "gradients" and new.sampler == "fresh"
     with pytest.raises(ValueError, match="needs feature map 'gradients'"):
         compose_recipe("dm", discrepancy="gradient_cosine")
-    with pytest.raises(ValueError, match="sampler"):
+    with pytest.raises(ValueError, match="unknown sampler 'teleport'"):
         compose_recipe("dm", sampler="teleport")
     with pytest.raises(ValueError, match="selection baseline"):
-        compose_recipe("herding", discrepancy="mmd")
+        compose_recipe("herding", discrepancy="mmd2")
     with pytest.raises(ValueError, match="method"):
         get_recipe("mtt-but-not-yet")
+
+
+def test_the_two_data_axes_compose_and_unknown_names_list_the_choices():
+    same = compose_recipe("dm", synthetic="pixels", real_batches="random")
+    assert same is get_recipe("dm")
+    with pytest.raises(ValueError, match="unknown synthetic set 'voxels'; expected one of: 'pixels'"):
+        compose_recipe("dm", synthetic="voxels")
+    with pytest.raises(ValueError, match="unknown real-batch selector 'dream'; expected one of: 'random'"):
+        compose_recipe("dc", real_batches="dream")
+    with pytest.raises(ValueError, match="draws no real batches"):
+        compose_recipe("mtt", real_batches="random")
+    with pytest.raises(ValueError, match="cannot be changed"):
+        compose_recipe("kip", feature_map="embedding")
+    for row in RECIPES.values():
+        axes = row.axes()
+        assert axes["synthetic"] == "pixels" and "real_batches" in axes
+
+
+def test_rows_are_a_tagged_union():
+    kinds = {name: type(row) for name, row in RECIPES.items()}
+    assert {n for n, k in kinds.items() if k is MatchingRecipe} == {
+        "dm", "m3d", "wasserstein", "dc", "dsa", "cafe", "datadam", "lcmat", "idm"}
+    assert {n for n, k in kinds.items() if k is ObjectiveRecipe} == {"mtt", "kip", "rfad", "dd", "rcig"}
+    assert {n for n, k in kinds.items() if k is SelectionRecipe} == {"random", "herding", "kcenter"}
+    assert not hasattr(get_recipe("kip"), "feature_map") and get_recipe("kip").sampler == "none"
+    assert get_recipe("dd").sampler == "fresh" and get_recipe("mtt").real_batches is None
+    assert get_recipe("random").is_selection and get_recipe("random").axes()["real_batches"] is None
+    assert all("-" not in row.axes().values() for row in RECIPES.values())
 
 
 def test_rows_are_frozen_and_validated():
     dm = get_recipe("dm")
     with pytest.raises(AttributeError):
-        dm.discrepancy = "mmd"  # type: ignore[misc]
+        dm.discrepancy = "mmd2"  # type: ignore[misc]
     with pytest.raises(TypeError):
         dm.defaults["lr_images"] = 3  # type: ignore[index]
+    row = dict(name="x", feature_map="embedding", discrepancy="mmd2", sampler="fresh", relation_to_ipm="exact IPM",
+               why="why")
     with pytest.raises(ValueError, match="augmentation"):
-        Recipe("x", "embedding", "mmd", "fresh", "mixup", "exact IPM", "why")
+        MatchingRecipe(**row, augmentation="mixup")
+    with pytest.raises(ValueError, match="unknown feature map 'pixels2'"):
+        MatchingRecipe(**{**row, "feature_map": "pixels2"})
+    with pytest.raises(ValueError, match="sampler 'none' draws none"):
+        MatchingRecipe(**{**row, "sampler": "none"})
+    with pytest.raises(ValueError, match="unknown hyperparameter default"):
+        MatchingRecipe(**row, defaults={"lr_imgs": 1.0})
+    with pytest.raises(ValueError, match="unknown objective"):
+        ObjectiveRecipe(name="y", objective="magic", relation_to_ipm="not an IPM", why="why")
+    with pytest.raises(ValueError, match="real_batches None"):
+        ObjectiveRecipe(name="y", objective="mtt", relation_to_ipm="not an IPM", why="why")
+    with pytest.raises(ValueError, match="unknown selection"):
+        SelectionRecipe(name="z", selection="best", relation_to_ipm="not an IPM", why="why")
+
+
+def test_register_recipe_adds_a_row_and_refuses_clashes():
+    from ipmcondense.condensation import recipes
+
+    row = MatchingRecipe(name="dm-test-only", feature_map="embedding", discrepancy="mmd2", sampler="fresh",
+                         relation_to_ipm="exact IPM", why="test")
+    try:
+        recipes.register_recipe(row)
+        assert get_recipe("dm-test-only") is row and "dm-test-only" in RECIPES
+        with pytest.raises(ValueError, match="already registered"):
+            recipes.register_recipe(row)
+    finally:
+        recipes._RECIPES.pop("dm-test-only", None)
+    with pytest.raises(ValueError, match="without '\\+'"):
+        recipes.register_recipe(MatchingRecipe(**{**row.__dict__, "name": "a+b", "defaults": {}}))
 
 
 def test_dataset_defaults_sit_below_recipe_budgets_and_overrides():

@@ -1,0 +1,84 @@
+r"""The objective axis: what one image step of the engine minimises.
+
+The engine (:mod:`ipmcondense.condensation.engine`) asks the recipe's :class:`Objective` for the loss
+of one step and its gradients with respect to the learnable tensors (the synthetic set's parameters
+and the objective's own, e.g. a temperature), then takes one optimiser step. Everything else (the
+loop, checkpoints, resume, outputs, evaluation) is shared.
+
+===========  =================================================================  ==============================
+name         loss of one step                                                   relation to an IPM
+===========  =================================================================  ==============================
+matching     :math:`\sum_c D(\phi_\theta(A(T_c)), \phi_\theta(A(S_c)))` (+ extras;  exact / normalised IPM per the
+             LCMat curvature term with ``lcmat_weight > 0``)                    discrepancy (see the row)
+mtt          :math:`\|\theta^S_N - \theta^*_{t+M}\|^2/\|\theta^*_t - \theta^*_{t+M}\|^2`  first-order approximation:
+                                                                                accumulated gradient matching
+kip          :math:`\tfrac12 \mathrm{mean}(Y_T - K_{TS}(K_{SS}+\lambda I)^{-1}Y_S)^2`     not an IPM (regression loss,
+                                                                                RKHS witness class)
+rfad         Platt-scaled CE of the KRR predictions, random-feature NNGP        not an IPM (as KIP)
+dd           :math:`\mathrm{CE}(f_{\theta_N(S)}(X_T), Y_T)`, :math:`\theta_N` = N   not an IPM (bilevel)
+             unrolled SGD steps on S with learnable step sizes
+rcig         :math:`\mathrm{CE}(X_T W^*(S), Y_T)`, :math:`W^* = \arg\min_W` a convex  not an IPM (bilevel)
+             inner loss on S, gradient by implicit differentiation
+===========  =================================================================  ==============================
+
+Randomness: every draw (real batches, expert samples, networks, augmentations, unroll mini-batches)
+comes from the engine's one generator, so ``resume=True`` continues bit-for-bit.
+"""
+
+from __future__ import annotations
+
+from ipmcondense.components import Registry
+
+from .base import Objective, ObjectiveContext, check_options, draw_network
+from .bilevel import (
+    ImplicitBilevelObjective,
+    UnrolledBilevelObjective,
+    inner_linear_loss,
+    solve_inner_linear,
+    unrolled_task_loss,
+)
+from .kernel import KERNEL_NAMES, KernelInducingPointsObjective, RandomFeatureKRRObjective, build_kernel
+from .matching import MatchingObjective, lcmat_perturbation
+from .trajectory import (
+    TrajectoryMatchingGradients,
+    TrajectoryMatchingObjective,
+    trajectory_matching_loss,
+    trajectory_matching_loss_and_grads,
+)
+
+__all__ = [
+    "ObjectiveContext",
+    "Objective",
+    "MatchingObjective",
+    "TrajectoryMatchingObjective",
+    "KernelInducingPointsObjective",
+    "RandomFeatureKRRObjective",
+    "UnrolledBilevelObjective",
+    "ImplicitBilevelObjective",
+    "OBJECTIVES",
+    "OBJECTIVE_NAMES",
+    "KERNEL_NAMES",
+    "get_objective_class",
+    "lcmat_perturbation",
+    "build_kernel",
+    "unrolled_task_loss",
+    "solve_inner_linear",
+    "inner_linear_loss",
+    "trajectory_matching_loss",
+    "trajectory_matching_loss_and_grads",
+    "TrajectoryMatchingGradients",
+    "check_options",
+    "draw_network",
+]
+
+#: Registry of objectives (name -> class): the ``objective`` of a recipe row.
+OBJECTIVES: Registry = Registry("objective")
+for _cls in (MatchingObjective, TrajectoryMatchingObjective, KernelInducingPointsObjective, RandomFeatureKRRObjective,
+             UnrolledBilevelObjective, ImplicitBilevelObjective):
+    OBJECTIVES.register(_cls)
+OBJECTIVE_NAMES = OBJECTIVES.names
+
+
+def get_objective_class(name: str) -> type[Objective]:
+    """The objective class registered as ``name`` (:data:`OBJECTIVE_NAMES`)."""
+    return OBJECTIVES.get(name)

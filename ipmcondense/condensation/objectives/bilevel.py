@@ -1,0 +1,230 @@
+r"""Bilevel objectives: DD (unrolled back-propagation through training) and RCIG (implicit differentiation).
+
+Both minimise the real-data loss of a model fitted on S. DD differentiates through ``dd_steps``
+unrolled SGD steps (:func:`ipmcondense.autodiff.unrolled_sgd`); RCIG solves a convex last-layer inner
+problem and takes the implicit hypergradient (:func:`ipmcondense.autodiff.implicit_hypergradient`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ipmcondense.autodiff import flatten_parameters, functional_forward, implicit_hypergradient, unrolled_sgd
+from ipmcondense.components import option
+from ipmcondense.ipm._validation import check_choice
+from ipmcondense.nets import build_isolated
+
+from .base import Objective, ObjectiveContext, check_options, draw_network
+
+__all__ = [
+    "UnrolledBilevelObjective",
+    "ImplicitBilevelObjective",
+    "unrolled_task_loss",
+    "inner_linear_loss",
+    "solve_inner_linear",
+]
+
+
+def unrolled_task_loss(
+    net: nn.Module,
+    flat_params_start: Tensor,
+    images: Tensor,
+    labels: Tensor,
+    raw_lrs: Tensor,
+    real_images: Tensor,
+    real_labels: Tensor,
+) -> Tensor:
+    r"""DD's outer loss :math:`\mathrm{CE}(f_{\theta_N}(X_T), Y_T)` after ``len(raw_lrs)`` unrolled SGD steps on S.
+
+    :math:`\theta_{i+1} = \theta_i - \mathrm{softplus}(r_i) \nabla_\theta \mathrm{CE}(f_{\theta_i}(X_S), Y_S)`
+    (full synthetic batch each step, :func:`~ipmcondense.trajectories.unrolled_sgd`), differentiable in
+    the images and the raw step sizes :math:`r` (the hypergradient, through Hessian-vector products).
+    Cost: N forward + backward passes on S, the meta-backward, one forward on the real batch.
+    """
+    lrs = F.softplus(raw_lrs)
+    end = unrolled_sgd(net, flat_params_start, images, labels, lrs, int(raw_lrs.numel()))
+    return F.cross_entropy(functional_forward(net, end, real_images), real_labels)
+
+
+class UnrolledBilevelObjective(Objective):
+    r"""DD: dataset distillation by back-propagation through training (Wang et al. 2018).
+
+    Each step: :math:`\theta_0` = a fresh initialisation from the sampler (``dd_init="fresh"``, the
+    reference's ``unknown_init``) or one initialisation fixed for the run (``"fixed"``); ``dd_steps``
+    SGD steps on the whole synthetic set with learnable per-step step sizes
+    :math:`\eta_i = \mathrm{softplus}(r_i)` (init ``dd_lr_init``, own step ``lr_lrs``); the loss is
+    :func:`unrolled_task_loss` on a class-balanced real batch.
+
+    **Relation to an IPM**: none: a performance-oriented bilevel objective (the real-data loss of the
+    network trained on S).
+
+    Cost: ``dd_steps`` forward + backward passes on S with graphs kept (memory linear in the steps).
+    """
+
+    name = "dd"
+    relation_to_ipm = "not an IPM: bilevel objective (real-data loss after unrolled training on S)"
+    default_sampler = "fresh"
+
+    @dataclass(frozen=True)
+    class Options:
+        dd_steps: int = option(10, "ssnl/dataset-distillation: --distill_steps 10")
+        dd_lr_init: float = option(0.02, "ssnl/dataset-distillation: --distill_lr 0.02")
+        lr_lrs: float = option(0.01, "step of the learned step sizes (library choice)")
+        dd_init: str = option("fresh", "ssnl/dataset-distillation: unknown_init (a fresh network per step)")
+
+    def __init__(self, ctx: ObjectiveContext) -> None:
+        super().__init__(ctx)
+        steps = int(ctx.config["dd_steps"])
+        init = float(ctx.config["dd_lr_init"])
+        raw = math.log(math.expm1(init))  # softplus^{-1}
+        self.raw_lrs = nn.Parameter(torch.full((steps,), raw, device=ctx.device))
+        self.template = build_isolated(ctx.build_network).to(ctx.device)
+        self.fixed_start = None
+        if ctx.config["dd_init"] == "fixed":
+            self.fixed_start = flatten_parameters(draw_network(ctx))
+
+    @classmethod
+    def prepare_config(cls, config, dataset):
+        check_options(config, ("dd_lr_init", "lr_lrs"), integers=("dd_steps",))
+        check_choice(config["dd_init"], ("fresh", "fixed"), "dd_init")
+        return config
+
+    def parameter_groups(self):
+        return [{"params": [self.raw_lrs], "lr": float(self.config["lr_lrs"])}]
+
+    def learned_step_sizes(self) -> Tensor:
+        """:math:`\\mathrm{softplus}(r)`, the current per-step learning rates."""
+        return F.softplus(self.raw_lrs.detach())
+
+    def loss(self, networks):
+        ctx = self.ctx
+        if self.fixed_start is not None:
+            start = self.fixed_start
+        else:
+            if not networks:
+                raise ValueError("objective 'dd' with dd_init='fresh' needs a sampler that draws networks")
+            start = flatten_parameters(networks[0])
+        real, real_labels = ctx.real_batches.sample(int(self.config["batch_real"]))
+        return unrolled_task_loss(
+            self.template, start, ctx.synthetic.images(), ctx.synthetic.labels, self.raw_lrs, real, real_labels,
+        )
+
+    def check_after_step(self, iteration):
+        if not bool(torch.isfinite(self.raw_lrs.detach()).all()):
+            raise FloatingPointError(f"the learned step sizes of 'dd' became non-finite at iteration {iteration}")
+
+    def state_dict(self):
+        state = {"raw_lrs": self.raw_lrs.detach().cpu().clone()}
+        if self.fixed_start is not None:
+            state["fixed_start"] = self.fixed_start.detach().cpu().clone()
+        return state
+
+    def load_state_dict(self, state):
+        with torch.no_grad():
+            self.raw_lrs.copy_(state["raw_lrs"])
+        if "fixed_start" in state:
+            self.fixed_start = state["fixed_start"].to(self.ctx.device)
+
+
+def inner_linear_loss(weights: Tensor, features: Tensor, targets: Tensor, l2: float, loss: str = "ce") -> Tensor:
+    r"""RCIG's convex inner problem on features: a linear model :math:`X W` with ridge :math:`\tfrac{l_2}2\|W\|^2`.
+
+    ``loss="ce"``: :math:`\mathrm{mean}_i\, \mathrm{CE}(x_i^\top W, y_i)` (multinomial logistic regression,
+    ``targets`` class indices); ``"mse"``: :math:`\tfrac12 \mathrm{mean}_i \|x_i^\top W - y_i\|^2` (ridge
+    regression, ``targets`` ``(n, C)``). Strongly convex in ``W`` for ``l2 > 0``.
+    """
+    out = features @ weights
+    if loss == "ce":
+        value = F.cross_entropy(out, targets)
+    else:
+        value = 0.5 * ((out - targets) ** 2).sum(1).mean()
+    return value + 0.5 * l2 * (weights * weights).sum()
+
+
+def solve_inner_linear(features: Tensor, targets: Tensor, l2: float, loss: str = "ce", iterations: int = 100) -> Tensor:
+    """The minimiser of :func:`inner_linear_loss` (closed form for ``"mse"``, L-BFGS for ``"ce"``); detached."""
+    x = features.detach()
+    d = x.shape[1]
+    if loss == "mse":
+        n = x.shape[0]
+        system = x.T @ x / n + l2 * torch.eye(d, dtype=x.dtype, device=x.device)
+        return torch.linalg.solve(system, x.T @ targets.to(x.dtype) / n)
+    num_classes = int(targets.max()) + 1 if targets.dim() == 1 else targets.shape[1]
+    w = torch.zeros(d, max(num_classes, 2), dtype=x.dtype, device=x.device, requires_grad=True)
+    opt = torch.optim.LBFGS([w], lr=1.0, max_iter=int(iterations), tolerance_grad=1e-10, tolerance_change=1e-14,
+                            history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        value = inner_linear_loss(w, x, targets, l2, loss)
+        value.backward()
+        return value
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return w.detach()
+
+
+class ImplicitBilevelObjective(Objective):
+    r"""RCIG-style implicit differentiation around a convex inner optimum (Loo et al. 2023, simplified).
+
+    Each step: a fresh random ``arch`` network from the sampler gives frozen features
+    :math:`\phi(x) = [\mathrm{embed}(x)/\sqrt d, 1]` (its last layer linearised: a linear model on the
+    features is exactly the network's linearisation in the last layer); the inner problem is the
+    convex :func:`inner_linear_loss` (``rcig_l2``) of :math:`W` on the synthetic features, solved by
+    L-BFGS (``rcig_inner_steps``); the outer loss is :math:`\mathrm{CE}(\phi(X_T) W^*, y_T)` on a
+    class-balanced real batch; its gradient with respect to S is :func:`implicit_hypergradient` with
+    ``rcig_solver`` ``"cg"`` or ``"neumann"`` (``rcig_hinv_steps`` Hessian-vector products).
+
+    **Relation to an IPM**: none: a bilevel performance objective.
+    Cost: feature passes on S and T, the inner solve (on :math:`d \times C` numbers), the
+    inverse-Hessian-vector product and one backward pass through the features of S.
+    """
+
+    name = "rcig"
+    relation_to_ipm = "not an IPM: bilevel objective with a convex inner problem, implicit gradient"
+    default_sampler = "fresh"
+
+    @dataclass(frozen=True)
+    class Options:
+        rcig_solver: str = option("cg", "RCIG: conjugate gradients for the inverse-Hessian-vector product")
+        rcig_l2: float = option(1e-3, "ridge of the inner problem (library choice; digits budgets tune it)")
+        rcig_inner_steps: int = option(100, "L-BFGS iterations of the inner solve")
+        rcig_hinv_steps: int = option(20, "RCIG: 20 Hessian-vector products")
+
+    @classmethod
+    def prepare_config(cls, config, dataset):
+        check_choice(config["rcig_solver"], ("cg", "neumann"), "rcig_solver")
+        check_options(config, ("rcig_l2",), integers=("rcig_inner_steps", "rcig_hinv_steps"))
+        return config
+
+    @staticmethod
+    def _features(net: nn.Module, images: Tensor) -> Tensor:
+        emb = net.embed(images)
+        emb = emb.reshape(emb.shape[0], -1) / math.sqrt(emb[0].numel())
+        return torch.cat([emb, torch.ones_like(emb[:, :1])], dim=1).double()
+
+    def loss_and_gradients(self, networks, params):
+        if not networks:
+            raise ValueError("objective 'rcig' needs a sampler that draws networks (e.g. 'fresh')")
+        ctx, cfg = self.ctx, self.config
+        net = networks[0]
+        real, real_labels = ctx.real_batches.sample(int(cfg["batch_real"]))
+        syn_feats = self._features(net, ctx.synthetic.images())
+        with torch.no_grad():
+            real_feats = self._features(net, real)
+        labels = ctx.synthetic.labels
+        l2 = float(cfg["rcig_l2"])
+        w_star = solve_inner_linear(syn_feats, labels, l2, "ce", int(cfg["rcig_inner_steps"]))
+        outer, grads = implicit_hypergradient(
+            lambda w: inner_linear_loss(w, syn_feats, labels, l2, "ce"),
+            lambda w: F.cross_entropy(real_feats @ w, real_labels),
+            w_star, list(params), solver=cfg["rcig_solver"], iterations=int(cfg["rcig_hinv_steps"]),
+        )
+        grads = [None if g is None else g.to(p.dtype) for g, p in zip(grads, params)]
+        return outer.float(), grads

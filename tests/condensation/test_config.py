@@ -1,0 +1,41 @@
+"""The flat hyperparameter table is derived from the components' options, and every option has a source."""
+
+import dataclasses
+import json
+
+from ipmcondense.condensation.config import (
+    COMMON_DEFAULTS,
+    COMPONENT_REGISTRIES,
+    EngineOptions,
+    hyperparameter_sources,
+)
+from ipmcondense.condensation.recipes import RECIPES, resolve_config
+
+
+def test_common_defaults_is_the_union_of_the_engine_and_component_options():
+    expected = {f.name: f.default for f in dataclasses.fields(EngineOptions)}
+    for registry in COMPONENT_REGISTRIES.values():
+        for cls in registry.values():
+            for f in dataclasses.fields(cls.Options):
+                assert COMMON_DEFAULTS[f.name] == f.default, f"{cls.name}.{f.name}"
+                expected.setdefault(f.name, f.default)
+    assert dict(COMMON_DEFAULTS) == expected
+
+
+def test_known_keys_and_values_of_the_reference_table():
+    # values that the benchmark cells and the golden sets were produced with
+    assert COMMON_DEFAULTS["lr_images"] == 0.1 and COMMON_DEFAULTS["batch_real"] == 256
+    assert COMMON_DEFAULTS["outer_loop"] is None and COMMON_DEFAULTS["pool_size"] == 100
+    assert COMMON_DEFAULTS["bandwidth"] == "median" and COMMON_DEFAULTS["syn_steps"] == 20
+    assert len(COMMON_DEFAULTS) == 62  # the table the benchmark cells were keyed with
+
+
+def test_every_hyperparameter_has_a_stated_source():
+    sources = hyperparameter_sources()
+    missing = [k for k in COMMON_DEFAULTS if not sources.get(k)]
+    assert not missing, f"options without a source: {missing}"
+
+
+def test_resolved_configs_are_json_serialisable_for_every_row():
+    for name, recipe in RECIPES.items():
+        json.dumps(resolve_config(recipe, "digits", ipc=10))

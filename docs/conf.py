@@ -1,6 +1,11 @@
 """Sphinx configuration for the ipmcondense documentation (built in strict mode: warnings fail)."""
 
+import os
+import sys
+
 import ipmcondense
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "_ext"))
 
 project = "ipmcondense"
 author = "the ipmcondense developers"
@@ -15,6 +20,7 @@ extensions = [
     "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
     "myst_nb",
+    "cli_help",
 ]
 
 autosummary_generate = True
@@ -25,7 +31,7 @@ napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_ivar = True  # "Attributes:" sections as fields, so dataclass fields are not documented twice
 
-myst_enable_extensions = ["dollarmath", "amsmath"]
+myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence"]
 # The notebooks are executed (and their claims asserted) by the test suite; the site renders the
 # outputs stored by `python theory_notebooks/build.py`, so a docs build needs no kernel.
 nb_execution_mode = "off"

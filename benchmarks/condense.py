@@ -14,7 +14,7 @@ error in the cell's JSON and the grid goes on). A cell whose JSON exists with ``
 the same key is never recomputed (``--force`` recomputes). Cells that cannot run here (no data, a
 profile that leaves them out) are written with ``status == "skipped"`` and the reason.
 
-Budget profiles (:data:`PROFILES`):
+Budget profiles (:data:`PROFILES`, read from ``benchmarks/profiles.toml``, each value with its reason):
 
 * ``cpu-small``: about two hours per dataset on 2 CPU cores. ``digits`` uses the recipes' own
   dataset budgets (:data:`ipmcondense.condensation.recipes.DATASET_BUDGETS`); MNIST and
@@ -84,146 +84,14 @@ BASELINES = ("random", "herding", "kcenter")
 
 # ------------------------------------------------------------------------------------------ profiles
 
+# The budget profiles live in benchmarks/profiles.toml, each value with its reason; benchmarks/grid is
+# imported as the package ``grid`` (a script's folder is on sys.path already, a module loaded from
+# its file needs it added).
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-@dataclasses.dataclass(frozen=True)
-class Profile:
-    """A named budget: what each cell of a dataset runs with.
+from grid.profiles import PROFILES, PROFILES_FILE, Profile, load_profiles  # noqa: E402
 
-    Attributes:
-        name: profile name (folder under ``benchmarks/results/condense``).
-        description: one line for RESULTS.md.
-        use_reference_iterations: override ``iterations`` with the recipe's reference value (the
-            paper's), ignoring the per-dataset budget's iteration count.
-        overrides: ``{dataset: {method: {hyperparameter: value}}}`` on top of the recipe and its dataset
-            budget; method ``"*"`` applies to every optimised recipe *without* a dataset budget
-            (:data:`~ipmcondense.condensation.recipes.DATASET_BUDGETS`) for that dataset; a method's
-            own entry is applied after ``"*"``.
-        ipc_overrides: ``{dataset: {method: {ipc: {hyperparameter: value}}}}`` applied after
-            ``overrides`` for that IPC only (an iteration count that fits the hour at IPC 1 does not at 10).
-        models: ``{dataset: {ipc: n}}`` evaluation models (key ``0`` for any IPC not listed).
-        eval_epochs: ``{dataset: {ipc: epochs}}`` evaluation epochs (``None``: the protocol's).
-        ipcs: ``{dataset: ipcs}`` the IPCs the profile runs (other IPCs are skipped, with a reason).
-        methods: ``{dataset: methods}`` the methods the profile runs by default (others are skipped,
-            with a reason, unless named with ``--methods``); a dataset not listed runs every method.
-        upper_bound: ``{dataset: {"epochs": E, "models": n}}``; a dataset not listed skips the bound.
-        experts: ``{dataset: {"n_experts", "epochs", "train_fraction"}}`` the MTT expert buffer.
-    """
-
-    name: str
-    description: str
-    use_reference_iterations: bool = False
-    overrides: dict[str, dict[str, dict[str, Any]]] = dataclasses.field(default_factory=dict)
-    ipc_overrides: dict[str, dict[str, dict[int, dict[str, Any]]]] = dataclasses.field(default_factory=dict)
-    models: dict[str, dict[int, int]] = dataclasses.field(default_factory=dict)
-    eval_epochs: dict[str, dict[int, int | None]] = dataclasses.field(default_factory=dict)
-    ipcs: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
-    methods: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
-    upper_bound: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
-    experts: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
-
-    def models_for(self, dataset: str, ipc: int) -> int:
-        table = self.models.get(dataset, self.models.get("*", {0: 5}))
-        return int(table.get(ipc, table.get(0, 5)))
-
-    def eval_epochs_for(self, dataset: str, ipc: int) -> int | None:
-        table = self.eval_epochs.get(dataset, self.eval_epochs.get("*", {}))
-        return table.get(ipc, table.get(0))
-
-
-# MNIST-size budget for 2 CPU cores: a ConvNet-3 step on 256 28x28 images takes ~2.5 s on one loaded
-# core (~10 ms per image forward+backward), so an evaluation at 1000 epochs of 100 images costs ~1000 s
-# per model; the budgets below keep each cell at a few minutes.
-_MNIST_SMALL = {
-    "*": {"iterations": 50},
-    "dm": {"iterations": 100, "batch_real": 64},
-    "m3d": {"iterations": 100, "batch_real": 64},
-    "wasserstein": {"iterations": 100, "batch_real": 64},
-    "datadam": {"iterations": 100, "batch_real": 32},
-    "idm": {"iterations": 50, "batch_real": 64, "train_steps": 2, "batch_pool": 16, "pool_size": 20},
-    "dc": {"iterations": 10, "batch_real": 64, "outer_loop": 2, "inner_loop": 2},
-    "dsa": {"iterations": 10, "batch_real": 64, "outer_loop": 2, "inner_loop": 2},
-    "cafe": {"iterations": 10, "batch_real": 64, "outer_loop": 2, "inner_loop": 2},
-    "lcmat": {"iterations": 10, "batch_real": 64, "outer_loop": 2, "inner_loop": 2},
-    "mtt": {"iterations": 20, "syn_steps": 10, "expert_epochs": 1, "max_start_epoch": 2},
-    "kip": {"iterations": 100, "batch_real": 100},
-    "rfad": {"iterations": 50, "batch_real": 64, "n_models": 2},
-    "dd": {"iterations": 50, "batch_real": 64, "dd_steps": 5},
-    "rcig": {"iterations": 50, "batch_real": 64, "rcig_inner_steps": 20, "rcig_hinv_steps": 5},
-}
-_MNIST_SMALL_METHODS = ("random", "herding", "kcenter", "dm", "m3d", "dc", "dsa", "mtt", "kip")
-# MTT expert buffer at that budget: 2 experts x 3 epochs on a tenth of the training set (~8 min on MNIST)
-_MNIST_SMALL_EXPERTS = {"n_experts": 2, "epochs": 3, "train_fraction": 0.1}
-
-PROFILES: dict[str, Profile] = {
-    "cpu-small": Profile(
-        name="cpu-small",
-        description=(
-            "about 2 h of compute per dataset on 2 CPU cores: digits with the recipes' digits budgets, "
-            "MNIST/Fashion-MNIST with 10-100 outer iterations, 1 model of 300 epochs (far below the papers)"
-        ),
-        overrides={
-            # recipes without a digits budget (mtt, kip, rfad, dd, rcig, ...): a capped iteration count
-            "digits": {
-                "*": {"iterations": 100},
-                "mtt": {"syn_steps": 10, "expert_epochs": 2, "max_start_epoch": 10},
-            },
-            "mnist": _MNIST_SMALL,
-            "fashion-mnist": _MNIST_SMALL,
-        },
-        models={"digits": {1: 3, 10: 3, 50: 2}, "*": {0: 1}},
-        eval_epochs={"digits": {1: None, 10: None, 50: 300}, "*": {0: 300}},
-        ipcs={"digits": (1, 10, 50), "mnist": (1, 10), "fashion-mnist": (1, 10), "cifar10": (1, 10)},
-        methods={"mnist": _MNIST_SMALL_METHODS, "fashion-mnist": _MNIST_SMALL_METHODS,
-                 "cifar10": _MNIST_SMALL_METHODS},
-        upper_bound={"digits": {"epochs": 100, "models": 3},
-                     "mnist": {"epochs": 1, "models": 1},
-                     "fashion-mnist": {"epochs": 1, "models": 1}},
-        experts={"digits": {"n_experts": 5, "epochs": 12, "train_fraction": 1.0},
-                 "mnist": _MNIST_SMALL_EXPERTS, "fashion-mnist": _MNIST_SMALL_EXPERTS,
-                 "cifar10": _MNIST_SMALL_EXPERTS},
-    ),
-    # issue 4's MNIST acceptance runs: DM at IPC 10 and DC at IPC 1 with at most about an hour of
-    # condensation each on 2 CPU cores (DM ~1.5 s and DC ~4 s per outer iteration at batch_real 64),
-    # evaluated with the full protocol (1000 epochs with DSA) on 2 models at IPC 10 (~10 min each), 3 at IPC 1.
-    "cpu-hour": Profile(
-        name="cpu-hour",
-        description=(
-            "at most about an hour of condensation per cell on 2 CPU cores (MNIST: dm 500 and dc 200 outer "
-            "iterations at batch_real 64, the references run 20000 and 1000; mtt 300 at IPC 1 and 100 at IPC 10, "
-            "kip 2000), the protocol's 1000 evaluation epochs"
-        ),
-        overrides={
-            "mnist": {
-                "dm": {"iterations": 500, "batch_real": 64},
-                "dc": {"iterations": 200, "batch_real": 64},
-                # issue 5's MNIST runs; MTT shares cpu-small's expert buffer and unroll, with more outer iterations
-                "mtt": {"syn_steps": 10, "expert_epochs": 1, "max_start_epoch": 2},
-                "kip": {"iterations": 2000, "batch_real": 100},
-            },
-        },
-        # MTT at IPC 10 costs ~20 s per outer iteration with the whole synthetic set in each step;
-        # half of it per step halves that
-        ipc_overrides={"mnist": {"mtt": {1: {"iterations": 300}, 10: {"iterations": 100, "batch_syn": 50}}}},
-        models={"*": {1: 3, 10: 2, 0: 2}},
-        eval_epochs={"*": {0: None}},
-        ipcs={"mnist": (1, 10)},
-        methods={"mnist": ("random", "dm", "dc", "mtt", "kip")},
-        experts={"mnist": _MNIST_SMALL_EXPERTS},
-    ),
-    "paper": Profile(
-        name="paper",
-        description="the references' outer iterations, the protocol's epochs (1000 with DSA), 5 models",
-        use_reference_iterations=True,
-        models={"*": {0: 5}},
-        eval_epochs={"*": {0: None}},
-        upper_bound={"digits": {"epochs": None, "models": 5},
-                     "mnist": {"epochs": 50, "models": 5},
-                     "fashion-mnist": {"epochs": 50, "models": 5},
-                     "cifar10": {"epochs": 50, "models": 5}},
-        # MTT buffer.py defaults: 100 experts of 50 epochs
-        experts={"*": {"n_experts": 100, "epochs": 50, "train_fraction": 1.0}},
-    ),
-}
 
 
 # ------------------------------------------------------------------------------------------ cells

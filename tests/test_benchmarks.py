@@ -188,6 +188,11 @@ def test_bad_profile_file_structure(tmp_path):
         _profiles(tmp_path, "[profiles.toy\n")
 
 
+def test_grid_modules_stay_small():
+    for path in [ROOT / "benchmarks" / "condense.py", *(ROOT / "benchmarks" / "grid").glob("*.py")]:
+        assert len(path.read_text().splitlines()) <= 400, path
+
+
 # ------------------------------------------------------------------------------------------ grid
 
 
@@ -246,7 +251,7 @@ def test_grid_skips_cached_cells_and_force_recomputes(tmp_path, monkeypatch):
         return {"status": "ok", "accuracy_mean": 0.5, "accuracy_std": 0.0, "n_models": 1, "condense_seconds": 0.0,
                 "cell_wall_seconds": 0.0}
 
-    monkeypatch.setattr(bench, "run_cell", fake_run_cell)
+    monkeypatch.setattr(bench.runner, "run_cell", fake_run_cell)
     args = _args(tmp_path)
     cells = bench.plan_cells(bench.PROFILES["cpu-small"], ["digits"], [1], ["random", "dm"], dataset_cache={})
     random_cell = next(c for c in cells if c.method == "random")
@@ -277,13 +282,13 @@ def test_grid_skips_a_cell_another_process_finished_meanwhile(tmp_path, monkeypa
         return {"status": "ok", "accuracy_mean": 0.5, "accuracy_std": 0.0, "n_models": 1, "condense_seconds": 0.0,
                 "cell_wall_seconds": 0.0}
 
-    monkeypatch.setattr(bench, "run_cell", fake_run_cell)
+    monkeypatch.setattr(bench.runner, "run_cell", fake_run_cell)
     assert bench.run_grid(args) == 0
     assert calls == ["random-ipc1"]
 
 
 def test_dry_run_writes_nothing(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(bench, "run_cell", lambda cell, args: pytest.fail("dry run ran a cell"))
+    monkeypatch.setattr(bench.runner, "run_cell", lambda cell, args: pytest.fail("dry run ran a cell"))
     assert bench.run_grid(_args(tmp_path, "--dry-run")) == 0
     assert not (tmp_path / "res").exists()
     out = capsys.readouterr().out

@@ -219,7 +219,14 @@ def _tables() -> tuple[MappingProxyType, MappingProxyType, MappingProxyType]:
     )
 
 
+_TABLES = _tables()
+
 #: ``{dataset: {hyperparameter: value}}``: dataset-wide settings (the files' ``[defaults]``).
-#: ``DATASET_BUDGETS``: ``{dataset: {method: {hyperparameter: value}}}`` (``[budgets.<method>]``).
-#: ``DATASET_IPC_BUDGETS``: ``{dataset: {method: {ipc: {hyperparameter: value}}}}`` (``[ipc_budgets.<method>.<ipc>]``).
-DATASET_DEFAULTS, DATASET_BUDGETS, DATASET_IPC_BUDGETS = _tables()
+DATASET_DEFAULTS: Mapping[str, Mapping[str, Any]] = _TABLES[0]
+
+#: ``{dataset: {method: {hyperparameter: value}}}``: per-method budgets (``[budgets.<method>]``).
+DATASET_BUDGETS: Mapping[str, Mapping[str, Mapping[str, Any]]] = _TABLES[1]
+
+#: ``{dataset: {method: {ipc: {hyperparameter: value}}}}``: per-method per-IPC rows
+#: (``[ipc_budgets.<method>.<ipc>]``), applied on top of the method's budget for that IPC.
+DATASET_IPC_BUDGETS: Mapping[str, Mapping[str, Mapping[int, Mapping[str, Any]]]] = _TABLES[2]

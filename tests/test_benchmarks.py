@@ -1,4 +1,4 @@
-"""Fast checks of the benchmark tooling (benchmarks/condense.py, benchmarks/make_results.py).
+"""Fast checks of the benchmark tooling (benchmarks/condense.py and benchmarks/grid/, benchmarks/make_results.py).
 
 Nothing here condenses or trains: the grid's cell runner is replaced by a recorder, and the table
 generator reads fake cell JSONs.
@@ -6,7 +6,10 @@ generator reads fake cell JSONs.
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import importlib.util
+import json
 import re
 import sys
 from pathlib import Path
@@ -27,6 +30,7 @@ def _load(name: str):
 
 bench = _load("condense")
 results = _load("make_results")
+FROZEN_PROFILES = json.loads((ROOT / "tests" / "fixtures" / "benchmark_profiles_frozen.json").read_text())["profiles"]
 
 
 # ------------------------------------------------------------------------------------------ cell keys
@@ -76,6 +80,117 @@ def test_cached_cell_only_for_ok_and_matching(tmp_path):
     path.write_text("{not json")
     assert bench.cached_cell(path, _key()) is None
     assert [p.name for p in tmp_path.iterdir()] == ["c.json"]  # no temporary files left
+
+
+def _ok_cells():
+    for path in sorted((ROOT / "benchmarks" / "results" / "condense").glob("*/*/*.json")):
+        record = json.loads(path.read_text())
+        if record.get("status") == "ok":
+            yield path, record
+
+
+def test_committed_cells_are_still_found_by_the_cache():
+    """Every committed ok cell: the current code plans the same key for it, at the same path."""
+    from ipmcondense.condensation.recipes import COMMON_DEFAULTS
+
+    checked = 0
+    for path, record in _ok_cells():
+        profile = bench.PROFILES[record["profile"]]
+        ipcs = [] if record["ipc"] is None else [record["ipc"]]
+        planned = bench.plan_cells(profile, [record["dataset"]], ipcs, [record["method"]], seed=record["seed"],
+                                   models=record["models_requested"],
+                                   dataset_cache={record["dataset"]: (None, None)})  # no data needed for keys
+        cell = next(c for c in planned if c.method == record["method"])
+        assert bench.cell_path(bench.RESULTS_DIR, cell.profile, cell.dataset, cell.method, cell.ipc) == path
+        assert record["key_hash"] == bench.key_hash(record["key"]), path
+        assert bench.cached_cell(path, cell.key, COMMON_DEFAULTS) is not None, path
+        if set(record["key"]["hyperparameters"]) == set(cell.key["hyperparameters"]):
+            assert bench.key_hash(cell.key) == record["key_hash"], path
+        checked += 1
+    assert checked >= 94  # the cells committed when this test was written (cpu-small: 90, cpu-hour: 4)
+
+
+# ------------------------------------------------------------------------------------------ profiles
+
+
+def _typed(value):
+    """A comparable form that keeps every type (dict key types too) and ignores dict order."""
+    if isinstance(value, dict):
+        return ("dict", sorted(((_typed(k), _typed(v)) for k, v in value.items()), key=repr))
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, [_typed(v) for v in value])
+    return (type(value).__name__, value)
+
+
+def test_profiles_from_toml_equal_the_former_python_profiles():
+    """tests/fixtures/benchmark_profiles_frozen.json: the PROFILES dict of benchmarks/condense.py at 431b803."""
+    assert list(bench.PROFILES) == list(FROZEN_PROFILES)
+    for name, profile in bench.PROFILES.items():
+        assert isinstance(profile, bench.Profile) and profile.name == name
+        assert _typed(dataclasses.asdict(profile)) == _typed(ast.literal_eval(FROZEN_PROFILES[name])), name
+    assert bench.PROFILES["cpu-small"].eval_epochs_for("digits", 10) is None  # "protocol" in the file
+    assert bench.PROFILES["paper"].upper_bound["digits"]["epochs"] is None
+    assert bench.PROFILES["cpu-small"].ipcs["mnist"] == (1, 10)
+
+
+_PROFILE = '''
+[shared]
+small = { "*" = { iterations = 5 } }
+
+[profiles.toy]
+description = "a toy profile"
+models = { "*" = { 0 = 2, 10 = 1 } }
+eval_epochs = { digits = { 0 = "protocol", 1 = 30 } }
+overrides = { mnist = "small" }
+'''
+
+
+def _profiles(tmp_path, text):
+    path = tmp_path / "profiles.toml"
+    path.write_text(text)
+    return bench.load_profiles(path)
+
+
+def test_profile_file_format(tmp_path):
+    toy = _profiles(tmp_path, _PROFILE)["toy"]
+    assert toy.models == {"*": {0: 2, 10: 1}} and toy.models_for("mnist", 10) == 1 and toy.models_for("mnist", 1) == 2
+    assert toy.eval_epochs == {"digits": {0: None, 1: 30}}
+    assert toy.overrides == {"mnist": {"*": {"iterations": 5}}}  # a string names a [shared] entry
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ('modles = { "*" = { 0 = 1 } }', r"\[profiles\.toy\] unknown field 'modles'"),
+        ('ipcs = { mnsit = [1] }', r"\[profiles\.toy\.ipcs\] unknown dataset 'mnsit'"),
+        ('methods = { mnist = ["dm", "dmm"] }', r"\[profiles\.toy\.methods\.mnist\] unknown method 'dmm'"),
+        ('ipc_overrides = { mnist = { dm = { ten = { iterations = 1 } } } }',
+         r"\[profiles\.toy\.ipc_overrides\.mnist\.dm\] IPC key 'ten' is not a positive integer"),
+        ('ipc_overrides = { mnist = { dm = { 1 = { lr = 1 } } } }',
+         r"\[profiles\.toy\.ipc_overrides\.mnist\.dm\.1\] unknown hyperparameter 'lr'"),
+        ('experts = { mnist = "big" }', r"\[profiles\.toy\.experts\.mnist\] names 'big', which is not in \[shared\]"),
+        ('experts = { mnist = { n_experts = 2, epoch = 3 } }', r"unknown key 'epoch'"),
+        ('upper_bound = { mnist = { epochs = "all", models = 1 } }', r"upper_bound\.mnist\.epochs\] must be an integer"),
+        ('use_reference_iterations = "yes"', r"use_reference_iterations\] must be true or false"),
+    ],
+)
+def test_bad_profile_files_name_the_file_and_the_key(tmp_path, change, message):
+    with pytest.raises(ValueError, match=r"profiles\.toml: .*" + message):
+        _profiles(tmp_path, _PROFILE + change + "\n")
+
+
+def test_bad_profile_file_structure(tmp_path):
+    with pytest.raises(ValueError, match="unknown top-level table 'profile'"):
+        _profiles(tmp_path, '[profile.toy]\ndescription = "x"\n')
+    with pytest.raises(ValueError, match="needs a description"):
+        _profiles(tmp_path, "[profiles.toy]\nmodels = {}\n")
+    with pytest.raises(ValueError, match="not valid TOML"):
+        _profiles(tmp_path, "[profiles.toy\n")
+
+
+def test_grid_modules_stay_small():
+    for path in [ROOT / "benchmarks" / "condense.py", *(ROOT / "benchmarks" / "grid").glob("*.py")]:
+        assert len(path.read_text().splitlines()) <= 400, path
 
 
 # ------------------------------------------------------------------------------------------ grid
@@ -136,7 +251,7 @@ def test_grid_skips_cached_cells_and_force_recomputes(tmp_path, monkeypatch):
         return {"status": "ok", "accuracy_mean": 0.5, "accuracy_std": 0.0, "n_models": 1, "condense_seconds": 0.0,
                 "cell_wall_seconds": 0.0}
 
-    monkeypatch.setattr(bench, "run_cell", fake_run_cell)
+    monkeypatch.setattr(bench.runner, "run_cell", fake_run_cell)
     args = _args(tmp_path)
     cells = bench.plan_cells(bench.PROFILES["cpu-small"], ["digits"], [1], ["random", "dm"], dataset_cache={})
     random_cell = next(c for c in cells if c.method == "random")
@@ -167,13 +282,13 @@ def test_grid_skips_a_cell_another_process_finished_meanwhile(tmp_path, monkeypa
         return {"status": "ok", "accuracy_mean": 0.5, "accuracy_std": 0.0, "n_models": 1, "condense_seconds": 0.0,
                 "cell_wall_seconds": 0.0}
 
-    monkeypatch.setattr(bench, "run_cell", fake_run_cell)
+    monkeypatch.setattr(bench.runner, "run_cell", fake_run_cell)
     assert bench.run_grid(args) == 0
     assert calls == ["random-ipc1"]
 
 
 def test_dry_run_writes_nothing(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(bench, "run_cell", lambda cell, args: pytest.fail("dry run ran a cell"))
+    monkeypatch.setattr(bench.runner, "run_cell", lambda cell, args: pytest.fail("dry run ran a cell"))
     assert bench.run_grid(_args(tmp_path, "--dry-run")) == 0
     assert not (tmp_path / "res").exists()
     out = capsys.readouterr().out

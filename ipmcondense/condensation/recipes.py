@@ -330,71 +330,10 @@ def register_recipe(recipe: Recipe) -> Recipe:
     _RECIPES[recipe.name] = recipe
     return recipe
 
-# Dataset-wide settings, for every recipe and baseline of that dataset (below the recipes' own defaults).
-# digits: the ConvNet sized to 8x8 inputs has depth 2. At depth 3 the last block's instance norm sees only
-# 2x2 pixels per channel, which leaves a poor embedding: DM at IPC 10 reaches 96.8% with ConvNet-3 (below
-# random real images, 96.9%) and 98.8% with the depth-2 ConvNet (random: 95.7%); 3 models each.
-DATASET_DEFAULTS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
-    "digits": MappingProxyType({"arch": "convnet-d2"}),
-})
-
-# Budget profiles: per-dataset overrides so a run fits the data. "digits" (8x8, 10 classes,
-# ~140 train images per class): every recipe in about a minute or two on 2 CPU cores at IPC 10.
-DATASET_BUDGETS: Mapping[str, Mapping[str, Mapping[str, Any]]] = MappingProxyType({
-    "digits": {
-        # init "random": real images, the same picks as the `random` baseline for the same seed (a paired
-        # comparison: with ~140 images per class the choice of real images moves IPC-10 accuracy by ~1.5
-        # points, more than condensation does; seed 0's "real" picks score 95.3% vs random's 96.9%)
-        "dm":          {"iterations": 600, "batch_real": 64, "init": "random"},
-        "m3d":         {"iterations": 600, "batch_real": 64, "init": "random"},
-        "wasserstein": {"iterations": 600, "batch_real": 64, "init": "random"},
-        # 8x8 inputs make the gradient-matching loss very non-smooth (per-pixel gradient rms ~13): a line
-        # search on one network decreases the loss most at step ~1e-3 and increases it at 1e-2, which
-        # wrecks the images (dc IPC 10 at 0.01: 80.7%; dsa IPC 10 at 0.001: 96.3%)
-        "dc":          {"iterations": 50, "batch_real": 64, "outer_loop": 5, "inner_loop": 5, "lr_images": 0.001,
-                        "init": "random"},
-        "dsa":         {"iterations": 50, "batch_real": 64, "outer_loop": 5, "inner_loop": 5, "lr_images": 0.001,
-                        "init": "random"},
-        "cafe":        {"iterations": 50, "batch_real": 64, "outer_loop": 5, "inner_loop": 5, "lr_images": 0.01,
-                        "init": "random"},
-        "datadam":     {"iterations": 600, "batch_real": 32, "init": "random"},
-        "idm":         {"iterations": 300, "batch_real": 64, "train_steps": 2, "batch_pool": 16,
-                        "pool_size": 20, "init": "random"},
-        # objectives of issue 5 (seconds/iteration measured at IPC 10 on a shared 2-core CPU; untuned)
-        "lcmat":       {"iterations": 50, "batch_real": 64, "outer_loop": 5, "inner_loop": 5, "lr_images": 0.001,
-                        "init": "random"},
-        # mtt: the buffer must match the arch: ipmcondense experts --dataset digits --arch convnet-d2 ...
-        "mtt":         {"iterations": 20, "syn_steps": 10, "batch_syn": 20, "expert_epochs": 2,
-                        "max_start_epoch": 5, "lr_images": 10.0, "init": "random"},
-        "kip":         {"iterations": 1000, "batch_real": 50, "lr_images": 0.01, "init": "random"},
-        "rfad":        {"iterations": 100, "batch_real": 50, "rf_width": 64, "n_models": 4, "lr_images": 0.01,
-                        "init": "random"},
-        "dd":          {"iterations": 400, "batch_real": 50, "dd_steps": 5, "dd_lr_init": 0.1, "lr_images": 0.05,
-                        "init": "random"},
-        "rcig":        {"iterations": 300, "batch_real": 50, "lr_images": 0.01, "init": "random"},
-    },
-})
-
-# Per-IPC refinements of DATASET_BUDGETS (dataset -> method -> ipc -> overrides), applied on top of the
-# dataset row when resolve_config is given that ipc. Digits values: tuning runs (3 models each),
-# measured results in benchmarks/results/digits_tuning.json.
-DATASET_IPC_BUDGETS: Mapping[str, Mapping[str, Mapping[int, Mapping[str, Any]]]] = MappingProxyType({
-    "digits": {
-        # IPC 1: the single image per class must move far from its real start (85.0% vs 81.7% at lr 1)
-        "dm": {1: {"lr_images": 10.0}},
-        # IPC 10 on convnet-d2: image step 0.01 (3 models: dc 96.9% vs 96.4% at 0.003 and 96.1% at 0.001;
-        # dsa 96.9% vs 96.1% at 0.001); IPC 1 keeps 0.001 (94.1% / 93.7%)
-        "dc": {10: {"lr_images": 0.01}},
-        "dsa": {10: {"lr_images": 0.01}},
-        # dd from IPC 10: a 5-step unroll optimises for networks far from the ones the protocol trains
-        # (IPC 10: 92.5% at 400 iterations, 91.7% at image step 0.005, below random's 95.6%); 20 unrolled
-        # steps for 100 iterations reach 97.4% at about the same cost
-        "dd": dict.fromkeys((10, 50), {"iterations": 100, "dd_steps": 20}),
-        # rcig from IPC 10: 100+ synthetic points are separable in the 513 random features, and a weaker ridge
-        # lets the inner optimum use all of them (IPC 10: l2 1e-3 95.5%, 1e-4 98.4%, 1e-5 98.8%; 1e-2 89.3%)
-        "rcig": dict.fromkeys((10, 50), {"rcig_l2": 1e-5}),
-    },
-})
+# Per-dataset settings and budgets: one TOML file per dataset, each value beside its source
+# (configs/<dataset>.toml, read by dataset_config.py). Imported here, after COMMON_DEFAULTS and
+# METHOD_NAMES, because the loader validates the files against them.
+from .dataset_config import DATASET_BUDGETS, DATASET_DEFAULTS, DATASET_IPC_BUDGETS  # noqa: E402
 
 
 

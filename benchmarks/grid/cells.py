@@ -1,0 +1,144 @@
+"""Benchmark cells: the planned cell, its JSON path, its key, and the cache check.
+
+A cell is one (profile, dataset, method, IPC); its result lives in
+``benchmarks/results/condense/<profile>/<dataset>/<method>-ipc<k>.json`` (``whole-dataset.json`` for
+the upper bound), written atomically. A cached result counts when its JSON has ``status == "ok"``
+and a key that describes the same computation as the planned cell (:func:`keys_match`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "REPO_ROOT",
+    "RESULTS_DIR",
+    "RUNS_DIR",
+    "CLASS_BATCHING_FILE",
+    "CELL_FORMAT",
+    "UPPER_BOUND",
+    "Cell",
+    "cell_path",
+    "cell_key",
+    "key_hash",
+    "keys_match",
+    "cached_cell",
+    "atomic_write_json",
+]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results" / "condense"
+RUNS_DIR = REPO_ROOT / "runs" / "benchmarks"
+CLASS_BATCHING_FILE = REPO_ROOT / "benchmarks" / "results" / "class_batching.json"
+CELL_FORMAT = "ipmcondense-benchmark-cell-v1"
+UPPER_BOUND = "whole-dataset"
+
+
+@dataclasses.dataclass
+class Cell:
+    """One grid cell as planned (before it runs)."""
+
+    profile: str
+    dataset: str
+    method: str
+    ipc: int | None
+    seed: int
+    models: int
+    eval_epochs: int | None
+    overrides: dict[str, Any]
+    key: dict[str, Any]
+    skip_reason: str | None = None
+    experts: dict[str, Any] | None = None
+
+    @property
+    def name(self) -> str:
+        return UPPER_BOUND if self.method == UPPER_BOUND else f"{self.method}-ipc{self.ipc}"
+
+
+def cell_path(results_dir: Path, profile: str, dataset: str, method: str, ipc: int | None) -> Path:
+    """``<results_dir>/<profile>/<dataset>/<method>-ipc<k>.json`` (``whole-dataset.json`` for the bound)."""
+    name = UPPER_BOUND if method == UPPER_BOUND else f"{method}-ipc{ipc}"
+    return Path(results_dir) / profile / dataset / f"{name}.json"
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def cell_key(
+    *, profile: str, dataset: str, method: str, ipc: int | None, seed: int, models: int,
+    eval_epochs: int | None, hyperparameters: dict[str, Any], experts: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What identifies a cell's result: if any of it changes, the cached number is stale."""
+    return _plain({
+        "profile": profile, "dataset": dataset, "method": method, "ipc": ipc, "seed": seed,
+        "models": models, "eval_epochs": eval_epochs, "hyperparameters": hyperparameters,
+        "experts": experts,
+    })
+
+
+def key_hash(key: dict[str, Any]) -> str:
+    """Short SHA-256 of the canonical JSON of ``key``."""
+    return hashlib.sha256(json.dumps(_plain(key), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def keys_match(cached: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any] | None = None) -> bool:
+    """Whether a cached key describes the same computation as ``current``.
+
+    Everything must be equal, except hyperparameters that exist on one side only: a key the library
+    added after the cell ran counts as unchanged when its current value is its default (``defaults``),
+    and a key the library has since removed is ignored.
+    """
+    cached, current = _plain(cached), _plain(current)
+    if {k: v for k, v in cached.items() if k != "hyperparameters"} != {
+        k: v for k, v in current.items() if k != "hyperparameters"
+    }:
+        return False
+    old, new = cached.get("hyperparameters") or {}, current.get("hyperparameters") or {}
+    defaults = _plain(dict(defaults or {}))
+    for name in set(old) | set(new):
+        if name in old and name in new:
+            if old[name] != new[name]:
+                return False
+        elif name in new and name in defaults and new[name] != defaults[name]:
+            return False
+    return True
+
+
+def cached_cell(path: Path, key: dict[str, Any], defaults: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The cached cell at ``path`` if it holds an ``ok`` result for ``key``; else ``None``."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("format") != CELL_FORMAT or data.get("status") != "ok":
+        return None
+    return data if keys_match(data.get("key", {}), key, defaults) else None
+
+
+def atomic_write_json(obj: Any, path: Path) -> None:
+    """Write ``obj`` as JSON to a temporary file next to ``path``, then ``os.replace`` it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(_plain(obj), handle, indent=1)
+            handle.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

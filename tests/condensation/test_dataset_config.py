@@ -1,0 +1,153 @@
+"""Per-dataset TOML files: they reproduce the former Python tables exactly, and bad files are refused.
+
+``tests/fixtures/dataset_configs_frozen.json`` was written once with the code of commit 431b803, when
+the tables were Python dicts in ``recipes.py``: ``repr`` of the three tables and of
+``resolve_config`` for every dataset x method x ipc in (None, 1, 10, 50). ``repr`` keeps types, so
+the comparison below fails on a list for a tuple, an int for a float or a string IPC key.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from ipmcondense.condensation import dataset_config
+from ipmcondense.condensation.dataset_config import (
+    DATASET_BUDGETS,
+    DATASET_DEFAULTS,
+    DATASET_IPC_BUDGETS,
+    config_files,
+    load_dataset_config,
+)
+from ipmcondense.condensation.recipes import COMMON_DEFAULTS, METHOD_NAMES, get_recipe, resolve_config
+from ipmcondense.data import DATASET_NAMES
+
+ROOT = Path(__file__).resolve().parents[2]
+FROZEN = json.loads((ROOT / "tests" / "fixtures" / "dataset_configs_frozen.json").read_text())
+
+
+def _typed(value):
+    """A comparable form that keeps every type (dict key types too) and ignores dict order."""
+    if hasattr(value, "items"):
+        return ("mapping", sorted(((_typed(k), _typed(v)) for k, v in value.items()), key=repr))
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, [_typed(v) for v in value])
+    return (type(value).__name__, value)
+
+
+@pytest.mark.parametrize("name", ["DATASET_DEFAULTS", "DATASET_BUDGETS", "DATASET_IPC_BUDGETS"])
+def test_tables_equal_the_former_python_dicts(name):
+    assert _typed(getattr(dataset_config, name)) == _typed(ast.literal_eval(FROZEN[name]))
+
+
+def test_recipes_expose_the_loaded_tables():
+    from ipmcondense.condensation import recipes
+
+    assert recipes.DATASET_DEFAULTS is DATASET_DEFAULTS
+    assert recipes.DATASET_BUDGETS is DATASET_BUDGETS
+    assert recipes.DATASET_IPC_BUDGETS is DATASET_IPC_BUDGETS
+
+
+def test_resolved_configs_equal_the_former_ones_for_every_dataset_method_and_ipc():
+    common = ast.literal_eval(FROZEN["COMMON_DEFAULTS"])
+    assert _typed(COMMON_DEFAULTS) == _typed(common)
+    checked = 0
+    for dataset in DATASET_NAMES:
+        for method in METHOD_NAMES:
+            for ipc in (None, 1, 10, 50):
+                expected = dict(common)
+                expected.update({k: ast.literal_eval(v) for k, v in FROZEN["resolved"][f"{dataset}/{method}/{ipc}"].items()})
+                got = resolve_config(get_recipe(method), dataset, ipc=ipc)
+                assert _typed(got) == _typed(expected), (dataset, method, ipc)
+                checked += 1
+    assert checked == len(FROZEN["resolved"]) == len(DATASET_NAMES) * len(METHOD_NAMES) * 4
+
+
+def test_tuples_stay_tuples():
+    assert type(resolve_config(get_recipe("cafe"), "digits")["lr_decay_at"]) is tuple
+    assert all(type(k) is int for rows in DATASET_IPC_BUDGETS.values() for by_ipc in rows.values() for k in by_ipc)
+
+
+def test_tables_are_read_only():
+    with pytest.raises(TypeError):
+        DATASET_BUDGETS["digits"]["dm"]["iterations"] = 1  # type: ignore[index]
+    with pytest.raises(TypeError):
+        DATASET_IPC_BUDGETS["digits"]["dm"][1] = {}  # type: ignore[index]
+    with pytest.raises(TypeError):
+        DATASET_DEFAULTS["mnist"] = {}  # type: ignore[index]
+
+
+def test_files_ship_as_package_data_and_name_known_datasets():
+    files = config_files()
+    assert {"digits", "mnist", "fashion-mnist", "cifar10"} <= set(files)
+    assert set(files) <= set(DATASET_NAMES)
+    for dataset, entry in files.items():
+        assert load_dataset_config(dataset).dataset == dataset
+        assert entry.read_text(encoding="utf-8").startswith(f"# {dataset}:")
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert "configs/*.toml" in package_data["ipmcondense.condensation"]
+
+
+def _write(tmp_path, text, name="toy.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_arrays_become_tuples_and_ipc_keys_integers(tmp_path):
+    config = load_dataset_config(_write(tmp_path, "[defaults]\nlr_decay_at = [0.5, 0.75]\n"
+                                                  "[ipc_budgets.dm.10]\niterations = 5\n"))
+    assert config.dataset == "toy"
+    assert config.defaults["lr_decay_at"] == (0.5, 0.75) and type(config.defaults["lr_decay_at"]) is tuple
+    assert config.ipc_budgets["dm"][10]["iterations"] == 5 and config.budgets == {}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[defaults]\nlr = 1.0\n", r"toy\.toml: unknown hyperparameter 'lr' in \[defaults\]"),
+        ("[budgets.dm]\nlr_image = 1.0\n", r"toy\.toml: unknown hyperparameter 'lr_image' in \[budgets\.dm\]"),
+        ("[budgets.dmm]\niterations = 1\n", r"toy\.toml: unknown method 'dmm' in \[budgets\.dmm\]"),
+        ("[ipc_budgets.dmm.1]\niterations = 1\n", r"toy\.toml: unknown method 'dmm' in \[ipc_budgets\.dmm\]"),
+        ("[ipc_budgets.dm.ten]\niterations = 1\n", r"toy\.toml: IPC key 'ten' in \[ipc_budgets\.dm\] is not a positive integer"),
+        ("[ipc_budgets.dm.0]\niterations = 1\n", r"IPC key '0' .* not a positive integer"),
+        ("[ipc_budgets.dm.1]\nbogus = 1\n", r"unknown hyperparameter 'bogus' in \[ipc_budgets\.dm\.1\]"),
+        ("[ipc_budgets.dm]\niterations = 1\n", r"IPC key 'iterations' in \[ipc_budgets\.dm\] is not a positive"),
+        ("[ipc_budgets]\ndm = 1\n", r"\[ipc_budgets\.dm\] must be a table of IPC rows"),
+        ("budgets = 3\n", r"\[budgets\] must be a table of methods"),
+        ("[budgets]\ndm = 3\n", r"\[budgets\.dm\] must be a table of hyperparameters"),
+        ("[budget.dm]\niterations = 1\n", r"toy\.toml: unknown section 'budget'"),
+        ("[defaults.arch]\nname = 'x'\n", r"\[defaults\] arch must be a value"),
+        ("[defaults\narch = 1\n", r"toy\.toml: not valid TOML"),
+    ],
+)
+def test_bad_files_name_the_file_and_the_key(tmp_path, text, message):
+    with pytest.raises(ValueError, match=message):
+        load_dataset_config(_write(tmp_path, text))
+
+
+def test_unknown_dataset_and_bad_file_name(tmp_path):
+    with pytest.raises(ValueError, match="no configuration file for dataset 'imagenet'"):
+        load_dataset_config("imagenet")
+    with pytest.raises(ValueError, match="must be named <dataset>.toml"):
+        load_dataset_config(_write(tmp_path, "", name="toy.yaml"))
+
+
+def test_keys_and_methods_can_be_passed_in(tmp_path):
+    path = _write(tmp_path, "[budgets.new]\nknob = 1\n")
+    config = load_dataset_config(path, hyperparameter_keys=["knob"], method_names=["new"])
+    assert config.budgets["new"]["knob"] == 1
+    with pytest.raises(ValueError, match="unknown hyperparameter 'knob'"):
+        load_dataset_config(path, method_names=["new"])
+
+
+def test_importing_the_loader_first_in_a_fresh_interpreter():
+    code = ("import ipmcondense.condensation.dataset_config as d; "
+            "assert d.DATASET_DEFAULTS['digits']['arch'] == 'convnet-d2'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)

@@ -110,7 +110,7 @@ def test_periodic_evaluation_is_recorded(tmp_path):
 def test_composition_from_python_changes_only_the_named_axis():
     result = condense("dm", "digits", ipc=1, iterations=2, progress=False, batch_real=8, discrepancy="mmd2")
     assert result.recipe.discrepancy == "mmd2" and result.recipe.feature_map == "embedding"
-    assert result.config["recipe"]["name"] == "dm+discrepancy=mmd"
+    assert result.config["recipe"]["name"] == "dm+discrepancy=mmd2"
     new = condense("dc", "digits", ipc=1, iterations=1, progress=False, batch_real=4, discrepancy="mmd2",
                    sampler="fresh", gradient_mode="per_sample")
     assert new.recipe.sampler == "fresh" and len(new.metrics["loss_history"]) == 1

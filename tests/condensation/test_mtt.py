@@ -37,10 +37,11 @@ def _engine(digits, buffer_dir, ipc=1, augmentation="none", **overrides):
     config = resolve_config(recipe, "digits", {**MTT, "experts": str(buffer_dir), **overrides})
     config = TrajectoryMatchingObjective.prepare_config(config, digits)
     g = torch.Generator().manual_seed(0)
-    from ipmcondense.condensation.synthetic import initial_images
+    from ipmcondense.condensation.synthetic import build_synthetic_set, initial_images
 
     images, labels = initial_images(digits, ipc, "real", g)
-    synthetic = TrajectoryMatchingObjective.build_synthetic(images, labels, digits, config)
+    extras = TrajectoryMatchingObjective.synthetic_extras(images, labels, digits, config)
+    synthetic = build_synthetic_set("pixels", images, labels, digits.num_classes, config, extras)
     return CondensationEngine(recipe, config, digits, synthetic, lambda: None, seed=0, device=torch.device("cpu"),
                               progress=False)
 

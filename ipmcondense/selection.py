@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ipmcondense.nets import get_network
+from ipmcondense.nets import build_isolated, get_network
 
 __all__ = [
     "select_random",
@@ -110,9 +110,9 @@ def embed_images(images: Tensor, feature_network: FeatureNetwork, batch_size: in
 
 
 def _default_network(dataset: Any, seed: int, device: torch.device, arch: str = "convnet") -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        network = get_network(arch, dataset.channels, dataset.num_classes, tuple(dataset.image_size))
+    network = build_isolated(
+        lambda: get_network(arch, dataset.channels, dataset.num_classes, tuple(dataset.image_size)), seed
+    )
     return network.to(device)
 
 

@@ -36,6 +36,7 @@ _LAYER_OF_PREFIX = {
     "ipmcondense.features": "models",
     "ipmcondense.evaluation": "models",
     "ipmcondense.selection": "models",
+    "ipmcondense.whitening": "models",
     "ipmcondense.trajectories": "models",
     "ipmcondense.condensation": "engine",
     "ipmcondense.commands": "app",

@@ -110,7 +110,7 @@ def _positive_int(value: Any, name: str, *, allow_zero: bool = False) -> int:
 
 
 def _check_config(config: dict[str, Any], recipe: Recipe, dataset: Any, ipc: int) -> None:
-    from ipmcondense.nets import get_network
+    from ipmcondense.nets import build_isolated, get_network
 
     _positive_int(config["iterations"], "iterations", allow_zero=True)
     _positive_int(config["batch_real"], "batch_real")
@@ -124,8 +124,8 @@ def _check_config(config: dict[str, Any], recipe: Recipe, dataset: Any, ipc: int
     check_choice(config["init"], INIT_CHOICES, "init")
     if not isinstance(config["arch"], str):
         raise TypeError(f"arch must be a network name, got {type(config['arch']).__name__}")
-    with torch.random.fork_rng(devices=[]):
-        net = get_network(config["arch"], dataset.channels, dataset.num_classes, dataset.image_size)
+    net = build_isolated(lambda: get_network(config["arch"], dataset.channels, dataset.num_classes,
+                                             dataset.image_size))
     if isinstance(recipe, MatchingRecipe) and recipe.feature_map in ("layers", "attention") and not hasattr(net, "layer_features"):
         raise ValueError(f"feature map {recipe.feature_map!r} needs an arch with layer_features, got {config['arch']!r}")
     counts = torch.bincount(dataset.train_labels.cpu(), minlength=dataset.num_classes)

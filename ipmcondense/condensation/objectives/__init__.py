@@ -5,21 +5,18 @@ of one step and its gradients with respect to the learnable tensors (the synthet
 and the objective's own, e.g. a temperature), then takes one optimiser step. Everything else (the
 loop, checkpoints, resume, outputs, evaluation) is shared.
 
-===========  =================================================================  ==============================
-name         loss of one step                                                   relation to an IPM
-===========  =================================================================  ==============================
-matching     :math:`\sum_c D(\phi_\theta(A(T_c)), \phi_\theta(A(S_c)))` (+ extras;  exact / normalised IPM per the
-             LCMat curvature term with ``lcmat_weight > 0``)                    discrepancy (see the row)
-mtt          :math:`\|\theta^S_N - \theta^*_{t+M}\|^2/\|\theta^*_t - \theta^*_{t+M}\|^2`  first-order approximation:
-                                                                                accumulated gradient matching
-kip          :math:`\tfrac12 \mathrm{mean}(Y_T - K_{TS}(K_{SS}+\lambda I)^{-1}Y_S)^2`     not an IPM (regression loss,
-                                                                                RKHS witness class)
-rfad         Platt-scaled CE of the KRR predictions, random-feature NNGP        not an IPM (as KIP)
-dd           :math:`\mathrm{CE}(f_{\theta_N(S)}(X_T), Y_T)`, :math:`\theta_N` = N   not an IPM (bilevel)
-             unrolled SGD steps on S with learnable step sizes
-rcig         :math:`\mathrm{CE}(X_T W^*(S), Y_T)`, :math:`W^* = \arg\min_W` a convex  not an IPM (bilevel)
-             inner loss on S, gradient by implicit differentiation
-===========  =================================================================  ==============================
+* ``matching``: :math:`\sum_c D(\phi_\theta(A(T_c)), \phi_\theta(A(S_c)))` plus extras (the LCMat curvature
+  term with ``lcmat_weight > 0``); an exact IPM, a normalised variant or an approximation as the row's
+  discrepancy says.
+* ``mtt``: :math:`\|\theta^S_N - \theta^*_{t+M}\|^2/\|\theta^*_t - \theta^*_{t+M}\|^2`; a first-order
+  approximation: accumulated gradient matching along the expert trajectory.
+* ``kip``: :math:`\tfrac12 \mathrm{mean}(Y_T - K_{TS}(K_{SS}+\lambda I)^{-1}Y_S)^2`; not an IPM (a regression
+  loss; the witness class of the kernel's MMD is the RKHS).
+* ``rfad``: the Platt-scaled cross-entropy of the KRR predictions with a random-feature NNGP; not an IPM (as KIP).
+* ``dd``: :math:`\mathrm{CE}(f_{\theta_N(S)}(X_T), Y_T)` after N unrolled SGD steps on S with learnable step
+  sizes; not an IPM (bilevel).
+* ``rcig``: :math:`\mathrm{CE}(X_T W^*(S), Y_T)` with :math:`W^* = \arg\min_W` a convex inner loss on S, gradient
+  by implicit differentiation; not an IPM (bilevel).
 
 Randomness: every draw (real batches, expert samples, networks, augmentations, unroll mini-batches)
 comes from the engine's one generator, so ``resume=True`` continues bit-for-bit.

@@ -24,6 +24,7 @@ import gzip
 import hashlib
 import os
 import pickle
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -89,14 +90,17 @@ def torch_load_weights_only(path: Path, what: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        match = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if match is None:
+            raise ValueError(f"{what} {str(path)!r} is corrupt or not a torch file (it cannot be unpickled)") from err
         raise ValueError(
-            f"{what} {str(path)!r} holds pickled Python objects, not only tensors and plain containers; "
-            "ipmcondense loads user files with torch.load(weights_only=True) and refuses to run code from "
-            f"a file. Save tensors, dicts, lists and numbers only ({first})"
+            f"{what} {str(path)!r} holds pickled Python objects ({match.group(1)}), not only tensors and plain "
+            "containers; ipmcondense loads the files it is given with torch.load(weights_only=True) and refuses "
+            "to run code stored in a file. Save tensors, dicts, lists, strings and numbers only"
         ) from err
     except Exception as err:  # noqa: BLE001 - torch raises many types for corrupt or foreign files
-        raise ValueError(f"{what} {str(path)!r} is corrupt or not a torch file ({type(err).__name__}: {err})") from err
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(f"{what} {str(path)!r} is corrupt or not a torch file ({type(err).__name__}: {first})") from err
 
 
 def load_torch_file(path: str | os.PathLike[str], what: str = "file") -> Any:

@@ -646,11 +646,12 @@ def _mismatches(stored: dict[str, Any], requested: dict[str, Any]) -> list[str]:
 
 
 def _load_expert_file(path: Path, *, mmap: bool = True) -> dict[str, Any]:
+    from ipmcondense.data.files import torch_load_weights_only
+
     try:
         data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except RuntimeError:
-        # older files or file systems without mmap support
-        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - older files or file systems without mmap; errors named below
+        data = torch_load_weights_only(path, "expert file")
     if not isinstance(data, dict) or "trajectory" not in data or "metadata" not in data:
         raise ValueError(f"{path} is not an ipmcondense expert file (expected keys 'trajectory' and 'metadata')")
     return data

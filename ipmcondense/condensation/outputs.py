@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ipmcondense.data.files import torch_load_weights_only
+
 __all__ = [
     "SYNTHETIC_FILE",
     "METRICS_FILE",
@@ -130,10 +132,7 @@ def load_synthetic(path: str | os.PathLike) -> dict[str, Any]:
     file = synthetic_path(path)
     if not file.exists():
         raise FileNotFoundError(f"no synthetic set at {file}: run `ipmcondense condense --out {Path(path)}` first")
-    try:
-        data = torch.load(file, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means a corrupt file
-        raise ValueError(f"synthetic set {file} is corrupt or not a torch file: {err}") from err
+    data = torch_load_weights_only(file, "synthetic set")  # refuses pickled code; names corrupt files
     if not isinstance(data, dict) or data.get("format") != SYNTHETIC_FORMAT:
         raise ValueError(f"{file} is not an ipmcondense synthetic set (format {SYNTHETIC_FORMAT!r} expected)")
     return data
@@ -143,9 +142,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load a ``checkpoint.pt``; a corrupt or foreign file raises ``ValueError`` naming it."""
     file = Path(path)
     try:
-        data = torch.load(file, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001
-        raise ValueError(f"checkpoint {file} is corrupt or not a torch file ({err}); delete it to start over") from err
+        data = torch_load_weights_only(file, "checkpoint")  # refuses pickled code; names corrupt files
+    except ValueError as err:
+        raise ValueError(f"{err}; delete it to start over") from err
     required = ("format", "iteration", "synthetic", "optimizer", "generator", "config", "sampler")
     if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT or any(k not in data for k in required):
         raise ValueError(f"checkpoint {file} is corrupt or not an ipmcondense checkpoint; delete it to start over")

@@ -56,16 +56,51 @@ def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, then atomically rename it to ``path``."""
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: str | os.PathLike, write) -> None:
+    """``write(binary_file)`` into a temporary file beside ``path``, fsync it, then rename it to ``path``.
+
+    A crash (even SIGKILL or a power cut after the fsync) leaves either the old file or the new one under
+    ``path``, never a half-written one. A failed write (read-only folder, disk full) raises
+    ``PermissionError``/``OSError`` naming ``path`` and leaves the old file untouched.
+    """
     path = Path(path)
     tmp = _tmp(path)
     try:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
+        _fsync_folder(path.parent)
+    except OSError as err:
+        reason = err.strerror or str(err)
+        kept = " (the previous version is kept)" if path.exists() else ""
+        raise type(err)(err.errno, f"cannot write {str(path)!r}: {reason}{kept}") from err
     finally:
         if tmp.exists():
-            tmp.unlink()
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then atomically rename it to ``path``."""
+    _atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 def _jsonable(obj: Any) -> Any:
@@ -86,14 +121,8 @@ def _jsonable(obj: Any) -> Any:
 
 def atomic_write_json(obj: Any, path: str | os.PathLike) -> None:
     """Write ``obj`` as indented JSON atomically (tensors/tuples converted, non-finite floats as strings)."""
-    path = Path(path)
-    tmp = _tmp(path)
-    try:
-        tmp.write_text(json.dumps(_jsonable(obj), indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    text = (json.dumps(_jsonable(obj), indent=2) + "\n").encode()
+    _atomic_write(path, lambda handle: handle.write(text))
 
 
 def save_image_grid(images: Tensor, ipc: int, path: str | os.PathLike, denormalise=None) -> None:
@@ -111,14 +140,7 @@ def save_image_grid(images: Tensor, ipc: int, path: str | os.PathLike, denormali
     if denormalise is not None:
         pixels = denormalise(pixels)
     pixels = pixels.clamp(0.0, 1.0)
-    path = Path(path)
-    tmp = _tmp(path)
-    try:
-        save_image(pixels, tmp, nrow=max(1, int(ipc)), padding=1, format="png")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    _atomic_write(path, lambda handle: save_image(pixels, handle, nrow=max(1, int(ipc)), padding=1, format="png"))
 
 
 def synthetic_path(path: str | os.PathLike) -> Path:
@@ -135,6 +157,10 @@ def load_synthetic(path: str | os.PathLike) -> dict[str, Any]:
     data = torch_load_weights_only(file, "synthetic set")  # refuses pickled code; names corrupt files
     if not isinstance(data, dict) or data.get("format") != SYNTHETIC_FORMAT:
         raise ValueError(f"{file} is not an ipmcondense synthetic set (format {SYNTHETIC_FORMAT!r} expected)")
+    images, labels = data.get("images"), data.get("labels")
+    if (not isinstance(data.get("config"), dict) or not isinstance(images, Tensor) or images.dim() != 4
+            or not images.is_floating_point() or not isinstance(labels, Tensor) or labels.shape[:1] != images.shape[:1]):
+        raise ValueError(f"{file} is damaged: it needs 'config' (a dict), 'images' (N, C, H, W) and N 'labels'")
     return data
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ipmcondense.commands._common import resolve_device
 from ipmcondense.ipm.dataset_distance import DATASET_METRICS, distance
 
 __all__ = ["register", "load_points", "run_distance"]
@@ -189,22 +191,6 @@ def _as_tensor(value: Any, spec: str, what: str) -> Tensor:
         raise TypeError(f"{spec}: the {what} are not an array of numbers ({type(value).__name__})") from err
 
 
-def _resolve_device(device: str | None) -> torch.device | None:
-    if device is None:
-        return None
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError) as err:
-        raise ValueError(f"--device {device!r} is not a torch device ({err})") from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device!r}: CUDA is not available on this machine; use --device cpu")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {device!r}: MPS is not available on this machine; use --device cpu")
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"--device {device!r}: expected cpu, cuda, cuda:N or mps")
-    return dev
-
-
 def feature_map(name: str, seed: int) -> Any:
     """The ``--features`` map: ``None`` for pixels, else a callable from ``(N, C, H, W)`` images to ``(N, d)``."""
     if name == "pixels":
@@ -226,7 +212,9 @@ def feature_map(name: str, seed: int) -> Any:
     if not path.is_file():
         raise ValueError(f"--features {name!r}: expected pixels, convnet or a TorchScript file (no such file)")
     try:
-        module = torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():  # torch >= 2.9 marks TorchScript deprecated; it is what users have
+            warnings.simplefilter("ignore", FutureWarning)
+            module = torch.jit.load(str(path), map_location="cpu")
     except Exception as err:  # noqa: BLE001 - torch.jit raises RuntimeError and others for foreign files
         raise ValueError(
             f"--features {name!r} is not a TorchScript module (save one with torch.jit.save(torch.jit.script(m), PATH)): "
@@ -261,7 +249,7 @@ def run_distance(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-samples must be a positive integer, got {args.max_samples}")
     if args.image_size is not None and args.image_size < 1:
         raise ValueError(f"--image-size must be a positive integer, got {args.image_size}")
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
     features = feature_map(args.features, args.seed)
     points_a, labels_a = load_points(args.a, args.data_root, args.image_size)
     points_b, labels_b = load_points(args.b, args.data_root, args.image_size)

@@ -48,9 +48,11 @@ def register(subparsers: Any) -> None:
 
 def run_experts(args: argparse.Namespace) -> int:
     """Load the dataset, train (or resume) the buffer and print the JSON summary; returns 0."""
+    from ipmcondense.commands._common import resolve_device
     from ipmcondense.data import load_dataset
     from ipmcondense.trajectories import train_experts
 
+    resolve_device(args.device)
     dataset = load_dataset(args.dataset, args.data_root, image_size=args.image_size)
     report = train_experts(
         dataset,

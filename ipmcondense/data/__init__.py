@@ -18,6 +18,7 @@ from ipmcondense.data.datasets import (
     from_tensors,
     load_dataset,
 )
+from ipmcondense.data.files import load_array_file, load_image_folder
 from ipmcondense.data.sampling import ClassBalancedSampler
 
 __all__ = [
@@ -31,5 +32,7 @@ __all__ = [
     "LabelledImages",
     "load_dataset",
     "from_tensors",
+    "load_image_folder",
+    "load_array_file",
     "ClassBalancedSampler",
 ]

@@ -82,7 +82,7 @@ def test_distance_between_two_folders_and_a_folder_and_a_split(tmp_path, capsys)
     assert mixed["n_a"] == 6 and mixed["n_b"] == 360 and np.isfinite(mixed["value"])
 
 
-@pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:FutureWarning")
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.script/save are deprecated in torch 2.9+
 def test_distance_with_a_feature_map(tmp_path, capsys):
     a = _folder(tmp_path / "a", sizes=((8, 8),))
     conv = _json(capsys, ["distance", f"imagefolder:{a}", "digits:test", "--features", "convnet", "--max-samples", "50"])

@@ -91,6 +91,8 @@ def test_distance_with_a_feature_map(tmp_path, capsys):
     other_seed = _json(capsys, ["distance", f"imagefolder:{a}", "digits:test", "--features", "convnet",
                                 "--max-samples", "50", "--seed", "1"])
     assert other_seed["value"] != conv["value"]
+    itself = _json(capsys, ["distance", "digits:test", "digits:test", "--features", "convnet", "--max-samples", "50"])
+    assert itself["value"] == pytest.approx(0.0, abs=1e-6)  # the same subset on both sides
 
     class MeanPool(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:

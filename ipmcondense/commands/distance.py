@@ -257,9 +257,10 @@ def run_distance(args: argparse.Namespace) -> int:
         points_a, points_b = points_a.to(device), points_b.to(device)
     max_samples = args.max_samples
     if features is not None:
-        if max_samples is not None:  # subsample before the (costly) feature map, with the same seed
+        if max_samples is not None:  # subsample before the (costly) feature map; one seed for both sides,
+            # so a dataset compared with itself gets the same subset (as in the library's distance)
             points_a, labels_a = _subsample(points_a, labels_a, max_samples, args.seed)
-            points_b, labels_b = _subsample(points_b, labels_b, max_samples, args.seed + 1)
+            points_b, labels_b = _subsample(points_b, labels_b, max_samples, args.seed)
             max_samples = None
         with torch.no_grad():
             points_a, points_b = features(points_a), features(points_b)
@@ -284,7 +285,8 @@ def run_distance(args: argparse.Namespace) -> int:
     if args.max_samples is not None:
         n_a, n_b = min(n_a, args.max_samples), min(n_b, args.max_samples)
     settings = {
-        "a": args.a, "b": args.b, "labels": use_labels, "features": args.features, "image_size": args.image_size, "max_samples": args.max_samples, "seed": args.seed,
+        "a": args.a, "b": args.b, "labels": use_labels, "features": args.features, "image_size": args.image_size,
+        "max_samples": args.max_samples, "seed": args.seed,
         **{k: v for k, v in options.items()},
     }
     result = {

@@ -40,7 +40,7 @@ def _spawn(argv: list[str]) -> subprocess.Popen:
 
 def _run_to_end(argv: list[str]) -> None:
     process = _spawn(argv)
-    out, err = process.communicate(timeout=600)
+    _, err = process.communicate(timeout=600)
     assert process.returncode == 0, err.decode()
 
 
@@ -98,7 +98,7 @@ def test_experts_killed_at_random_moments_resume_bit_for_bit(tmp_path):
     reference = tmp_path / "reference"
     _run_to_end([*EXPERTS, "--out", str(reference)])
     out = tmp_path / "killed"
-    done = lambda: all((out / expert_file_name(k)).exists() for k in range(3)) and (out / "buffer.json").exists()  # noqa: E731
+    done = lambda: all((out / expert_file_name(k)).exists() for k in range(3)) and (out / "buffer.json").exists()
     killed = _kill_at_random_moments(lambda: [*EXPERTS, "--out", str(out)], done, random.Random(7), kills=2)
     assert killed >= 1
     for k in range(3):

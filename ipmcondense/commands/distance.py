@@ -39,7 +39,7 @@ from torch import Tensor
 from ipmcondense.commands._common import resolve_device
 from ipmcondense.ipm.dataset_distance import DATASET_METRICS, distance
 
-__all__ = ["register", "load_points", "run_distance"]
+__all__ = ["load_points", "register", "run_distance"]
 
 _SPLITS = ("train", "test")
 
@@ -165,7 +165,7 @@ def load_points(
                 raise
             except (OSError, EOFError) as err:
                 raise ValueError(f"{spec}: corrupt or not a {suffix} file ({type(err).__name__}: {err})") from err
-            except Exception as err:  # noqa: BLE001 - zipfile raises BadZipFile for a foreign .npz
+            except Exception as err:
                 raise ValueError(f"{spec}: corrupt or not a {suffix} file ({type(err).__name__}: {err})") from err
         else:
             raise ValueError(f"{spec}: unsupported file type {suffix!r}; use .pt, .npy or .npz")
@@ -215,7 +215,7 @@ def feature_map(name: str, seed: int) -> Any:
         with warnings.catch_warnings():  # torch >= 2.9 marks TorchScript deprecated; it is what users have
             warnings.simplefilter("ignore", FutureWarning)
             module = torch.jit.load(str(path), map_location="cpu")
-    except Exception as err:  # noqa: BLE001 - torch.jit raises RuntimeError and others for foreign files
+    except Exception as err:
         raise ValueError(
             f"--features {name!r} is not a TorchScript module (save one with torch.jit.save(torch.jit.script(m), PATH)): "
             f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"
@@ -226,7 +226,7 @@ def feature_map(name: str, seed: int) -> Any:
         module.to(images.device)
         try:
             out = torch.cat([module(chunk) for chunk in images.split(256)])
-        except Exception as err:  # noqa: BLE001 - the user's module rejected the input
+        except Exception as err:
             raise ValueError(f"--features {name!r} failed on inputs of shape {tuple(images.shape)}: {err}") from err
         if not isinstance(out, Tensor) or out.dim() < 1 or out.shape[0] != images.shape[0]:
             raise ValueError(f"--features {name!r} must return one feature row per image")

@@ -18,18 +18,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-
 __all__ = [
     "DATASET_NAMES",
     "DIGITS_MEAN",
+    "DIGITS_SPLIT_SEED",
     "DIGITS_STD",
     "DIGITS_TEST_FRACTION",
-    "DIGITS_SPLIT_SEED",
     "NORMALISATION",
     "DatasetNotFoundError",
     "LabelledImages",
-    "load_dataset",
     "from_tensors",
+    "load_dataset",
 ]
 
 DATASET_NAMES: tuple[str, ...] = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "svhn")

@@ -37,15 +37,15 @@ from torch import Tensor
 from ipmcondense.data.datasets import DatasetNotFoundError, LabelledImages
 
 __all__ = [
-    "IMAGE_EXTENSIONS",
-    "DEFAULT_TEST_FRACTION",
     "DEFAULT_SPLIT_SEED",
+    "DEFAULT_TEST_FRACTION",
+    "IMAGE_EXTENSIONS",
+    "check_image_size",
+    "load_array_file",
     "load_idx_dataset",
     "load_image_folder",
-    "load_array_file",
     "load_torch_file",
     "resize_images",
-    "check_image_size",
 ]
 
 #: File endings read as images in an image folder (case-insensitive); other files are ignored.
@@ -98,7 +98,7 @@ def torch_load_weights_only(path: Path, what: str) -> Any:
             "containers; ipmcondense loads the files it is given with torch.load(weights_only=True) and refuses "
             "to run code stored in a file. Save tensors, dicts, lists, strings and numbers only"
         ) from err
-    except Exception as err:  # noqa: BLE001 - torch raises many types for corrupt or foreign files
+    except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise ValueError(f"{what} {str(path)!r} is corrupt or not a torch file ({type(err).__name__}: {first})") from err
 
@@ -140,7 +140,7 @@ def _stratified_split(labels: Tensor, fraction: float, seed: int, source: str) -
     for c in torch.unique(labels).tolist():
         idx = torch.nonzero(labels == c).flatten()
         idx = idx[torch.randperm(idx.numel(), generator=generator)]
-        n_test = min(int(round(idx.numel() * fraction)), idx.numel() - 1)
+        n_test = min(round(idx.numel() * fraction), idx.numel() - 1)
         test.append(idx[:n_test])
         train.append(idx[n_test:])
     train_idx, test_idx = torch.cat(train).sort().values, torch.cat(test).sort().values
@@ -510,14 +510,14 @@ def load_array_file(
                 data: Any = {k: archive[k] for k in archive.files}
         except ValueError as err:
             raise ValueError(f"{source}: holds pickled objects, which are refused (allow_pickle=False): {err}") from err
-        except Exception as err:  # noqa: BLE001 - zipfile/numpy raise several types for corrupt files
+        except Exception as err:
             raise ValueError(f"{source} is corrupt or not a .npz archive ({type(err).__name__}: {err})") from err
     elif suffix == ".pt":
         data = torch_load_weights_only(file, "dataset file")
     else:
         raise ValueError(f"{source}: unsupported file type {suffix!r}; use .npz or .pt with arrays x and y")
     if not isinstance(data, dict):
-        raise ValueError(f"{source}: expected a dict of arrays with keys x and y (or x_train, y_train, x_test, y_test)")
+        raise ValueError(f"{source}: expected a dict of arrays with keys x and y (or x_train, y_train, x_test, y_test)")  # noqa: TRY004 - wrong file content is a bad value
     size = check_image_size(image_size)
     name = str(file.resolve())
     if all(k in data for k in ("x_train", "y_train", "x_test", "y_test")):

@@ -2,8 +2,9 @@
 
 Each module in :mod:`ipmcondense.commands` exposes ``register(subparsers)``, which adds its
 subcommands and sets ``func`` (a callable taking the parsed arguments and returning an exit code).
-User errors (``ValueError``, ``TypeError``, ``FileNotFoundError``) are printed as one line on stderr
-with exit code 2, never as a traceback.
+User errors (``ValueError``, ``TypeError``) and environment errors (``OSError``: a missing file, an
+unwritable output folder, a full disk) are printed as one line on stderr with exit code 2, never as a
+traceback; anything else (``KeyError``, ``IndexError``, ...) is an internal bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -39,8 +40,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, KeyError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+    except (ValueError, TypeError, OSError) as err:  # OSError: unwritable output, disk full, missing file
+        # (a KeyError, IndexError, ... is an internal bug and keeps its traceback)
+        message = str(err)
+        if isinstance(err, OSError) and err.strerror:
+            message = err.strerror + (f": {str(err.filename)!r}" if err.filename else "")
         print(f"ipmcondense {args.command}: error: {message}", file=sys.stderr)
         return 2
 

@@ -22,8 +22,26 @@ def _temporary_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
-    """Call ``write(handle)`` on a binary temporary file, fsync it and rename it to ``path``."""
+    """Call ``write(handle)`` on a binary temporary file, fsync it, rename it to ``path``, fsync the folder.
+
+    A failed write (read-only folder, disk full) raises the same ``OSError`` subclass with a message naming
+    ``path`` (and saying that the previous version is kept, when there is one).
+    """
     path = Path(path)
     tmp = _temporary_path(path)
     try:
@@ -32,9 +50,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        _fsync_folder(path.parent)
+    except OSError as err:
+        reason = err.strerror or str(err)
+        kept = " (the previous version is kept)" if path.exists() else ""
+        raise type(err)(err.errno, f"cannot write {str(path)!r}: {reason}{kept}") from err
     finally:
         if tmp.exists():
-            tmp.unlink()
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:

@@ -48,7 +48,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"Methods: {', '.join(METHOD_NAMES)}.",
     )
     p.add_argument("--method", default="dm", help="recipe name (default dm); see `ipmcondense methods`")
-    p.add_argument("--dataset", default="digits", help="dataset name (default digits)")
+    p.add_argument("--dataset", default="digits",
+                   help="dataset name (default digits), imagefolder:PATH, or a .npz/.pt file with arrays x and y")
+    p.add_argument("--image-size", type=int, default=None, metavar="N",
+                   help="resize and centre-crop the dataset's images to NxN (needed for folders of mixed sizes)")
     p.add_argument("--ipc", type=int, default=10, help="images per class (default 10)")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--iterations", type=int, default=None, help="outer iterations (default: recipe/budget)")
@@ -84,7 +87,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Evaluate a condensed set with the standard protocol; saves evaluation.json next to it.",
     )
     e.add_argument("path", help="run directory or synthetic.pt")
-    e.add_argument("--dataset", default=None, help="dataset (default: the one condensed)")
+    e.add_argument("--dataset", default=None,
+                   help="dataset (default: the one condensed): a name, imagefolder:PATH or a .npz/.pt file")
+    e.add_argument("--image-size", type=int, default=None, metavar="N",
+                   help="resize and centre-crop the dataset's images to NxN (default: the synthetic images' size)")
     e.add_argument("--models", type=int, default=5, help="number of networks (default 5)")
     e.add_argument("--arch", default=None, help="evaluation network (default: the condensation arch)")
     e.add_argument("--epochs", type=int, default=None, help="training epochs (default 1000 with DSA)")
@@ -113,7 +119,7 @@ def run_condense(args: argparse.Namespace) -> int:
         data_root=args.data_root, resume=args.resume, overwrite=args.overwrite, device=args.device,
         progress=not args.no_progress, eval_every=args.eval_every, feature_map=args.feature_map,
         discrepancy=args.discrepancy, sampler=args.sampler, augmentation=args.augmentation,
-        synthetic=args.synthetic, real_batches=args.real_batches, **overrides,
+        synthetic=args.synthetic, real_batches=args.real_batches, image_size=args.image_size, **overrides,
     )
     losses = result.metrics["loss_history"]
     summary = {
@@ -136,7 +142,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     report = evaluate(
         args.path, dataset=args.dataset, models=args.models, arch=args.arch, epochs=args.epochs,
         data_root=args.data_root, seed=args.seed, device=args.device, augmentation=args.augmentation,
-        learned_lr=not args.no_learned_lr,
+        learned_lr=not args.no_learned_lr, image_size=args.image_size,
     )
     print(json.dumps(report, indent=2))
     return 0

@@ -1,12 +1,23 @@
 """``ipmcondense distance A B``: a distance between two datasets, printed as one JSON object.
 
-``A`` and ``B`` are files or built-in dataset splits:
+``A`` and ``B`` are files, image folders or built-in dataset splits:
 
 * ``.pt``: a tensor of points, or a dict with ``"images"``/``"labels"`` or ``"x"``/``"y"``, or a
-  ``(points, labels)`` pair (loaded with ``torch.load(weights_only=True)``);
+  ``(points, labels)`` pair (loaded with ``torch.load(weights_only=True)``), taken as given;
 * ``.npy``: an array of points; ``.npz``: arrays ``x``/``y`` or ``images``/``labels`` (or one array);
 * ``NAME:SPLIT``: a split of a built-in dataset, e.g. ``digits:train``, ``mnist:test``
-  (:func:`ipmcondense.data.load_dataset`, with ``--data-root`` for the torchvision datasets).
+  (:func:`ipmcondense.data.load_dataset`, with ``--data-root`` for mnist, cifar10, ...);
+* ``imagefolder:PATH``: every image of a folder with one sub-folder per class (labels: the sorted
+  class folder names), or ``imagefolder:PATH:train`` / ``:test`` for one split of it
+  (:func:`ipmcondense.data.files.load_image_folder`).
+
+Images from built-in splits and image folders are compared in pixel space (values in [0, 1], the
+dataset's normalisation undone), so a folder and a built-in split are comparable; ``--image-size N``
+resizes and centre-crops them to NxN first. ``--features`` maps images before the distance:
+``pixels`` (default, flattened), ``convnet`` (the embedding of a randomly initialised ConvNet-3,
+seeded by ``--seed``: the random-network features of distribution matching) or a TorchScript file
+(``torch.jit.save`` of a module mapping ``(N, C, H, W)`` images to ``(N, ...)`` features; TorchScript
+is code, so only pass files you trust).
 
 Output: ``{"metric", "value", "settings", "n_a", "n_b", "seconds"}`` on stdout, where ``n_a``/``n_b``
 are the numbers of points compared (after ``--max-samples``).
@@ -17,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +36,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ipmcondense.commands._common import resolve_device
 from ipmcondense.ipm.dataset_distance import DATASET_METRICS, distance
 
-__all__ = ["register", "load_points", "run_distance"]
+__all__ = ["load_points", "register", "run_distance"]
 
 _SPLITS = ("train", "test")
 
@@ -71,6 +84,11 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the subsampling (default: 0)")
     parser.add_argument("--data-root", default=None, help="folder of the torchvision datasets (mnist, cifar10, ...)")
     parser.add_argument("--device", default=None, help="torch device to compute on (default: where the data is)")
+    parser.add_argument("--image-size", type=int, default=None, metavar="N",
+                        help="resize and centre-crop images of folders and built-in splits to NxN")
+    parser.add_argument("--features", default="pixels", metavar="MAP",
+                        help="feature map applied to images first: pixels (default), convnet (random ConvNet-3 "
+                        "embedding, seeded by --seed) or a TorchScript .pt file")
     parser.set_defaults(func=run_distance)
 
 
@@ -85,43 +103,143 @@ def _from_mapping(data: dict, source: str) -> tuple[Any, Any]:
     )
 
 
-def load_points(spec: str, data_root: str | None = None) -> tuple[Tensor, Tensor | None]:
-    """Points and labels (or ``None``) from a ``.pt``/``.npy``/``.npz`` file or a ``NAME:SPLIT`` spec."""
+def _image_points(spec: str, data_root: str | None, image_size: int | None) -> tuple[Tensor, Tensor] | None:
+    """Pixel-space images and labels for ``imagefolder:PATH[:SPLIT]`` and ``NAME:SPLIT``, else ``None``."""
+    from ipmcondense.data import load_dataset
+
+    if spec.lower().startswith("imagefolder:"):
+        folder, split = spec.split(":", 1)[1], None
+        head, _, tail = folder.rpartition(":")
+        if tail in _SPLITS and head and not Path(folder).expanduser().is_dir():
+            folder, split = head, tail
+        dataset = load_dataset(f"imagefolder:{folder}", image_size=image_size)
+        parts = [split] if split is not None else list(_SPLITS)
+    elif ":" in spec and not Path(spec).expanduser().exists():
+        name, _, split = spec.rpartition(":")
+        if split not in _SPLITS:
+            raise ValueError(f"{spec}: the split must be one of {', '.join(_SPLITS)}, e.g. digits:train")
+        from ipmcondense.data import DATASET_NAMES
+
+        if name.lower().replace("_", "-") not in (*DATASET_NAMES, "fashionmnist"):
+            raise ValueError(
+                f"{spec}: unknown dataset {name!r}; expected one of: {', '.join(DATASET_NAMES)} (as NAME:SPLIT), "
+                "imagefolder:PATH, or a .pt/.npy/.npz file"
+            )
+        dataset = load_dataset(name, data_root, image_size=image_size)
+        parts = [split]
+    else:
+        return None
+    images = [dataset.denormalise(getattr(dataset, f"{part}_images")) for part in parts]
+    labels = [getattr(dataset, f"{part}_labels") for part in parts]
+    return torch.cat(images), torch.cat(labels)
+
+
+def load_points(
+    spec: str, data_root: str | None = None, image_size: int | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """Points and labels (or ``None``) from a ``.pt``/``.npy``/``.npz`` file, ``imagefolder:PATH[:SPLIT]``
+    or a ``NAME:SPLIT`` spec (images of folders and built-in splits in pixel space, see the module doc)."""
     path = Path(spec).expanduser()
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix == ".pt":
-            try:
-                data = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as err:  # torch raises several types for corrupt files
-                raise ValueError(f"{spec}: cannot read this .pt file ({err})") from err
+            from ipmcondense.data.files import torch_load_weights_only
+
+            data = torch_load_weights_only(path, "distance input")
             if isinstance(data, dict):
                 points, labels = _from_mapping(data, spec)
             elif isinstance(data, (tuple, list)) and len(data) == 2:
                 points, labels = data
             else:
                 points, labels = data, None
-        elif suffix == ".npy":
-            points, labels = np.load(path, allow_pickle=False), None
-        elif suffix == ".npz":
-            with np.load(path, allow_pickle=False) as archive:
-                points, labels = _from_mapping({k: archive[k] for k in archive.files}, spec)
+        elif suffix in (".npy", ".npz"):
+            try:
+                if suffix == ".npy":
+                    points, labels = np.load(path, allow_pickle=False), None
+                else:
+                    with np.load(path, allow_pickle=False) as archive:
+                        points, labels = _from_mapping({k: archive[k] for k in archive.files}, spec)
+            except ValueError as err:
+                if "pickle" in str(err):
+                    raise ValueError(f"{spec}: holds pickled objects, which are refused (allow_pickle=False)") from err
+                raise
+            except (OSError, EOFError) as err:
+                raise ValueError(f"{spec}: corrupt or not a {suffix} file ({type(err).__name__}: {err})") from err
+            except Exception as err:
+                raise ValueError(f"{spec}: corrupt or not a {suffix} file ({type(err).__name__}: {err})") from err
         else:
             raise ValueError(f"{spec}: unsupported file type {suffix!r}; use .pt, .npy or .npz")
-        points = torch.as_tensor(points) if not isinstance(points, Tensor) else points
-        labels = torch.as_tensor(labels) if labels is not None and not isinstance(labels, Tensor) else labels
+        points = _as_tensor(points, spec, "points")
+        labels = _as_tensor(labels, spec, "labels") if labels is not None else None
         return points, labels
-    if ":" in spec and not path.exists():
-        name, _, split = spec.rpartition(":")
-        if split not in _SPLITS:
-            raise ValueError(f"{spec}: the split must be one of {', '.join(_SPLITS)}, e.g. digits:train")
-        from ipmcondense.data import load_dataset
+    found = _image_points(spec, data_root, image_size)
+    if found is not None:
+        return found
+    raise FileNotFoundError(
+        f"{spec}: no such file (expected a .pt/.npy/.npz file, imagefolder:PATH or NAME:SPLIT like digits:train)"
+    )
 
-        dataset = load_dataset(name, data_root)
-        if split == "train":
-            return dataset.train_images, dataset.train_labels
-        return dataset.test_images, dataset.test_labels
-    raise FileNotFoundError(f"{spec}: no such file (expected a .pt/.npy/.npz file or NAME:SPLIT like digits:train)")
+
+def _as_tensor(value: Any, spec: str, what: str) -> Tensor:
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, np.ndarray) and value.dtype == object:
+        raise TypeError(f"{spec}: the {what} are an object array; store numbers")
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"{spec}: the {what} are not an array of numbers ({type(value).__name__})") from err
+
+
+def feature_map(name: str, seed: int) -> Any:
+    """The ``--features`` map: ``None`` for pixels, else a callable from ``(N, C, H, W)`` images to ``(N, d)``."""
+    if name == "pixels":
+        return None
+    if name == "convnet":
+        from ipmcondense.nets import get_network
+
+        def convnet(images: Tensor) -> Tensor:
+            if images.dim() != 4:
+                raise ValueError(f"--features convnet needs images (N, C, H, W), got points of shape {tuple(images.shape)}")
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                net = get_network("convnet", int(images.shape[1]), 10, (int(images.shape[2]), int(images.shape[3])))
+            net = net.to(images.device).eval()
+            return torch.cat([net.embed(chunk.float()) for chunk in images.split(256)])
+
+        return convnet
+    path = Path(name).expanduser()
+    if not path.is_file():
+        raise ValueError(f"--features {name!r}: expected pixels, convnet or a TorchScript file (no such file)")
+    try:
+        with warnings.catch_warnings():  # torch >= 2.9 marks TorchScript deprecated; it is what users have
+            warnings.simplefilter("ignore", FutureWarning)
+            module = torch.jit.load(str(path), map_location="cpu")
+    except Exception as err:
+        raise ValueError(
+            f"--features {name!r} is not a TorchScript module (save one with torch.jit.save(torch.jit.script(m), PATH)): "
+            f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"
+        ) from err
+    module.eval()
+
+    def scripted(images: Tensor) -> Tensor:
+        module.to(images.device)
+        try:
+            out = torch.cat([module(chunk) for chunk in images.split(256)])
+        except Exception as err:
+            raise ValueError(f"--features {name!r} failed on inputs of shape {tuple(images.shape)}: {err}") from err
+        if not isinstance(out, Tensor) or out.dim() < 1 or out.shape[0] != images.shape[0]:
+            raise ValueError(f"--features {name!r} must return one feature row per image")
+        return out.reshape(out.shape[0], -1)
+
+    return scripted
+
+
+def _subsample(points: Tensor, labels: Tensor | None, n: int, seed: int) -> tuple[Tensor, Tensor | None]:
+    if points.shape[0] <= n:
+        return points, labels
+    keep = torch.randperm(points.shape[0], generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return points[keep.to(points.device)], None if labels is None else labels[keep.to(labels.device)]
 
 
 def run_distance(args: argparse.Namespace) -> int:
@@ -129,11 +247,23 @@ def run_distance(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     if args.max_samples is not None and args.max_samples < 1:
         raise ValueError(f"--max-samples must be a positive integer, got {args.max_samples}")
-    points_a, labels_a = load_points(args.a, args.data_root)
-    points_b, labels_b = load_points(args.b, args.data_root)
-    if args.device is not None:
-        device = torch.device(args.device)
+    if args.image_size is not None and args.image_size < 1:
+        raise ValueError(f"--image-size must be a positive integer, got {args.image_size}")
+    device = resolve_device(args.device)
+    features = feature_map(args.features, args.seed)
+    points_a, labels_a = load_points(args.a, args.data_root, args.image_size)
+    points_b, labels_b = load_points(args.b, args.data_root, args.image_size)
+    if device is not None:
         points_a, points_b = points_a.to(device), points_b.to(device)
+    max_samples = args.max_samples
+    if features is not None:
+        if max_samples is not None:  # subsample before the (costly) feature map; one seed for both sides,
+            # so a dataset compared with itself gets the same subset (as in the library's distance)
+            points_a, labels_a = _subsample(points_a, labels_a, max_samples, args.seed)
+            points_b, labels_b = _subsample(points_b, labels_b, max_samples, args.seed)
+            max_samples = None
+        with torch.no_grad():
+            points_a, points_b = features(points_a), features(points_b)
     options: dict[str, Any] = {}
     for name in ("kernel", "bandwidth", "estimator", "p", "blur"):
         value = getattr(args, name)
@@ -149,13 +279,14 @@ def run_distance(args: argparse.Namespace) -> int:
             points_a, points_b, args.metric,
             labels_a if use_labels else None, labels_b if use_labels else None,
             class_conditional=use_labels if args.metric != "otdd" else None,
-            max_samples=args.max_samples, seed=args.seed, **options,
+            max_samples=max_samples, seed=args.seed, **options,
         )
     n_a, n_b = points_a.shape[0], points_b.shape[0]
     if args.max_samples is not None:
         n_a, n_b = min(n_a, args.max_samples), min(n_b, args.max_samples)
     settings = {
-        "a": args.a, "b": args.b, "labels": use_labels, "max_samples": args.max_samples, "seed": args.seed,
+        "a": args.a, "b": args.b, "labels": use_labels, "features": args.features, "image_size": args.image_size,
+        "max_samples": args.max_samples, "seed": args.seed,
         **{k: v for k, v in options.items()},
     }
     result = {

@@ -28,7 +28,10 @@ def register(subparsers: Any) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--dataset", required=True, help="dataset name (digits, mnist, fashion-mnist, cifar10, ...)")
+    p.add_argument("--dataset", required=True,
+                   help="dataset name (digits, mnist, fashion-mnist, cifar10, ...), imagefolder:PATH or a .npz/.pt file")
+    p.add_argument("--image-size", type=int, default=None, metavar="N",
+                   help="resize and centre-crop the dataset's images to NxN (needed for folders of mixed sizes)")
     p.add_argument("--n-experts", type=int, required=True, help="number of experts the buffer should hold")
     p.add_argument("--epochs", type=int, required=True, help="training epochs per expert (epochs + 1 snapshots)")
     p.add_argument("--out", required=True, help="buffer directory (created; reused to resume)")
@@ -45,10 +48,12 @@ def register(subparsers: Any) -> None:
 
 def run_experts(args: argparse.Namespace) -> int:
     """Load the dataset, train (or resume) the buffer and print the JSON summary; returns 0."""
+    from ipmcondense.commands._common import resolve_device
     from ipmcondense.data import load_dataset
     from ipmcondense.trajectories import train_experts
 
-    dataset = load_dataset(args.dataset, args.data_root)
+    resolve_device(args.device)
+    dataset = load_dataset(args.dataset, args.data_root, image_size=args.image_size)
     report = train_experts(
         dataset,
         n_experts=args.n_experts,

@@ -91,17 +91,18 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def load_dataset_checked(dataset: Any, data_root: str | os.PathLike | None) -> Any:
-    """A :class:`ipmcondense.data.LabelledImages` from a name (validated, loaded from ``data_root``) or as given."""
-    from ipmcondense.data import DATASET_NAMES, LabelledImages, load_dataset
+def load_dataset_checked(
+    dataset: Any, data_root: str | os.PathLike | None, image_size: int | tuple[int, int] | None = None
+) -> Any:
+    """A :class:`ipmcondense.data.LabelledImages` from a dataset spec (:func:`ipmcondense.data.load_dataset`:
+    a built-in name, ``imagefolder:PATH`` or a ``.npz``/``.pt`` file) loaded from ``data_root``, or as given."""
+    from ipmcondense.data import LabelledImages, load_dataset
 
     if isinstance(dataset, LabelledImages):
         return dataset
     if not isinstance(dataset, str):
         raise TypeError(f"dataset must be a dataset name or a LabelledImages, got {type(dataset).__name__}")
-    key = dataset.lower().strip()
-    check_choice(key, DATASET_NAMES, "dataset")
-    return load_dataset(key, data_root)
+    return load_dataset(dataset, data_root, image_size=image_size)
 
 
 def _positive_int(value: Any, name: str, *, allow_zero: bool = False) -> int:
@@ -201,6 +202,7 @@ def condense(
     augmentation: str | None = None,
     synthetic: str | None = None,
     real_batches: str | None = None,
+    image_size: int | tuple[int, int] | None = None,
     **overrides: Any,
 ) -> CondensationResult:
     r"""Condense ``dataset`` to ``ipc`` images per class with the recipe ``method``.
@@ -230,6 +232,8 @@ def condense(
             default the row's, ``"pixels"``).
         real_batches: how real images are drawn per step
             (:data:`~ipmcondense.condensation.real_batches.REAL_BATCH_NAMES`, default the row's, ``"random"``).
+        image_size: resize and centre-crop the dataset's images to ``S x S`` (or ``(H, W)``) when it is
+            loaded by name (see :func:`ipmcondense.data.load_dataset`).
         **overrides: hyperparameters (:data:`ipmcondense.condensation.recipes.HYPERPARAMETER_KEYS`), e.g.
             ``lr_images``, ``batch_real``, ``init``, ``arch``, ``inner_loop``, ``bandwidth``.
 
@@ -249,7 +253,7 @@ def condense(
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
     dev = _resolve_device(device)
-    ds = load_dataset_checked(dataset, data_root)
+    ds = load_dataset_checked(dataset, data_root, image_size)
     config = resolve_config(recipe, ds.name, {**overrides, "iterations": iterations, "eval_every": eval_every},
                             ipc=ipc)
     if recipe.is_selection:
@@ -381,6 +385,7 @@ def evaluate(
     augmentation: str = "dsa",
     save: bool = True,
     learned_lr: bool = True,
+    image_size: int | tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Train ``models`` fresh networks on a condensed set and report their test accuracy.
 
@@ -404,6 +409,8 @@ def evaluate(
         save: write ``evaluation.json`` next to the synthetic set.
         learned_lr: train with the learning rate learned during condensation (MTT) when the set has one
             (the protocol's ``learned_lr`` option); ``False`` uses the protocol's ``lr``.
+        image_size: resize the dataset's images (see :func:`ipmcondense.data.load_dataset`); default:
+            the synthetic images' size when the recorded dataset is reloaded, none for a given ``dataset``.
 
     Returns:
         ``{"accuracy_mean", "accuracy_std", "n_models", "accuracies", "seeds", "protocol", ...}``
@@ -426,7 +433,9 @@ def evaluate(
         dataset = config["dataset"]
         if data_root is None:
             data_root = config.get("data_root")
-    ds = load_dataset_checked(dataset, data_root)
+        if image_size is None:
+            image_size = tuple(int(v) for v in images.shape[-2:])
+    ds = load_dataset_checked(dataset, data_root, image_size)
     if tuple(images.shape[1:]) != (ds.channels, *ds.image_size):
         raise ValueError(
             f"the synthetic images have shape {tuple(images.shape[1:])} but dataset {ds.name!r} has "

@@ -19,9 +19,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
+from ipmcondense.data.files import torch_load_weights_only
 from ipmcondense.files import atomic_torch_save, atomic_write
 from ipmcondense.files import atomic_write_json as _atomic_write_json
 
@@ -102,12 +102,13 @@ def load_synthetic(path: str | os.PathLike) -> dict[str, Any]:
     file = synthetic_path(path)
     if not file.exists():
         raise FileNotFoundError(f"no synthetic set at {file}: run `ipmcondense condense --out {Path(path)}` first")
-    try:
-        data = torch.load(file, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means a corrupt file
-        raise ValueError(f"synthetic set {file} is corrupt or not a torch file: {err}") from err
+    data = torch_load_weights_only(file, "synthetic set")  # refuses pickled code; names corrupt files
     if not isinstance(data, dict) or data.get("format") != SYNTHETIC_FORMAT:
         raise ValueError(f"{file} is not an ipmcondense synthetic set (format {SYNTHETIC_FORMAT!r} expected)")
+    images, labels = data.get("images"), data.get("labels")
+    if (not isinstance(data.get("config"), dict) or not isinstance(images, Tensor) or images.dim() != 4
+            or not images.is_floating_point() or not isinstance(labels, Tensor) or labels.shape[:1] != images.shape[:1]):
+        raise ValueError(f"{file} is damaged: it needs 'config' (a dict), 'images' (N, C, H, W) and N 'labels'")
     return data
 
 
@@ -115,9 +116,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load a ``checkpoint.pt``; a corrupt or foreign file raises ``ValueError`` naming it."""
     file = Path(path)
     try:
-        data = torch.load(file, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001
-        raise ValueError(f"checkpoint {file} is corrupt or not a torch file ({err}); delete it to start over") from err
+        data = torch_load_weights_only(file, "checkpoint")  # refuses pickled code; names corrupt files
+    except ValueError as err:
+        raise ValueError(f"{err}; delete it to start over") from err
     required = ("format", "iteration", "synthetic", "optimizer", "generator", "config", "sampler")
     if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT or any(k not in data for k in required):
         raise ValueError(f"checkpoint {file} is corrupt or not an ipmcondense checkpoint; delete it to start over")

@@ -18,18 +18,21 @@ from ipmcondense.data.datasets import (
     from_tensors,
     load_dataset,
 )
+from ipmcondense.data.files import load_array_file, load_image_folder
 from ipmcondense.data.sampling import ClassBalancedSampler
 
 __all__ = [
     "DATASET_NAMES",
     "DIGITS_MEAN",
+    "DIGITS_SPLIT_SEED",
     "DIGITS_STD",
     "DIGITS_TEST_FRACTION",
-    "DIGITS_SPLIT_SEED",
     "NORMALISATION",
+    "ClassBalancedSampler",
     "DatasetNotFoundError",
     "LabelledImages",
-    "load_dataset",
     "from_tensors",
-    "ClassBalancedSampler",
+    "load_array_file",
+    "load_dataset",
+    "load_image_folder",
 ]

@@ -18,19 +18,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ipmcondense.ipm._validation import check_choice
-
 __all__ = [
     "DATASET_NAMES",
     "DIGITS_MEAN",
+    "DIGITS_SPLIT_SEED",
     "DIGITS_STD",
     "DIGITS_TEST_FRACTION",
-    "DIGITS_SPLIT_SEED",
     "NORMALISATION",
     "DatasetNotFoundError",
     "LabelledImages",
-    "load_dataset",
     "from_tensors",
+    "load_dataset",
 ]
 
 DATASET_NAMES: tuple[str, ...] = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "svhn")
@@ -325,16 +323,19 @@ def _missing_data_error(
     where = "no root was given" if root is None else f"root {str(root)!r} does not hold it"
     message = (
         f"dataset {name!r} not found: {where} (torchvision layout: <root>/{_LAYOUT[name]}). "
-        "Pass --data-root (root=...) pointing at a folder in torchvision layout that holds the "
-        "dataset, or enable download (--download / download=True) to fetch it there."
+        "Pass --data-root (data_root=...) pointing at a folder in that layout"
     )
-    if root is not None and name in ("mnist", "fashion-mnist") and not download:
-        raw = root / _LAYOUT[name]
-        if raw.is_dir() and any(raw.glob("*.gz")):
-            message += (
-                f" The compressed files are present in {str(raw)!r}: download=True extracts them "
-                "without network access when their checksums match (the folder must be writable)."
-            )
+    if name in ("mnist", "fashion-mnist"):
+        message += (
+            "; the publisher's four .gz files are read as they are (checksums verified, nothing written), "
+            "also from a read-only folder"
+        )
+    else:
+        tv_class = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "svhn": "SVHN"}[name]
+        message += (
+            f"; to fetch the files once, run torchvision.datasets.{tv_class}(ROOT, download=True) in Python "
+            "(or load_dataset(..., download=True))"
+        )
     if cause is not None:
         detail = str(cause).strip()
         message += f" (torchvision: {detail.splitlines()[0] if detail else type(cause).__name__})"
@@ -355,6 +356,14 @@ def _load_torchvision(name: str, root: Path, download: bool) -> LabelledImages:
             return datasets.CIFAR100(str(root), train=train, download=download)
         return datasets.SVHN(str(root), split="train" if train else "test", download=download)
 
+    if name in ("mnist", "fashion-mnist"):
+        from ipmcondense.data.files import load_idx_dataset
+
+        found = load_idx_dataset(name, root)
+        if found is not None:
+            return found
+        if not download:
+            raise _missing_data_error(name, root, download, None)
     try:
         train_set, test_set = build(True), build(False)
     except (RuntimeError, OSError) as err:
@@ -377,11 +386,17 @@ def _load_torchvision(name: str, root: Path, download: bool) -> LabelledImages:
 
 
 def load_dataset(
-    name: str, root: str | os.PathLike[str] | None = None, *, download: bool = False
+    name: str,
+    root: str | os.PathLike[str] | None = None,
+    *,
+    download: bool = False,
+    image_size: int | tuple[int, int] | None = None,
+    test_fraction: float | None = None,
+    split_seed: int | None = None,
 ) -> LabelledImages:
-    """Load a whole dataset into normalised tensors.
+    """Load a whole dataset into normalised tensors: a built-in name or the user's own data.
 
-    Datasets (:data:`DATASET_NAMES`):
+    ``name`` is one of
 
     * ``"digits"``: scikit-learn ``load_digits`` (1797 images 1x8x8, values 0..16, bundled with
       scikit-learn, needs no root). Pixels are divided by 16, then normalised with the mean and
@@ -389,30 +404,83 @@ def load_dataset(
       :data:`DIGITS_STD` = 0.37611917. Fixed stratified split
       ``train_test_split(test_size=0.2, stratify=y, random_state=0)``: 1437 training and 360 test
       images.
-    * ``"mnist"``, ``"fashion-mnist"`` (1x28x28), ``"cifar10"``, ``"cifar100"``, ``"svhn"``
-      (3x32x32) through torchvision from ``root`` (torchvision layout), downloaded there when
-      ``download=True``; pixels scaled to [0, 1] and normalised with the standard constants
-      (:data:`NORMALISATION`).
+    * ``"mnist"``, ``"fashion-mnist"`` (1x28x28): the publisher's four files under ``root``
+      (``<root>/MNIST/raw/``, ``<root>/FashionMNIST/raw/``; ``.gz`` read directly after an MD5 check,
+      nothing is written, the folder may be read-only; see
+      :func:`ipmcondense.data.files.load_idx_dataset`).
+    * ``"cifar10"``, ``"cifar100"``, ``"svhn"`` (3x32x32) through torchvision from ``root``
+      (torchvision layout), downloaded there when ``download=True``. Built-in datasets are scaled to
+      [0, 1] and normalised with the standard constants (:data:`NORMALISATION`).
+    * ``"imagefolder:PATH"``: an image folder, one sub-folder per class
+      (:func:`ipmcondense.data.files.load_image_folder`).
+    * a path to a ``.npz`` or ``.pt`` file with arrays ``x`` and ``y``
+      (:func:`ipmcondense.data.files.load_array_file`).
+
+    The ``name`` of the returned dataset loads it again (an absolute path for the user's data).
 
     Args:
-        name: dataset name (case-insensitive; ``_`` may replace ``-``).
-        root: folder in torchvision layout (ignored for ``"digits"``).
-        download: let torchvision download (or extract) the files into ``root``.
+        name: dataset name (case-insensitive; ``_`` may replace ``-``) or one of the forms above.
+        root: folder of the built-in datasets (ignored for ``"digits"`` and the user's data).
+        download: let torchvision download the files into ``root`` (CIFAR, SVHN; MNIST when absent).
+        image_size: ``S`` or ``(H, W)``: resize (covering, bilinear, antialiased) and centre-crop every
+            image to it. Needed for folders of mixed image sizes; optional elsewhere.
+        test_fraction, split_seed: the seeded stratified split of user data that has no split of its
+            own (defaults :data:`~ipmcondense.data.files.DEFAULT_TEST_FRACTION` = 0.2 and 0).
 
     Returns:
         A :class:`LabelledImages` with float32 images on the CPU.
 
     Raises:
-        ValueError: unknown ``name``.
+        ValueError: unknown ``name`` (the message lists the forms), bad ``image_size``, or bad user data
+            (an empty class, a single class, an unreadable image, mixed channel counts, ...; named).
         DatasetNotFoundError: the data are not under ``root`` (a ``FileNotFoundError`` and a
             ``ValueError``); the message names the dataset and root and says how to provide them.
+        FileNotFoundError: a user folder or file does not exist.
     """
-    key = name.lower().strip().replace("_", "-") if isinstance(name, str) else name
+    from ipmcondense.data import files
+
+    if not isinstance(name, str):
+        raise TypeError(f"dataset must be a name or a path (str), got {type(name).__name__}")
+    size = files.check_image_size(image_size)
+    split = {}
+    if test_fraction is not None:
+        split["test_fraction"] = test_fraction
+    if split_seed is not None:
+        split["split_seed"] = split_seed
+    spec = name.strip()
+    if spec.lower().startswith("imagefolder:"):
+        folder = spec.split(":", 1)[1]
+        if not folder:
+            raise ValueError("dataset 'imagefolder:' needs a folder: imagefolder:PATH")
+        return files.load_image_folder(folder, size, **split)
+    if Path(spec).expanduser().is_dir():
+        raise ValueError(f"dataset {name!r} is a folder; write imagefolder:{spec} to load it as an image folder")
+    if Path(spec).suffix.lower() in (".npz", ".pt") or (os.sep in spec and Path(spec).expanduser().exists()):
+        return files.load_array_file(spec, size, **split)
+    key = spec.lower().replace("_", "-")
     if key == "fashionmnist":
         key = "fashion-mnist"
-    check_choice(key, DATASET_NAMES, "dataset name")
+    if key not in DATASET_NAMES:
+        raise ValueError(
+            f"unknown dataset {name!r}; expected one of: {', '.join(map(repr, DATASET_NAMES))}, "
+            "imagefolder:PATH (one sub-folder per class), or a .npz/.pt file with arrays x and y"
+        )
     if key == "digits":
-        return _load_digits()
-    if root is None:
+        data = _load_digits()
+    elif root is None:
         raise _missing_data_error(key, None, download, None)
-    return _load_torchvision(key, Path(root).expanduser(), download)
+    else:
+        data = _load_torchvision(key, Path(root).expanduser(), download)
+    if size is not None and size != data.image_size:
+        data = LabelledImages(
+            name=data.name,
+            train_images=files.resize_images(data.train_images, size),
+            train_labels=data.train_labels,
+            test_images=files.resize_images(data.test_images, size),
+            test_labels=data.test_labels,
+            num_classes=data.num_classes,
+            mean=data.mean,
+            std=data.std,
+            class_names=data.class_names,
+        )
+    return data

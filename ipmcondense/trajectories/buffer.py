@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ipmcondense.augment import dsa_strategy_for
 from ipmcondense.autodiff import load_flat_parameters
+from ipmcondense.data.files import torch_load_weights_only
 from ipmcondense.ipm._validation import check_positive_int
 from ipmcondense.nets import build_isolated, get_network
 
@@ -112,9 +113,8 @@ def _mismatches(stored: dict[str, Any], requested: dict[str, Any]) -> list[str]:
 def _load_expert_file(path: Path, *, mmap: bool = True) -> dict[str, Any]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except RuntimeError:
-        # older files or file systems without mmap support
-        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - older files or file systems without mmap; errors named below
+        data = torch_load_weights_only(path, "expert file")
     if not isinstance(data, dict) or "trajectory" not in data or "metadata" not in data:
         raise ValueError(f"{path} is not an ipmcondense expert file (expected keys 'trajectory' and 'metadata')")
     return data

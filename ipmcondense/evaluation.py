@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from ipmcondense.augment import DifferentiableSiameseAugmentation, NoAugmentation, dsa_strategy_for
-from ipmcondense.ipm._validation import check_choice, check_positive
+from ipmcondense.ipm._validation import check_choice, check_positive, check_positive_int
 from ipmcondense.nets import NETWORK_NAMES, build_isolated, get_network
 from ipmcondense.training import train_epoch
 from ipmcondense.whitening import ZCAWhitening
@@ -106,9 +106,7 @@ class EvaluationProtocol:
         ):
             raise ValueError(f"epochs must be a non-negative integer or None, got {self.epochs!r}")
         for name in ("batch_size", "test_batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check_positive_int(getattr(self, name), name)
         check_positive(self.lr, "lr")
         check_positive(self.momentum, "momentum", allow_zero=True)
         check_positive(self.weight_decay, "weight_decay", allow_zero=True)
@@ -423,8 +421,7 @@ def evaluate_synthetic(
     Returns:
         An :class:`EvaluationResult` (mean, population std, per-model accuracies and seeds, protocol).
     """
-    if isinstance(n_models, bool) or not isinstance(n_models, int) or n_models < 1:
-        raise ValueError(f"n_models must be a positive integer, got {n_models!r}")
+    check_positive_int(n_models, "n_models")
     protocol = protocol if protocol is not None else EvaluationProtocol()
     device = _resolve_device(device, images)
     train_images, train_labels = _prepare_training_set(images, labels, dataset, protocol, device)

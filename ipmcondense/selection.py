@@ -1,7 +1,7 @@
 """Coreset baselines: subsets of real training images chosen per class.
 
 Condensed sets are compared with real subsets of the same size (``ipc`` images per class) evaluated
-by the same protocol (:func:`ipmcondense.evaluation.evaluate_synthetic`). Three selections:
+by the same protocol (:func:`ipmcondense.evaluation.evaluate_synthetic`). Four selections:
 
 - :func:`select_random`: ``ipc`` images per class uniformly without replacement (seeded).
 - :func:`select_herding`: greedy mean matching in an embedding :math:`\\phi` (Welling 2009; the
@@ -12,6 +12,8 @@ by the same protocol (:func:`ipmcondense.evaluation.evaluate_synthetic`). Three 
 - :func:`select_kcenter`: farthest-first traversal (Gonzalez; Sener & Savarese's k-center greedy):
   start from a seeded random point, then repeatedly add the point farthest (Euclidean, in
   :math:`\\phi`) from the selected set, a 2-approximation of the minimax covering radius.
+- :func:`select_kmeans`: the real image nearest to each of ``ipc`` k-means centres of the class
+  (scikit-learn, seeded), DREAM's representative initialisation.
 
 Embedding: by default a ConvNet (``"convnet"`` for the dataset's shape) freshly initialised with
 ``torch.manual_seed(seed)`` and used untrained, through its ``embed`` (the features before the
@@ -38,8 +40,10 @@ __all__ = [
     "select_random",
     "select_herding",
     "select_kcenter",
+    "select_kmeans",
     "herding_indices",
     "kcenter_indices",
+    "kmeans_indices",
     "embed_images",
     "SELECTION_METHODS",
 ]
@@ -231,9 +235,58 @@ def select_kcenter(
     return _embedding_selection(dataset, ipc, seed, feature_network, batch_size, pick, arch)
 
 
+def kmeans_indices(features: Tensor, k: int, seed: int = 0, n_init: int = 10) -> Tensor:
+    r"""Rows of ``features`` nearest to the ``k`` centres of a k-means clustering (one distinct row per centre).
+
+    scikit-learn's :class:`~sklearn.cluster.KMeans` (k-means++ initialisation, ``n_init`` restarts,
+    ``random_state=seed``) on the float64 features; then, centre by centre in order of cluster size
+    (largest first), the nearest (Euclidean) row not taken yet. Cost: :math:`O(n_{init}\, t\, k\, n\, d)`
+    for the clustering plus :math:`O(k n d)` for the assignment.
+    """
+    from sklearn.cluster import KMeans
+
+    n = features.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, {n}], got {k}")
+    x = features.detach().cpu().to(torch.float64).numpy()
+    model = KMeans(n_clusters=k, n_init=n_init, random_state=int(seed)).fit(x)
+    centres = torch.from_numpy(model.cluster_centers_)
+    sizes = torch.bincount(torch.from_numpy(model.labels_).long(), minlength=k)
+    distance = torch.cdist(centres, torch.from_numpy(x))
+    taken = torch.zeros(n, dtype=torch.bool)
+    chosen = []
+    for centre in torch.argsort(sizes, descending=True, stable=True).tolist():
+        d = distance[centre].masked_fill(taken, float("inf"))
+        best = int(torch.argmin(d))
+        taken[best] = True
+        chosen.append(best)
+    return torch.tensor(chosen, dtype=torch.long, device=features.device)
+
+
+def select_kmeans(
+    dataset: Any,
+    ipc: int,
+    seed: int = 0,
+    feature_network: FeatureNetwork | None = None,
+    *,
+    batch_size: int = 512,
+    arch: str = "convnet",
+) -> tuple[Tensor, Tensor]:
+    """k-means selection: per class, the real images nearest to ``ipc`` k-means centres in the embedding.
+
+    The representative-sample initialisation of DREAM (Liu et al. 2023) and of several condensation
+    codes: cluster each class's embeddings (:func:`kmeans_indices`, seeded with ``seed``) and keep the
+    real image nearest to each centre. Arguments as :func:`select_herding`.
+    """
+    return _embedding_selection(
+        dataset, ipc, seed, feature_network, batch_size, lambda features, _: kmeans_indices(features, ipc, seed), arch
+    )
+
+
 #: Name -> selection function, for command lines and benchmarks.
 SELECTION_METHODS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
     "random": select_random,
     "herding": select_herding,
     "kcenter": select_kcenter,
+    "kmeans": select_kmeans,
 }

@@ -142,3 +142,32 @@ def test_kcenter_covering_radius_is_within_factor_two_of_optimum():
 def test_embed_images_rejects_non_finite():
     with pytest.raises(ValueError, match="NaN"):
         embed_images(torch.zeros(3, 1, 2, 2), lambda x: torch.full((x.shape[0], 2), float("nan")))
+
+
+def test_kmeans_picks_the_point_nearest_each_cluster_centre():
+    from ipmcondense.selection import kmeans_indices
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]], dtype=torch.float64)
+    points = torch.cat([c + 0.5 * torch.randn(20, 2, generator=g, dtype=torch.float64) for c in centres])
+    # three well separated clusters: k-means finds them, and each pick is the row nearest its cluster mean
+    chosen = sorted(kmeans_indices(points, 3, seed=0).tolist())
+    expected = []
+    for k in range(3):
+        block = points[20 * k : 20 * k + 20]
+        expected.append(20 * k + int(torch.cdist(block.mean(0, keepdim=True), block).argmin()))
+    assert chosen == sorted(expected)
+    assert len(set(kmeans_indices(points, 60, seed=1).tolist())) == 60  # every centre its own row
+    with pytest.raises(ValueError, match="k must be in"):
+        kmeans_indices(points, 61)
+
+
+def test_kmeans_init_is_a_working_choice_of_condense():
+    from ipmcondense.condensation.api import condense
+
+    result = condense("dm", "digits", ipc=2, iterations=0, init="kmeans", progress=False, seed=0)
+    digits = load_dataset("digits")
+    train = digits.train_images.reshape(digits.train_images.shape[0], -1)
+    for image, label in zip(result.images, result.labels):
+        match = (train == image.reshape(1, -1)).all(dim=1)
+        assert bool(match.any()) and int(digits.train_labels[match][0]) == int(label)

@@ -12,8 +12,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -130,15 +128,9 @@ def cached_cell(path: Path, key: dict[str, Any], defaults: dict[str, Any] | None
 
 
 def atomic_write_json(obj: Any, path: Path) -> None:
-    """Write ``obj`` as JSON to a temporary file next to ``path``, then ``os.replace`` it."""
+    """Write ``obj`` as JSON (indent 1) to ``path`` atomically (:func:`ipmcondense.files.atomic_write_text`)."""
+    from ipmcondense.files import atomic_write_text
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(_plain(obj), handle, indent=1)
-            handle.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_text(json.dumps(_plain(obj), indent=1) + "\n", path)

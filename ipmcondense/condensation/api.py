@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ipmcondense._version import __version__
-from ipmcondense.ipm._validation import check_choice, check_positive_int
+from ipmcondense.ipm._validation import check_choice, check_positive_int, check_positive_number
 
 from .engine import CondensationEngine
 from .outputs import (
@@ -119,9 +119,7 @@ def _check_config(config: dict[str, Any], recipe: Recipe, dataset: Any, ipc: int
     _positive_int(config["eval_every"] or 0, "eval_every", allow_zero=True)
     _positive_int(config["eval_models"], "eval_models")
     for key in ("lr_images", "lr_net", "lr_pool"):
-        value = config[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value != value:
-            raise ValueError(f"{key} must be a positive number, got {value!r}")
+        check_positive_number(config[key], key)
     check_choice(config["init"], INIT_CHOICES, "init")
     if not isinstance(config["arch"], str):
         raise TypeError(f"arch must be a network name, got {type(config['arch']).__name__}")

@@ -239,8 +239,8 @@ def initial_images(
 
     ``init``: ``"real"`` (random real training images of each class, drawn with ``generator``),
     ``"noise"`` (standard normal pixels in normalised space, drawn with ``generator``), or a selection
-    baseline from :mod:`ipmcondense.selection`: ``"random"``, ``"herding"``, ``"kcenter"``, ``"kmeans"``
-    (when available), seeded with ``seed``; herding and k-center embed with an untrained ``arch`` network.
+    baseline from :mod:`ipmcondense.selection`: ``"random"``, ``"herding"``, ``"kcenter"``, ``"kmeans"``,
+    seeded with ``seed``; herding, k-center and k-means embed with an untrained ``arch`` network.
     """
     check_choice(init, INIT_CHOICES, "init")
     images, labels = dataset.train_images, dataset.train_labels
@@ -262,8 +262,6 @@ def initial_images(
         return images.cpu()[order].float().clone(), out_labels
     from ipmcondense import selection
 
-    fn = getattr(selection, f"select_{init}", None)
-    if fn is None:
-        raise ValueError(f"init {init!r} needs ipmcondense.selection.select_{init}, which is not available")
-    sel_images, sel_labels = fn(dataset, ipc, seed, **({"arch": arch} if init in ("herding", "kcenter") else {}))
+    fn = selection.SELECTION_METHODS[init]
+    sel_images, sel_labels = fn(dataset, ipc, seed, **({} if init == "random" else {"arch": arch}))
     return sel_images.detach().cpu().float().clone(), sel_labels.detach().cpu().to(torch.int64).clone()

@@ -7,13 +7,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ipmcondense.ipm._validation import check_positive_int
+
 __all__ = ["ClassBalancedSampler"]
 
 
 def _as_count(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
+    return check_positive_int(value, name)
 
 
 class ClassBalancedSampler:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ipmcondense.ipm._validation import check_choice
+from ipmcondense.ipm._validation import check_choice, check_positive_int
 from ipmcondense.nets._common import (
     ConvBlockNetwork,
     check_geometry,
@@ -69,8 +69,7 @@ class ConvNet(ConvBlockNetwork):
         super().__init__()
         channels, num_classes, image_size = check_geometry(channels, num_classes, image_size)
         for value, name in ((width, "width"), (depth, "depth")):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check_positive_int(value, name)
         check_choice(pooling, POOLING_NAMES, "pooling")
         self.channels = channels
         self.num_classes = num_classes

@@ -130,7 +130,7 @@ def gradient_penalty(
         generator: optional ``torch.Generator`` for the pairing and the interpolation weights.
 
     Returns:
-        A 0-d tensor. Cost: one forward and one double-backward pass of the critic on ``min(n, m)`` points.
+        A 0-d tensor; it costs one forward and one double-backward pass of the critic on ``min(n, m)`` points.
     """
     a, b = as_point_pair(x, y, flatten=False)
     a, b, t = _random_pairs(a, b, generator)

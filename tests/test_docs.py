@@ -9,18 +9,46 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _source_files():
+    """Every file under docs/ and theory_notebooks/ (symlinks not followed) with its modification time."""
+    files = {}
+    for folder in (ROOT / "docs", ROOT / "theory_notebooks"):
+        for path in folder.rglob("*"):
+            if path.is_file() and "__pycache__" not in path.parts:
+                files[path] = path.stat().st_mtime_ns
+    return files
+
+
 @pytest.mark.slow
 def test_docs_build_strict(tmp_path):
     pytest.importorskip("sphinx")
     pytest.importorskip("myst_nb")
+    before = _source_files()
     result = subprocess.run(
         [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html",
          str(ROOT / "docs"), str(tmp_path / "html"), "-d", str(tmp_path / "doctrees")],
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    assert (tmp_path / "html" / "index.html").exists()
-    assert (tmp_path / "html" / "api" / "ipm.html").exists()
+    html = tmp_path / "html"
+    assert (html / "index.html").exists()
+    assert (html / "api" / "ipm.html").exists()
+    # the build reads the sources and writes only into its output folder
+    assert _source_files() == before
+    # every theory notebook is a page, and no rendered page shows a local path or a warning stream
+    for notebook in sorted((ROOT / "theory_notebooks").glob("*.ipynb")):
+        assert (html / "theory" / "notebooks" / f"{notebook.stem}.html").exists(), notebook.name
+    for page in html.rglob("*.html"):
+        text = page.read_text(encoding="utf-8")
+        assert str(ROOT) not in text and "site-packages" not in text, page
+        assert 'class="output stderr' not in text, f"{page}: a stored notebook output is a stderr stream"
+
+
+def test_theory_notebooks_are_read_in_place():
+    link = ROOT / "docs" / "theory" / "notebooks"
+    assert link.is_symlink() and link.resolve() == (ROOT / "theory_notebooks").resolve()
+    conf = (ROOT / "docs" / "conf.py").read_text()
+    assert "nitpicky = True" in conf
 
 
 # result containers document their fields, not a computation

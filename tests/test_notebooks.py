@@ -43,6 +43,22 @@ def test_kernel_uses_this_interpreter():
     assert Path(cwd).resolve() == NOTEBOOK_DIR
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_stored_outputs_show_no_warnings_or_local_paths(path: Path):
+    """The docs render the stored outputs: no stderr stream (warnings), no error, no path of this machine."""
+    notebook = nbformat.read(path, as_version=4)
+    root = str(NOTEBOOK_DIR.parent)
+    for index, cell in enumerate(notebook.cells):
+        if cell.cell_type != "code":
+            continue
+        assert cell.execution_count is not None, f"cell {index} was never executed: run build.py"
+        for output in cell.outputs:
+            assert output.get("name") != "stderr", f"cell {index}: stderr output {output.get('text', '')[:200]!r}"
+            assert output.get("output_type") != "error", f"cell {index}: stored error"
+            text = str(output.get("text", "")) + str(output.get("data", {}).get("text/plain", ""))
+            assert root not in text and "site-packages" not in text, f"cell {index}: local path in the output"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_executes_without_error(path: Path):

@@ -23,7 +23,13 @@ computed on the same samples the critic was trained on, hence optimistically bia
 the population quantity. The gradient penalty is a soft constraint, so ``"gp"`` values exceed
 :math:`W_1` by a predictable amount: for two samples that differ by a shift, the critic of slope
 :math:`s` along the shift scores :math:`s W_1 - \\lambda (s - 1)^2`, maximised at
-:math:`s = 1 + W_1 / (2\\lambda)` with value :math:`W_1 + W_1^2 / (4\\lambda)`.
+:math:`s = 1 + W_1 / (2\\lambda)`. The penalised objective is then :math:`W_1 + W_1^2 / (4\\lambda)`,
+but the returned value is the mean gap **without** the penalty, :math:`s W_1 = W_1 + W_1^2 / (2\\lambda)`.
+
+A ReLU critic can collapse to a constant (every unit dead for every input): its mean gap is then 0
+and no gradient can revive it. :meth:`NeuralIPM.fit` detects this (the trained critic takes one value
+on all of ``x`` and ``y``), sets ``NeuralIPMResult.collapsed`` and warns; the value 0 is then a
+failure of training, not an estimate. Another ``seed``, a lower ``lr`` or ``"spectral"`` usually avoids it.
 """
 
 from __future__ import annotations
@@ -86,6 +92,12 @@ def _critic_values(critic: nn.Module, z: Tensor) -> Tensor:
     return out
 
 
+def _is_constant(values: Tensor) -> bool:
+    """Whether the critic's values spread by at most 1e-6 times their magnitude (floored at 1)."""
+    scale = max(1.0, float(values.abs().max()))
+    return float(values.max() - values.min()) <= 1e-6 * scale
+
+
 def _random_pairs(
     x: Tensor, y: Tensor, generator: torch.Generator | None
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -118,7 +130,7 @@ def gradient_penalty(
         generator: optional ``torch.Generator`` for the pairing and the interpolation weights.
 
     Returns:
-        A 0-d tensor. Cost: one forward and one double-backward pass of the critic on ``min(n, m)`` points.
+        A 0-d tensor; it costs one forward and one double-backward pass of the critic on ``min(n, m)`` points.
     """
     a, b = as_point_pair(x, y, flatten=False)
     a, b, t = _random_pairs(a, b, generator)
@@ -143,12 +155,16 @@ class NeuralIPMResult:
         witness: the trained critic as a :class:`Witness` (points flattened, reshaped for the critic).
         critic: the trained critic module (a copy; the module given to :class:`NeuralIPM` is untouched).
         history: per step ``"mean_gap"`` (on the minibatch) and ``"penalty"`` (0 unless ``"gp"``).
+        collapsed: ``True`` when the trained critic is constant on all of ``x`` and ``y`` (its values
+            spread by at most ``1e-6`` times their magnitude, floored at 1): the value is then 0 because
+            training failed, and :meth:`NeuralIPM.fit` has issued a ``RuntimeWarning``.
     """
 
     value: Tensor
     witness: Witness
     critic: nn.Module
     history: dict[str, list[float]] = field(default_factory=dict)
+    collapsed: bool = False
 
 
 class NeuralIPM:
@@ -275,17 +291,29 @@ class NeuralIPM:
             out = torch.func.functional_call(critic, frozen, (z,))
             return out[:, 0] if out.dim() == 2 and out.shape[1] == 1 else out
 
-        value = fixed_critic(a).mean() - fixed_critic(b).mean()
+        values_a, values_b = fixed_critic(a), fixed_critic(b)
+        value = values_a.mean() - values_b.mean()
         if not bool(torch.isfinite(value.detach())):
             raise ValueError(
                 "the critic diverged (non-finite value); lower lr or use another constraint"
+            )
+        collapsed = _is_constant(torch.cat([values_a.detach(), values_b.detach()]))
+        if collapsed:
+            warnings.warn(
+                "the critic collapsed to a constant on x and y (every ReLU unit dead), so the value "
+                f"{float(value.detach()):.3g} is a failed fit, not an estimate of the IPM; "
+                "use another seed, a lower lr or constraint='spectral'",
+                RuntimeWarning,
+                stacklevel=2,
             )
 
         def witness_fn(z: Tensor) -> Tensor:
             return fixed_critic(z.reshape(z.shape[0], *point_shape))
 
         witness = Witness(witness_fn, metric="neural_ipm", dim=int(a[0].numel()))
-        return NeuralIPMResult(value=value, witness=witness, critic=critic, history=history)
+        return NeuralIPMResult(
+            value=value, witness=witness, critic=critic, history=history, collapsed=collapsed
+        )
 
 
 def neural_ipm(

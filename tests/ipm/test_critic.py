@@ -22,8 +22,8 @@ def test_gp_critic_approaches_w1_of_shifted_gaussians():
     # x lies below y, so the critic's gap E f(x) - E f(y) is the (positive) W1 with f decreasing.
     assert value == pytest.approx(shift, rel=0.15)
     assert value <= empirical_w1 * 1.15
-    # the soft constraint overshoots by about W1^2 / (4 lambda), never by much more
-    assert value <= empirical_w1 + empirical_w1**2 / 40 + 0.05
+    # the returned mean gap (penalty excluded) overshoots by about W1^2 / (2 lambda), never by much more
+    assert value <= empirical_w1 + empirical_w1**2 / 20 + 0.05
 
 
 def test_spectral_critic_is_one_lipschitz_and_below_w1():
@@ -131,3 +131,62 @@ def test_warnings_and_bad_arguments():
         neural_ipm(torch.tensor([[np.nan]]), torch.zeros(2, 1), steps=1)
     with pytest.raises(ValueError, match="critic must map"):
         NeuralIPM(nn.Linear(2, 3), steps=1).fit(torch.randn(4, 2), torch.randn(4, 2))
+
+
+def test_gp_value_is_the_unpenalised_mean_gap_w1_plus_w1_squared_over_two_lambda():
+    # slope s maximises s W1 - lambda (s - 1)^2 at s = 1 + W1 / (2 lambda); the value is s W1
+    x, y = _shifted_gaussians(1.0, n=200, seed=0)
+    empirical_w1 = scipy.stats.wasserstein_distance(x[:, 0].numpy(), y[:, 0].numpy())
+    result = NeuralIPM(constraint="gp", steps=600, lr=1e-2, penalty_weight=10.0, seed=0).fit(x, y)
+    assert not result.collapsed
+    assert result.value.item() == pytest.approx(empirical_w1 + empirical_w1**2 / 20, rel=0.02)
+    # the penalised objective (value minus lambda * penalty) is the smaller W1 + W1^2 / (4 lambda)
+    penalised = result.value.item() - 10.0 * np.mean(result.history["penalty"][-50:])
+    assert penalised == pytest.approx(empirical_w1 + empirical_w1**2 / 40, rel=0.03)
+
+
+def _dead_relu_critic():
+    critic = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1))
+    with torch.no_grad():
+        critic[0].weight.fill_(0.1)
+        critic[0].bias.fill_(-100.0)  # every hidden unit is dead on every input of the data range
+    return critic
+
+
+def test_collapsed_critic_is_detected_and_warned_about():
+    x, y = _shifted_gaussians(1.0, n=50)
+    with pytest.warns(RuntimeWarning, match="collapsed to a constant"):
+        result = NeuralIPM(_dead_relu_critic(), steps=20, seed=0).fit(x, y)
+    assert result.collapsed
+    assert result.value.item() == 0.0
+    with pytest.warns(RuntimeWarning, match="collapsed"):
+        neural_ipm(x, y, critic=_dead_relu_critic(), steps=5, seed=0)
+
+
+def test_collapse_found_in_practice_is_flagged_and_healthy_fits_are_not():
+    # with this data, seed 19 of the default critic dies during training (seen on CPU, torch 2.x) and
+    # seed 18 does not; whatever the platform does, the flag and the warning follow the trained critic
+    import warnings
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(200, 1, generator=g), torch.randn(200, 1, generator=g) + 1.0
+    for seed in (18, 19):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = NeuralIPM(constraint="gp", steps=600, lr=1e-2, penalty_weight=10.0, seed=seed).fit(x, y)
+        values = result.critic(torch.cat([x, y])).detach()
+        constant = float(values.max() - values.min()) == 0.0
+        assert result.collapsed == constant
+        assert any("collapsed" in str(w.message) for w in caught) == constant
+        if not constant:
+            assert result.value.item() > 0.5
+
+
+def test_healthy_fit_issues_no_collapse_warning():
+    import warnings
+
+    x, y = _shifted_gaussians(1.0, n=50)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        result = NeuralIPM(steps=20, seed=0).fit(x, y)
+    assert not result.collapsed

@@ -49,7 +49,7 @@ nitpicky = True  # every cross-reference must resolve (the docs test builds with
 # Objects of other projects (torch, numpy, the standard library) are not resolved: the build runs offline, so
 # there is no intersphinx inventory. Everything inside ipmcondense must resolve.
 nitpick_ignore_regex = [
-    ("py:.*", r"(torch|numpy|np|scipy|collections|os|pathlib|abc|typing|types|enum|dataclasses)(\..*)?"),
+    ("py:.*", r"(torch|numpy|np|scipy|sklearn|importlib|collections|os|pathlib|abc|typing|types|enum|dataclasses)(\..*)?"),
     ("py:class", r"(Tensor|Module|nn\.Module|Path|Generator|Callable|Sequence|Mapping|Iterable|Iterator|Any)"),
     ("py:exc", r".*"),  # "Raises:" sections name built-in exceptions (and prose after them)
     ("py:.*", r"ipmcondense(\.\w+)*\._\w+(\..*)?"),  # private helpers and base classes are not documented
@@ -59,13 +59,6 @@ nitpick_ignore_regex = [
 # fixed (a full dotted path, or double backquotes for a non-link) or, for the objectives, once the objectives
 # package has its API reference.
 nitpick_ignore = [
-    ("py:meth", "state_dict"),  # condensation/samplers.py module docstring
-    ("py:func", "dc_loops(ipc)"),  # condensation/samplers.py get_sampler
-    ("py:meth", "SyntheticSet.parameters"),  # condensation/synthetic.py module docstring (undocumented method)
-    ("py:attr", "labels"),  # condensation/synthetic.py SyntheticSet.class_slice
-    ("py:mod", "ipmcondense.condensation.objectives"),  # condensation/engine.py: objectives not in the API pages
-    ("py:class", "ipmcondense.condensation.objectives.Objective"),
-    ("py:class", "ipmcondense.condensation.objectives.ObjectiveContext"),
     ("py:class", "dataset"),  # a "name (type)" misread by napoleon in the trajectories API (condensation.rst)
     ("py:class", "The learning rate before the decay"),  # evaluation.py EvaluationProtocol.base_lr "Returns:"
     ("py:class", "Fixed split"),  # data/datasets.py DIGITS_TEST_FRACTION doc comment read as a field list

@@ -313,7 +313,7 @@ def unrolled_sgd(
             ``None`` for none.
         generator: source of the mini-batch permutations and augmentation seeds (``None``: torch's
             global generator). The same generator state gives the same batches and augmentations as
-            :func:`trajectory_matching_loss_and_grads`.
+            :func:`~ipmcondense.condensation.objectives.trajectory.trajectory_matching_loss_and_grads`.
         soft_labels: labels are distributions rather than indices.
         return_trajectory: return ``[theta_0, ..., theta_N]`` instead of ``theta_N``.
         create_graph: keep the graph of every step (``False``: a cheap detached forward unroll).
@@ -324,7 +324,7 @@ def unrolled_sgd(
     Cost: :math:`N` forward + backward passes on a batch; with ``create_graph=True`` memory grows
     linearly in :math:`N` (every step's activations and gradient graph are kept for the meta-backward,
     which costs about two more backward passes per step). See
-    :func:`trajectory_matching_loss_and_grads` for the constant-graph variant.
+    :func:`~ipmcondense.condensation.objectives.trajectory.trajectory_matching_loss_and_grads` for the constant-graph variant.
     """
     layout = FlatParameters(net)
     theta, images, labels, lrs, steps, batch_size = check_unroll_inputs(

@@ -88,6 +88,7 @@ class Registry(Mapping[str, Any], Generic[_C]):
         return cls
 
     def get(self, name: Any, default: Any = None) -> Any:  # type: ignore[override]
+        """The class registered as ``name``; an unknown name raises ``ValueError`` listing the choices."""
         check_choice(name, tuple(self._classes), self.kind)
         return self._classes[name]
 

@@ -341,7 +341,7 @@ class GradientFeatures(FeatureMap):
         ]
 
 
-#: Registry of feature maps (name -> class).
+#: The registered feature maps by name.
 FEATURE_MAPS: Registry = Registry("feature map")
 for _cls in (EmbeddingFeatures, LayerFeatures, AttentionFeatures, GradientFeatures):
     FEATURE_MAPS.register(_cls)

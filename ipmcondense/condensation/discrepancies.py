@@ -217,7 +217,7 @@ class GradientCosineDiscrepancy(Discrepancy):
         return (1.0 - cos).sum()
 
 
-#: Registry of discrepancies (name -> class).
+#: The registered discrepancies by name.
 DISCREPANCIES: Registry = Registry("discrepancy")
 for _cls in (MeanEmbeddingDiscrepancy, GaussianMMDDiscrepancy, SinkhornDiscrepancy, SlicedWassersteinDiscrepancy,
              GradientMSEDiscrepancy, GradientCosineDiscrepancy):

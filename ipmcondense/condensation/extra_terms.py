@@ -106,7 +106,7 @@ class PrototypeDiscrimination(ExtraTerm):
         return self.weight * F.cross_entropy(logits[keep], targets[keep], reduction="sum")
 
 
-#: Registry of extra terms (name -> class).
+#: The registered extra terms by name.
 EXTRA_TERMS: Registry = Registry("extra term")
 for _cls in (SyntheticCrossEntropy, PrototypeDiscrimination):
     EXTRA_TERMS.register(_cls)

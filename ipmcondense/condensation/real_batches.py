@@ -77,7 +77,7 @@ class RandomRealBatches(RealBatchSelector):
         return self._sampler.sample(n_per_class)
 
 
-#: Registry of real-batch selectors (name -> class): the ``real_batches`` axis.
+#: The registered real-batch selectors by name, the ``real_batches`` axis.
 REAL_BATCH_SELECTORS: Registry = Registry("real-batch selector")
 REAL_BATCH_SELECTORS.register(RandomRealBatches)
 REAL_BATCH_NAMES = REAL_BATCH_SELECTORS.names

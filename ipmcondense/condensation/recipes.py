@@ -307,7 +307,7 @@ _ROWS = (
 )
 
 _RECIPES: dict[str, Recipe] = {r.name: r for r in _ROWS}
-#: The registry: method name -> row (a read-only live view; :func:`register_recipe` adds rows).
+#: Every row by method name, a read-only live view that :func:`register_recipe` extends.
 RECIPES: Mapping[str, Recipe] = MappingProxyType(_RECIPES)
 #: The names of the rows that ship with the library.
 METHOD_NAMES = tuple(_RECIPES)

@@ -9,7 +9,7 @@ All randomness (network initialisation, shuffles, pool choices) comes from the r
 ``torch.Generator``: a network is initialised by PyTorch's default initialisers inside
 :func:`torch.random.fork_rng` seeded with a number drawn from that generator, so the global RNG is
 untouched and a resumed run draws exactly the same networks. State that is not in the generator
-(the pool) is saved by :meth:`state_dict`.
+(the pool) is saved by :meth:`ParameterSampler.state_dict`.
 
 =============  ===========================================================================
 name           networks
@@ -303,7 +303,7 @@ class NoNetworkSampler(ParameterSampler):
         return []
 
 
-#: Registry of parameter samplers (name -> class).
+#: The registered parameter samplers by name.
 SAMPLERS: Registry = Registry("sampler")
 for _cls in (FreshSampler, FreshInnerSampler, PoolSampler, NoNetworkSampler):
     SAMPLERS.register(_cls)
@@ -313,7 +313,7 @@ SAMPLER_NAMES = SAMPLERS.names
 def get_sampler(name: str, *, ipc: int, **options) -> ParameterSampler:
     """Build a sampler by name (:data:`SAMPLER_NAMES`) from (a subset of) the flat hyperparameters.
 
-    Options: ``fresh_inner``: ``outer_loop``, ``inner_loop`` (default :func:`dc_loops(ipc)`), ``lr_net``,
+    Options: ``fresh_inner``: ``outer_loop``, ``inner_loop`` (default ``dc_loops(ipc)``, :func:`dc_loops`), ``lr_net``,
     ``batch_train``; ``pool``: ``pool_size``, ``generate_interval``, ``fetch``, ``train_steps``,
     ``lr_pool``, ``batch_pool``. Options meant for other samplers are ignored; ``None`` means the default.
     """

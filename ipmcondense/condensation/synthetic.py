@@ -2,7 +2,7 @@ r"""The ``synthetic`` axis: how the condensed set S is stored and decoded into t
 
 A :class:`SyntheticSet` owns the *stored* parameters (what the optimiser updates and checkpoints hold)
 and decodes them into training examples with :meth:`SyntheticSet.images` (differentiable, class-blocked)
-and :attr:`SyntheticSet.labels`. The loop, the objectives and the evaluation never know how the images
+and ``labels``. The loop, the objectives and the evaluation never know how the images
 are stored: evaluation reads the decoded images only (``synthetic.pt`` holds them next to the stored
 parameters). Decoding composes with the feature map, so every matching recipe over a parameterised set
 is the IPM of the *pushed-forward* set: :math:`d_F(\mathrm{decode}_\#\,\nu_S, \mu_T)`.
@@ -109,7 +109,7 @@ class SyntheticSet(Component, nn.Module, ABC):
         """The stored parameters that encode the images (optimised with the recipe's ``lr_images``)."""
 
     def class_slice(self, c: int) -> slice:
-        """Rows of class ``c`` in :meth:`images` and :attr:`labels`."""
+        """Rows of class ``c`` in :meth:`images` and ``labels``."""
         if not 0 <= c < self.num_classes:
             raise ValueError(f"class index c must be in [0, {self.num_classes}), got {c}")
         return slice(c * self.images_per_class, (c + 1) * self.images_per_class)
@@ -211,7 +211,7 @@ class PixelSet(SyntheticSet):
         return [self.pixels]
 
 
-#: Registry of synthetic-set parameterisations (name -> class): the ``synthetic`` axis.
+#: The registered synthetic-set parameterisations by name, the ``synthetic`` axis.
 SYNTHETIC_SETS: Registry = Registry("synthetic set")
 SYNTHETIC_SETS.register(PixelSet)
 SYNTHETIC_NAMES = SYNTHETIC_SETS.names

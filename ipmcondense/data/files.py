@@ -104,7 +104,7 @@ def torch_load_weights_only(path: Path, what: str) -> Any:
 
 
 def load_torch_file(path: str | os.PathLike[str], what: str = "file") -> Any:
-    """Load a user's ``.pt`` file with ``weights_only=True`` (see :func:`torch_load_weights_only`)."""
+    """Load a user's ``.pt`` file with ``weights_only=True`` (see ``torch_load_weights_only``)."""
     file = Path(path).expanduser()
     if not file.is_file():
         raise FileNotFoundError(f"{what} {str(file)!r}: no such file")
@@ -240,7 +240,7 @@ def load_idx_dataset(key: str, root: str | os.PathLike[str]) -> LabelledImages |
 
     Looks in ``root/MNIST/raw`` (``root/FashionMNIST/raw``), ``root/raw`` and ``root``, for each of the
     four files the extracted form or the ``.gz`` form; a ``.gz`` must match torchvision's official MD5
-    and is decompressed in memory. Normalised with the standard constants (:data:`NORMALISATION`).
+    and is decompressed in memory. Normalised with the standard constants (``ipmcondense.data.datasets.NORMALISATION``).
 
     Raises:
         DatasetNotFoundError: some of the four files are present, others missing (lists them).

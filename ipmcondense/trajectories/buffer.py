@@ -155,7 +155,7 @@ class ExpertSample(NamedTuple):
 
 
 class ExpertBuffer:
-    """Read access to a directory of expert trajectories written by :func:`train_experts`.
+    """Read access to a directory of expert trajectories written by :func:`~ipmcondense.trajectories.experts.train_experts`.
 
     Expert files are opened memory-mapped and only the two snapshots of a draw are copied, so a
     buffer larger than memory can be sampled. Experts are addressed by their position

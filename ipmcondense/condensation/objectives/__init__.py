@@ -68,7 +68,7 @@ __all__ = [
     "draw_network",
 ]
 
-#: Registry of objectives (name -> class): the ``objective`` of a recipe row.
+#: The registered objectives by name, the ``objective`` of a recipe row.
 OBJECTIVES: Registry = Registry("objective")
 for _cls in (MatchingObjective, TrajectoryMatchingObjective, KernelInducingPointsObjective, RandomFeatureKRRObjective,
              UnrolledBilevelObjective, ImplicitBilevelObjective):

@@ -42,7 +42,7 @@ def unrolled_task_loss(
     r"""DD's outer loss :math:`\mathrm{CE}(f_{\theta_N}(X_T), Y_T)` after ``len(raw_lrs)`` unrolled SGD steps on S.
 
     :math:`\theta_{i+1} = \theta_i - \mathrm{softplus}(r_i) \nabla_\theta \mathrm{CE}(f_{\theta_i}(X_S), Y_S)`
-    (full synthetic batch each step, :func:`~ipmcondense.trajectories.unrolled_sgd`), differentiable in
+    (full synthetic batch each step, :func:`~ipmcondense.autodiff.unrolled_sgd`), differentiable in
     the images and the raw step sizes :math:`r` (the hypergradient, through Hessian-vector products).
     Cost: N forward + backward passes on S, the meta-backward, one forward on the real batch.
     """

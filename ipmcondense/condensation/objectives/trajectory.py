@@ -192,7 +192,7 @@ class TrajectoryMatchingObjective(Objective):
     :math:`\|\theta^S_N - \theta^*_{t+M}\|^2 / \|\theta^*_t - \theta^*_{t+M}\|^2` (``expert_epochs`` :math:`M`).
 
     Options: ``memory_lean=True`` computes the same gradients by a reverse pass with recomputation
-    (:func:`~ipmcondense.trajectories.trajectory_matching_loss_and_grads`, memory of N parameter
+    (:func:`trajectory_matching_loss_and_grads`, memory of N parameter
     vectors + one step's graph, TESLA-like); ``soft_labels=True`` learns DATM-style logits (soft
     cross-entropy in the unroll; initialised from the last snapshot of expert 0 on the initial images).
 

@@ -136,6 +136,7 @@ CASES = [
     (Case("condense", ("--ipc", "1000", "--out", "{fresh}"), ("ipc",)), None),
     (Case("condense", ("--out", "{existing_file}"), ("out", "existing_file")), None),
     (Case("condense", ("--out", "{run}"), ("out", "--resume", "--overwrite")), None),
+    (Case("condense", ("--out", "{fresh}", "--resume"), ("resume", "no checkpoint", "--resume")), None),
     (Case("condense", ("--ipc", "2", "--iterations", "1", "--set", "checkpoint_every=1", "--out", "{run}",
                        "--resume"), ("ipc", "configuration")), None),
     (Case("condense", ("--method", "dc", "--ipc", "1", "--iterations", "1", "--out", "{run}", "--resume"),

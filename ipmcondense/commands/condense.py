@@ -61,6 +61,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in OUT")
     p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
     p.add_argument("--eval-every", type=int, default=None, help="evaluate every N iterations")
+    p.add_argument("--checkpoint-every", type=int, default=None,
+                   help="write checkpoint.pt every N iterations (default: 20 checkpoints per run, and the last)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--feature-map", choices=FEATURE_MAP_NAMES, default=None, help="replace the feature map")
     p.add_argument("--discrepancy", choices=(*DISCREPANCY_NAMES, *DISCREPANCY_ALIASES), default=None,
@@ -111,7 +113,7 @@ def run_condense(args: argparse.Namespace) -> int:
     from ipmcondense.condensation.api import condense
 
     overrides = dict(args.overrides)
-    for key in ("lr_images", "batch_real", "init", "arch", "experts"):
+    for key in ("lr_images", "batch_real", "init", "arch", "experts", "checkpoint_every"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     result = condense(

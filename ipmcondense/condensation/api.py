@@ -144,7 +144,10 @@ def _check_out(out: Path, resume: bool, overwrite: bool) -> dict[str, Any] | Non
     if resume:
         if (out / CHECKPOINT_FILE).exists():
             return load_checkpoint(out / CHECKPOINT_FILE)
-        return None
+        raise ValueError(
+            f"resume: there is no checkpoint to continue in out {str(out)!r} (no {CHECKPOINT_FILE}); run without "
+            "resume=True (--resume) to start this run"
+        )
     if existing and not overwrite:
         raise ValueError(
             f"out {str(out)!r} already holds a run ({', '.join(existing)}); pass resume=True (--resume) to "
@@ -220,7 +223,8 @@ def condense(
         iterations: outer iterations (default: the recipe's, or the dataset budget profile's).
         seed: seeds the run's only generator (initialisation, batches, augmentation, networks).
         data_root: where torchvision datasets live (not needed for ``"digits"``).
-        resume: continue from ``out/checkpoint.pt`` bit-for-bit (fresh start if there is none).
+        resume: continue from ``out/checkpoint.pt`` bit-for-bit (an error if there is none, or if the
+            checkpoint's configuration differs from this call's).
         overwrite: replace an existing run in ``out``.
         device: ``"cpu"`` (default), ``"cuda"``, ...
         progress: tqdm progress bar on stderr.
@@ -262,6 +266,8 @@ def condense(
     if objective is not None:
         config = objective.prepare_config(config, ds)
     out_path = Path(out) if out is not None else None
+    if resume and out_path is None:
+        raise ValueError("resume=True needs out: the run directory whose checkpoint to continue")
     checkpoint = _check_out(out_path, resume, overwrite) if out_path is not None else None
     full_config = {
         "method": recipe.name, "dataset": ds.name, "ipc": ipc, "seed": seed,

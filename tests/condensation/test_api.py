@@ -176,6 +176,15 @@ def test_resume_with_a_different_configuration_is_refused(tmp_path):
         condense("dm", "digits", ipc=1, iterations=2, out=out, progress=False, batch_real=4, resume=True, lr_images=3.0)
 
 
+def test_resume_without_a_checkpoint_is_a_clear_error_and_writes_nothing(tmp_path):
+    out = tmp_path / "fresh"
+    with pytest.raises(ValueError, match="resume: there is no checkpoint to continue"):
+        condense("dm", "digits", ipc=1, iterations=1, out=out, progress=False, batch_real=4, resume=True)
+    assert not out.exists()
+    with pytest.raises(ValueError, match="resume=True needs out"):
+        condense("dm", "digits", ipc=1, iterations=1, progress=False, batch_real=4, resume=True)
+
+
 def test_evaluate_missing_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="no synthetic set"):
         evaluate(tmp_path / "nothing")

@@ -124,9 +124,12 @@ class GaussianMMDDiscrepancy(Discrepancy):
 class SinkhornDiscrepancy(Discrepancy):
     r"""Debiased Sinkhorn divergence :math:`S_\varepsilon` (WMDD-style Wasserstein matching).
 
-    Relation: approximation. :math:`S_\varepsilon` interpolates between :math:`W_p^p` (the IPM over
-    1-Lipschitz witnesses for p = 1) as blur -> 0 and an MMD as blur -> infinity; it is a
-    positive-definite divergence, not itself an IPM. Via :func:`ipmcondense.ipm.sinkhorn.sinkhorn_divergence`.
+    Relation: approximation. With cost :math:`\|x - y\|^p / p` (``sinkhorn_p``), :math:`S_\varepsilon`
+    tends to :math:`W_p^p / p` as blur -> 0 (for p = 1 that is :math:`W_1`, the IPM over 1-Lipschitz
+    witnesses) and to an MMD (half the energy distance for p = 1) as blur -> infinity; at a positive blur
+    it is a positive-definite divergence, not itself an IPM (it does not depend on :math:`\mu - \nu`
+    alone). Via :func:`ipmcondense.ipm.sinkhorn.sinkhorn_divergence`. Cost: :math:`O(n m d)` per Sinkhorn
+    iteration, :math:`O(\log(\text{diameter}/\text{blur}))` iterations with eps-scaling.
     """
 
     name = "sinkhorn"
@@ -135,6 +138,11 @@ class SinkhornDiscrepancy(Discrepancy):
     @dataclass(frozen=True)
     class Options:
         blur: float = option(0.05, "geomloss default blur")
+        sinkhorn_p: int = option(2, "geomloss default p=2 (W_2^2/2); the wasserstein row sets 1 (W_1, the IPM)")
+
+    @classmethod
+    def from_options(cls, options, **context):
+        return cls(p=options.sinkhorn_p, blur=options.blur)
 
     def __init__(self, p: int = 2, blur: float = 0.05, scaling: float = 0.5) -> None:
         self.p, self.blur, self.scaling = p, blur, scaling

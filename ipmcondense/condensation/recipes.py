@@ -221,17 +221,25 @@ _ROWS = (
                    defaults=_DM, source="Zhao & Bilen WACV'23, main_DM.py"),
     MatchingRecipe(name="m3d", feature_map="embedding", discrepancy="mmd2", sampler="fresh", augmentation="dsa",
                    relation_to_ipm=EXACT,
-                   why="Gaussian-kernel MMD^2 of random-network embeddings (characteristic kernel).",
-                   defaults=_DM, source="Zhang et al. AAAI'24 (no code: DM defaults)"),
+                   why="Gaussian-kernel MMD^2 (biased V-statistic, median-heuristic bandwidth of the pooled class "
+                       "batch, recomputed every step) of random-network embeddings; the kernel is characteristic on "
+                       "the embedding, not on pixels, so it separates distributions only up to what the embedding sees.",
+                   defaults=_DM, source="Zhang et al. AAAI'24 (no code released: DM defaults; pixels, not its "
+                                        "factor & up-sampling; one image step per random model)"),
     MatchingRecipe(name="wasserstein", feature_map="embedding", discrepancy="sinkhorn", sampler="fresh",
                    augmentation="dsa", relation_to_ipm=APPROXIMATE,
-                   why="debiased Sinkhorn divergence: approximates W_p (the 1-Lipschitz IPM for p=1); use "
-                       "discrepancy='sliced' for sliced Wasserstein.",
-                   defaults=_DM, source="WMDD-style; DM defaults"),
+                   why="debiased Sinkhorn divergence with cost |x - y| (sinkhorn_p=1): tends to W_1, the IPM over "
+                       "1-Lipschitz witnesses, as blur -> 0, and to half the energy distance (an MMD) as blur -> "
+                       "infinity; at a positive blur it is not itself an IPM. sinkhorn_p=2 gives W_2^2/2, not an IPM; "
+                       "discrepancy='sliced' gives sliced Wasserstein.",
+                   defaults={**_DM, "sinkhorn_p": 1},
+                   source="W1 matching of random-network embeddings (the seed's Wasserstein method); DM defaults. "
+                          "WMDD (Liu et al.) is a different algorithm (W2 barycentres of trained features), not this row"),
     MatchingRecipe(name="dc", feature_map="gradients", discrepancy="gradient_cosine", sampler="fresh_inner",
                    augmentation="none", relation_to_ipm=NORMALISED,
-                   why="row-wise cosine between class-mean loss gradients: the gradient-ball IPM normalised by "
-                       "gradient norms (gradient_mse gives the exact IPM^2).",
+                   why="per output row r of each layer, 1 - cos(a_r, b_r) = (IPM_r^2 - (|a_r| - |b_r|)^2) / "
+                       "(2 |a_r| |b_r|) with IPM_r = |a_r - b_r| the gradient-ball IPM of the class-mean loss "
+                       "gradients a_r, b_r: a normalised variant (gradient_mse gives the exact IPM^2).",
                    defaults=_DC, source="Zhao et al. ICLR'21, main.py"),
     MatchingRecipe(name="dsa", feature_map="gradients", discrepancy="gradient_cosine", sampler="fresh_inner",
                    augmentation="dsa", relation_to_ipm=NORMALISED,
@@ -264,8 +272,10 @@ _ROWS = (
                    source="Zhao et al. CVPR'23, IDM command.txt (pixels only)"),
     # ------------------------------------------------------------------ other objectives
     ObjectiveRecipe(name="mtt", objective="mtt", augmentation="dsa", real_batches=None, relation_to_ipm=FIRST_ORDER,
-                    why="first-order approximation: as the synthetic lr -> 0 the normalised parameter displacement "
-                        "after N steps is accumulated gradient matching along the expert trajectory.",
+                    why="first-order approximation: as the synthetic lr eta -> 0 the student's displacement after N "
+                        "full-batch steps is -eta N times the synthetic gradient at theta_t, so the loss compares an "
+                        "accumulated synthetic gradient with the expert's displacement: accumulated gradient matching "
+                        "along the expert trajectory.",
                     defaults={"iterations": 5000, "lr_images": 100.0, "init": "real", "syn_steps": 20,
                               "expert_epochs": 2, "max_start_epoch": 20, "lr_lr": 1e-5},
                     source="Cazenavette et al. CVPR'22, distill.py (DC-BENCH table)"),
@@ -276,8 +286,9 @@ _ROWS = (
                               "batch_real": 500, "kernel": "fc_ntk", "krr_reg": 1e-6},
                     source="Nguyen et al. ICLR'21, KIP.ipynb (FC kernel)"),
     ObjectiveRecipe(name="rfad", objective="rfad", relation_to_ipm=NOT_AN_IPM,
-                    why="not an IPM: Platt-scaled KRR loss with the random-feature NNGP kernel (the kernel whose "
-                        "MMD DM estimates).",
+                    why="not an IPM: Platt-scaled KRR loss with the random-feature NNGP kernel of random no-norm "
+                        "ConvNets: the same construction as DM's random-feature kernel E<phi(x), phi(x')>, with "
+                        "another network and a regression loss instead of a mean-embedding IPM.",
                     defaults={"iterations": 1000, "lr_images": 1e-3, "optimizer_images": "adam", "init": "real",
                               "batch_real": 128, "kernel": "rf_nngp", "krr_reg": 5e-3, "n_models": 8,
                               "rf_width": 256},

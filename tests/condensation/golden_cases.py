@@ -5,7 +5,11 @@ into typed components (issue "a method is one row"); ``test_golden_sets.py`` che
 still produces the same set bit-for-bit on the CPU for the same seed. Regenerate only on purpose,
 when a change of the numbers is intended and stated in the commit:
 
-    python -m tests.condensation.golden_cases --write
+    python -m tests.condensation.golden_cases --write            # every case
+    python -m tests.condensation.golden_cases --write wasserstein  # named cases only
+
+Intended changes so far: ``wasserstein`` (its row now uses the Sinkhorn divergence with p=1, W_1;
+issue "each row is the paper's algorithm", item 7).
 """
 
 from __future__ import annotations
@@ -78,14 +82,15 @@ def run_case(name: str, buffer_dir: Path | None, iterations: int = 3) -> dict[st
 def main(argv: list[str]) -> int:
     import tempfile
 
-    if argv != ["--write"]:
+    if not argv or argv[0] != "--write" or any(name not in CASES for name in argv[1:]):
         print(__doc__)
         return 2
+    names = argv[1:] or list(CASES)
     GOLDEN_DIR.mkdir(exist_ok=True)
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
         buffer_dir = make_buffer(Path(tmp) / "experts")
-        for name in CASES:
+        for name in names:
             torch.save(run_case(name, buffer_dir), GOLDEN_DIR / f"{name}.pt")
             print("wrote", name)
     return 0

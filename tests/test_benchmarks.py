@@ -89,12 +89,24 @@ def _ok_cells():
             yield path, record
 
 
+# rows whose computation changed on purpose since their cells were committed: the cache must call them stale
+STALE_ON_PURPOSE = {"wasserstein"}  # now the Sinkhorn divergence with p=1 (W_1), was p=2
+
+
 def test_committed_cells_are_still_found_by_the_cache():
     """Every committed ok cell: the current code plans the same key for it, at the same path."""
     from ipmcondense.condensation.recipes import COMMON_DEFAULTS
 
     checked = 0
     for path, record in _ok_cells():
+        if record["method"] in STALE_ON_PURPOSE:
+            profile = bench.PROFILES[record["profile"]]
+            planned = bench.plan_cells(profile, [record["dataset"]], [record["ipc"]], [record["method"]],
+                                       seed=record["seed"], models=record["models_requested"],
+                                       dataset_cache={record["dataset"]: (None, None)})
+            assert bench.cached_cell(path, planned[0].key, COMMON_DEFAULTS) is None, path
+            checked += 1
+            continue
         profile = bench.PROFILES[record["profile"]]
         ipcs = [] if record["ipc"] is None else [record["ipc"]]
         planned = bench.plan_cells(profile, [record["dataset"]], ipcs, [record["method"]], seed=record["seed"],

@@ -139,14 +139,24 @@ class FreshSampler(ParameterSampler):
     r"""A new randomly initialised network per iteration, parameters frozen (DM, M3D, DataDAM).
 
     Averaging a mean-embedding IPM over these draws gives an MMD with the random-feature kernel
-    :math:`k(x, x') = E_\theta \langle \phi_\theta(x), \phi_\theta(x') \rangle`.
+    :math:`k(x, x') = E_\theta \langle \phi_\theta(x), \phi_\theta(x') \rangle`. ``steps_per_network``
+    image steps are taken on each network (M3D's "iteration per random model"; 1 in DM), each with a
+    fresh real batch and augmentation draw.
     """
 
     name = "fresh"
 
-    @classmethod
-    def from_options(cls, options, **context):
-        return cls()
+    @dataclass(frozen=True)
+    class Options:
+        steps_per_network: int = option(1, "DM main_DM.py: one image step per random network")
+
+    def __init__(self, steps_per_network: int = 1) -> None:
+        if isinstance(steps_per_network, bool) or not isinstance(steps_per_network, int) or steps_per_network < 1:
+            raise ValueError(f"steps_per_network must be a positive integer, got {steps_per_network!r}")
+        self.steps_per_network = steps_per_network
+
+    def steps_per_draw(self):
+        return self.steps_per_network
 
     def draw(self, ctx):
         return [_freeze(fresh_network(ctx), ctx)]

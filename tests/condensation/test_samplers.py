@@ -63,3 +63,15 @@ def test_pool_state_round_trips():
     assert other.iteration == 3
     for (n1, _), (n2, _) in zip(pool.pool, other.pool):
         assert torch.equal(n1.weight, n2.weight)
+
+
+def test_fresh_sampler_takes_several_steps_per_network_when_asked():
+    from ipmcondense.condensation.api import condense
+
+    assert get_sampler("fresh", ipc=1).steps_per_draw() == 1
+    assert get_sampler("fresh", ipc=1, steps_per_network=3).steps_per_draw() == 3
+    with pytest.raises(ValueError, match="steps_per_network must be a positive integer"):
+        get_sampler("fresh", ipc=1, steps_per_network=0)
+    one = condense("m3d", "digits", ipc=1, iterations=2, batch_real=4, progress=False, seed=0)
+    three = condense("m3d", "digits", ipc=1, iterations=2, batch_real=4, progress=False, seed=0, steps_per_network=3)
+    assert not torch.equal(one.images, three.images)  # more image steps per draw moved the set further

@@ -42,7 +42,18 @@ from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from ._validation import check_choice
-from .kernels import DotProductKernel, Kernel, LinearKernel, MixtureKernel, RadialKernel
+from .kernels import (
+    CANCELLATION_RATIO,
+    DotProductKernel,
+    GaussianKernel,
+    InverseMultiquadricKernel,
+    Kernel,
+    LinearKernel,
+    MixtureKernel,
+    RadialKernel,
+    cancelled_entries,
+    direct_squared_distances,
+)
 
 __all__ = ["BACKENDS", "kernel_sum", "kernel_matvec", "keops_available", "resolve_backend"]
 
@@ -112,6 +123,18 @@ def _family(kernel: Kernel) -> str:
     if isinstance(kernel, DotProductKernel):
         return "dot"
     return "generic"
+
+
+def _flat_length_scale(kernel: Kernel) -> float | None:
+    r"""Length scale :math:`h` with :math:`|\varphi'| \le 1 / (2h^2)` (Gaussian, IMQ, mixtures of them),
+    or ``None`` when the profile is steep at 0 (square-root kernels) or unknown."""
+    if isinstance(kernel, (GaussianKernel, InverseMultiquadricKernel)) and not isinstance(kernel.bandwidth, str):
+        return float(kernel.bandwidth)
+    if isinstance(kernel, MixtureKernel):
+        scales = [_flat_length_scale(k) for k in kernel.kernels]
+        if scales and all(h is not None for h in scales):
+            return min(scales) / max(1.0, sum(kernel.weights)) ** 0.5  # type: ignore[type-var]
+    return None
 
 
 def _diagonal_offset(r0: int, r1: int, c0: int, c1: int) -> int | None:
@@ -277,15 +300,18 @@ class _TilePlan:
         x, y = x.detach(), y.detach()
         if self.family == "radial":
             center = (x.sum(0) + y.sum(0)) / (x.shape[0] + y.shape[0])
+            self.x0, self.y0 = x, y
             self.xs = x - center
             self.ys = self.xs if self.self_pairs else y - center
             self.x_sq = (self.xs * self.xs).sum(1)
             self.y_sq = self.x_sq if self.self_pairs else (self.ys * self.ys).sum(1)
-            self.y_sq_shifted = self.y_sq
-            if self.kernel.takes_square_root:
-                eps = torch.finfo(x.dtype).eps
-                threshold = 8.0 * eps * float(self.x_sq.max() + self.y_sq.max())
-                self.y_sq_shifted = self.y_sq - threshold
+            # Tiles whose norms are small against the kernel's length scale cannot lose accuracy that
+            # matters (|phi'| * rounding stays below ~16 ulp): they skip the cancellation check.
+            scale = _flat_length_scale(self.kernel)
+            self.check_limit = None if scale is None else 2.0 * CANCELLATION_RATIO * scale**2
+            self.check_tiles = self.check_limit is None or (
+                float(self.x_sq.max() + self.y_sq.max()) > self.check_limit
+            )
         else:
             self.xs, self.ys = x, y
         self.flat = torch.empty(self.buffer_size, dtype=x.dtype, device=x.device)
@@ -296,13 +322,27 @@ class _TilePlan:
         if self.family == "radial":
             torch.addmm(self.x_sq[r0:r1, None], self.xs[r0:r1], self.ys[c0:c1].T,
                         beta=1.0, alpha=-2.0, out=out)
-            out.add_(self.y_sq_shifted[None, c0:c1]).clamp_min_(0.0)
+            out.add_(self.y_sq[None, c0:c1]).clamp_min_(0.0)
+            self._repair_cancellation(out, r0, r1, c0, c1)
             offset = _diagonal_offset(r0, r1, c0, c1)
             if self.self_pairs and offset is not None:
                 out.diagonal(offset).zero_()
         else:
             torch.mm(self.xs[r0:r1], self.ys[c0:c1].T, out=out)
         return out
+
+    def _repair_cancellation(self, out: Tensor, r0: int, r1: int, c0: int, c1: int) -> None:
+        """Recompute directly the entries of a tile that cancellation made inaccurate (see
+        :func:`~ipmcondense.ipm.kernels.squared_distances`); free when the tile's norms are small."""
+        if not self.check_tiles:
+            return
+        x_sq, y_sq = self.x_sq[r0:r1], self.y_sq[c0:c1]
+        if self.check_limit is not None and float(x_sq.max() + y_sq.max()) <= self.check_limit:
+            return
+        index = cancelled_entries(out, x_sq, y_sq)
+        if index.shape[0]:
+            rows, cols = index[:, 0], index[:, 1]
+            out[rows, cols] = direct_squared_distances(self.x0, self.y0, rows + r0, cols + c0)
 
     def tile_value(self, r0: int, r1: int, c0: int, c1: int) -> Tensor:
         base = self.base(r0, r1, c0, c1)
@@ -343,7 +383,7 @@ class _TiledKernelSum(torch.autograd.Function):
             rows = value.sum(1) if b is None else value @ b[c0:c1]
             part = _weighted_total(rows, None if a is None else a[r0:r1])
             total.add_(part, alpha=mult)
-        plan.flat = plan.xs = plan.ys = None  # rebuilt by the backward pass: hold no copies meanwhile
+        plan.flat = plan.xs = plan.ys = plan.x0 = plan.y0 = None  # rebuilt by the backward pass: hold no copies meanwhile
         return total
 
     @staticmethod
@@ -391,7 +431,7 @@ class _TiledKernelSum(torch.autograd.Function):
                 grad_a[r0:r1].add_(value.sum(1) if b_j is None else value @ b_j, alpha=mult * g)
             if grad_b is not None:
                 grad_b[c0:c1].add_(value.sum(0) if a_i is None else value.T @ a_i, alpha=mult * g)
-        plan.flat = plan.xs = plan.ys = None
+        plan.flat = plan.xs = plan.ys = plan.x0 = plan.y0 = None
 
         def cast(t: Tensor | None, like: Tensor | None) -> Tensor | None:
             return None if t is None or like is None else t.to(like.dtype)

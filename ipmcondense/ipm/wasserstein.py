@@ -114,13 +114,15 @@ def _quantile_power_p(u: Tensor, v: Tensor, u_weights: Tensor, v_weights: Tensor
     v_w = torch.gather(v_weights, 1, v_order) if v_weights.dim() == 2 else v_weights[v_order]
     u_cdf = torch.cumsum(u_w, dim=1)
     v_cdf = torch.cumsum(v_w, dim=1)
-    levels, _ = torch.sort(torch.cat((u_cdf, v_cdf), dim=1), dim=1)
+    # Merge the two staircases: the quantile of u on the interval ending at merged level k is u_sorted at
+    # the number of u levels strictly before k (a cumulative count, no binary search needed).
+    n, m = u.shape[1], v.shape[1]
+    levels, merge_order = torch.sort(torch.cat((u_cdf, v_cdf), dim=1), dim=1, stable=True)
     previous = torch.cat((torch.zeros_like(levels[:, :1]), levels[:, :-1]), dim=1)
     widths = (levels - previous).clamp_min(0)
-    middles = (previous + levels) / 2
-    n, m = u.shape[1], v.shape[1]
-    u_index = torch.searchsorted(u_cdf.contiguous(), middles.contiguous()).clamp_max(n - 1)
-    v_index = torch.searchsorted(v_cdf.contiguous(), middles.contiguous()).clamp_max(m - 1)
+    from_u = (merge_order < n).to(torch.long)
+    u_index = (torch.cumsum(from_u, dim=1) - from_u).clamp_max(n - 1)
+    v_index = (torch.cumsum(1 - from_u, dim=1) - (1 - from_u)).clamp_max(m - 1)
     gaps = (torch.gather(u_sorted, 1, u_index) - torch.gather(v_sorted, 1, v_index)).abs()
     powered = gaps * gaps if p == 2 else gaps**p
     return (widths * powered).sum(dim=1)

@@ -223,7 +223,8 @@ def sinkhorn_costs(
     diameter: float | None = None,
     extra_iterations: int = 0,
     debias: bool = True,
-) -> Tensor:
+    potentials: bool = False,
+) -> Any:
     r"""geomloss' Sinkhorn loop on precomputed cost matrices (``(n, m)``, ``(n, n)``, ``(m, m)``).
 
     The temperature schedule is geomloss' (``epsilon_schedule``: from :math:`\text{diameter}^p` down to
@@ -256,6 +257,8 @@ def sinkhorn_costs(
             softmin_tensorized, log_weights(a_b), log_weights(b_b), cxx, cyy, batch[0], batch[1],
             eps_list, rho, debias=debias,
         )
+        if potentials:  # raw potentials (f_ba, g_ab) of OT_eps(a, b)
+            return f_ba.reshape(-1), g_ab.reshape(-1)
         value = sinkhorn_cost(eps, rho, a_b, b_b, f_aa, g_bb, g_ab, f_ba, batch=True, debias=debias)
     return value.reshape(())
 
@@ -276,23 +279,26 @@ def sinkhorn_plan(
     blur: float,
     scaling: float,
     reach: float | None,
-    backend: str,
+    iterations: int,
 ) -> Tensor:
     r"""Entropic transport plan :math:`\pi_{ij} = a_i b_j \exp((f_i + g_j - C_{ij}) / \varepsilon)`.
 
     :math:`(f, g)` are the raw (not debiased) potentials of :math:`\mathrm{OT}_\varepsilon(\alpha, \beta)`
-    from geomloss' loop, :math:`C = \|x - y\|^p / p` (geomloss' smoothed cost for ``p=1``) and
-    :math:`\varepsilon = \text{blur}^p`. Balanced: the marginals are :math:`a`, :math:`b` up to the loop's
-    convergence; unbalanced (``reach``): the plan of the KL-relaxed problem. Dense ``(n, m)``, no gradient.
+    from geomloss' loop (its :math:`\varepsilon`-scaling schedule, then ``iterations`` more updates at the
+    final temperature, so that the marginals converge), :math:`C = \|x - y\|^p / p` (geomloss' smoothed
+    cost :math:`\sqrt{\max(\|x - y\|^2, 10^{-8})}` for ``p=1``) and :math:`\varepsilon = \text{blur}^p`.
+    Dense ``(n, m)``, no gradient.
     """
     with torch.no_grad():
-        f, g = sinkhorn_samples(
-            x.detach(), y.detach(), a.detach(), b.detach(), p=p, blur=blur, scaling=scaling, reach=reach,
-            backend=backend, debias=False, potentials=True,
-        )
-        f, g = f.reshape(-1), g.reshape(-1)
-        d2 = ((x.detach()[:, None, :] - y.detach()[None, :, :]) ** 2).sum(-1)
+        x, y, a, b = x.detach(), y.detach(), a.detach(), b.detach()
+        d2 = ((x[:, None, :] - y[None, :, :]) ** 2).sum(-1)
         cost = d2 / 2 if p == 2 else d2.clamp_min(1e-8).sqrt()
+        diameter = _diameter(x, y)
+        f, g = sinkhorn_costs(
+            cost, None, None, a, b, p=p, blur=blur, scaling=scaling, reach=reach,
+            diameter=diameter if diameter > blur else blur, extra_iterations=iterations, debias=False,
+            potentials=True,
+        )
         eps = blur**p
         log_a = torch.where(a > 0, a.clamp_min(torch.finfo(a.dtype).tiny).log(), torch.full_like(a, -torch.inf))
         log_b = torch.where(b > 0, b.clamp_min(torch.finfo(b.dtype).tiny).log(), torch.full_like(b, -torch.inf))

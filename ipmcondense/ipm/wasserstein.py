@@ -132,7 +132,9 @@ def _column_weights(w: Any, n: int, k: int, name: str, like: Tensor) -> Tensor:
     """Weights of a batched 1-D problem: ``(n,)`` shared by every column, or ``(n, k)`` one per column."""
     if w is None:
         return torch.full((n,), 1.0 / n, dtype=like.dtype, device=like.device)
-    if isinstance(w, Tensor) and w.dim() == 2 and w.shape[1] > 1:
+    if not isinstance(w, Tensor):
+        w = as_points(w, name)
+    if w.dim() == 2 and w.shape[1] > 1:
         if w.shape != (n, k):
             raise ValueError(f"{name} must have shape ({n},) or ({n}, {k}), got {tuple(w.shape)}")
         columns = [as_weights(w[:, c], n, f"{name}[:, {c}]", like) for c in range(k)]
@@ -335,7 +337,7 @@ def transport_plan(
     blur: float = 0.05,
     scaling: float = 0.5,
     reach: float | None = None,
-    backend: str = "auto",
+    iterations: int = 1000,
 ) -> Tensor:
     r"""Optimal transport plan :math:`\pi \in \mathbb{R}_+^{n \times m}` between two weighted point clouds.
 
@@ -345,7 +347,9 @@ def transport_plan(
     - ``"sinkhorn"``: the entropic plan of geomloss' conventions, :math:`\pi_{ij} = a_i b_j
       \exp((f_i + g_j - C_{ij}) / \varepsilon)` with :math:`C = \|x - y\|^p / p`, :math:`\varepsilon =
       \text{blur}^p` and :math:`(f, g)` the potentials of :math:`\mathrm{OT}_\varepsilon(\alpha, \beta)`
-      (``p`` 1 or 2). At convergence it is ``ot.sinkhorn(a, b, C, reg=eps)``'s plan. With ``reach`` the
+      (``p`` 1 or 2) from geomloss' loop: its :math:`\varepsilon`-scaling, then ``iterations`` updates at
+      the final temperature so that the marginals converge (linearly, faster for larger blurs). At
+      convergence it is ``ot.sinkhorn(a, b, C, reg=eps)``'s plan. With ``reach`` the
       plan of unbalanced OT with KL marginal penalties :math:`\rho = \text{reach}^p` (``ot.unbalanced.
       sinkhorn_unbalanced(a, b, C, eps, rho)``); its marginals are only close to :math:`a`, :math:`b`, and the
       weights may then be any positive measures (no need to sum to one).
@@ -355,25 +359,30 @@ def transport_plan(
         p: order of the ground cost (``>= 1``; 1 or 2 for ``"sinkhorn"``).
         method: ``"exact"`` or ``"sinkhorn"``.
         x_weights, y_weights: weights (uniform if ``None``).
-        blur, scaling, reach, backend: Sinkhorn parameters, see
-            :func:`~ipmcondense.ipm.sinkhorn.sinkhorn_divergence`.
+        blur, scaling, reach: Sinkhorn parameters, see :func:`~ipmcondense.ipm.sinkhorn.sinkhorn_divergence`.
+        iterations: Sinkhorn updates at the final temperature (``"sinkhorn"`` only).
 
     Returns:
         ``(n, m)`` tensor of the points' dtype on ``x.device`` (no gradient: the plan is a solution, not a
         differentiable quantity; differentiate :func:`wasserstein` or the Sinkhorn divergence instead).
 
-    Cost: exact, the network simplex (:math:`O(nm)` memory); Sinkhorn, :math:`O(K nm d)` time.
+    Cost: exact, the network simplex (:math:`O(nm)` memory); Sinkhorn, :math:`O(nmd + K nm)` time for
+    :math:`K` updates, :math:`O(nm)` memory.
     """
     check_choice(method, PLAN_METHODS, "method")
     p_value = _check_p(p)
     if method == "sinkhorn":
-        from .sinkhorn import _check_sinkhorn_args, _prepare as sinkhorn_prepare, _resolve_backend
+        from .sinkhorn import _check_sinkhorn_args, _prepare as sinkhorn_prepare
 
-        p_int, blur_value, scaling_value, reach_value = _check_sinkhorn_args(p, blur, scaling, reach, backend)
+        p_int, blur_value, scaling_value, reach_value = _check_sinkhorn_args(p, blur, scaling, reach, "auto")
+        if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) or iterations < 0:
+            raise ValueError(f"iterations must be a non-negative integer, got {iterations!r}")
         xs, ys, a, b = sinkhorn_prepare(x, y, x_weights, y_weights, unbalanced=reach_value is not None)
-        chosen = _resolve_backend(backend, xs, ys)
-        return _ot.sinkhorn_plan(xs, ys, a, b, p=p_int, blur=blur_value, scaling=scaling_value,
-                                 reach=reach_value, backend=chosen)
+        plan = _ot.sinkhorn_plan(xs, ys, a, b, p=p_int, blur=blur_value, scaling=scaling_value,
+                                 reach=reach_value, iterations=int(iterations))
+        if not bool(torch.isfinite(plan).all()):
+            raise FloatingPointError("the Sinkhorn plan is not finite; use a larger blur or float64 inputs")
+        return plan
     if reach is not None:
         raise ValueError("reach (unbalanced OT) needs method='sinkhorn'")
     xs, ys, a, b = _prepare(x, y, x_weights, y_weights)

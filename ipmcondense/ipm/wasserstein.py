@@ -1,4 +1,4 @@
-r"""Wasserstein distances :math:`W_p`: exact (1-D, assignment, linear program), Sinkhorn and sliced.
+r"""Wasserstein distances :math:`W_p`: exact (1-D quantiles, network simplex), Sinkhorn, sliced and max-sliced; plans.
 
 For probability measures :math:`\alpha = \sum_i a_i \delta_{x_i}`, :math:`\beta = \sum_j b_j \delta_{y_j}` on
 :math:`\mathbb{R}^d` with the Euclidean ground metric,

@@ -307,7 +307,7 @@ def run_child(spec: dict) -> dict:
         result["peak_rss_mb"] = round(_rss_mb(), 1)
         result["status"] = "ok"
         return result
-    if spec["method"] == INTERLEAVED_MMD:
+    if spec["method"].startswith(INTERLEAVED_MMD):
         result = {"rss_baseline_mb": round(_rss_mb(), 1), "threads": torch.get_num_threads()}
         result.update(_interleaved_mmd(x, y, spec["sigma"], spec["repeats"]))
         result["peak_rss_mb"] = round(_rss_mb(), 1)
@@ -450,9 +450,13 @@ def write_markdown(results: dict, path: Path, sizes: list[int], dim: int, sinkho
         "| contiguous roofline | tiled fwd | tiled fwd+bwd |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for n in sizes:
-        cell = results.get(_cell_key("mmd", INTERLEAVED_MMD, n, dim))
-        if cell and cell.get("status") == "ok":
+    interleaved = sorted(
+        (int(key.split("|")[2].removeprefix("N=")), key) for key in results
+        if key.startswith(f"mmd|{INTERLEAVED_MMD}") and key.endswith(f"|D={dim}")
+    )
+    for n, key in interleaved:
+        cell = results[key]
+        if cell.get("status") == "ok":
             sec = cell["seconds"]
             lines.append(
                 f"| {n:,} | {cell['threads']} | {cell['rounds']} "
@@ -533,11 +537,13 @@ def main(argv: list[str] | None = None) -> None:
                         "python": platform.python_version()}
     sigma = args.dim**0.5
     cells = [("mmd", method, n) for n in args.sizes for method in MMD_METHODS]
-    cells += [("mmd", INTERLEAVED_MMD, n) for n in args.sizes]
+    # the interleaved cell is kept per thread count (contention on a shared machine depends on it)
+    interleaved = INTERLEAVED_MMD + (f"@threads={args.threads}" if args.threads else "")
+    cells += [("mmd", interleaved, n) for n in args.sizes]
     cells += [("sinkhorn", method, args.sinkhorn_size) for method in SINKHORN_METHODS]
     cells += [("ot", method, 0) for method in OT_CELLS]
     for kind, method, n in cells:
-        if args.methods and method not in args.methods:
+        if args.methods and method not in args.methods and method.split("@")[0] not in args.methods:
             continue
         key = _cell_key(kind, method, n, 0 if kind == "ot" else args.dim)
         if key in results and not args.force and results[key].get("status") in ("ok", "skipped"):

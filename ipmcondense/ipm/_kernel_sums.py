@@ -325,15 +325,26 @@ class _TilePlan:
             self.left = torch.cat((self.xs, self.x_sq[:, None], ones_x), dim=1)
             ones_y = torch.ones_like(self.y_sq)[:, None]
             self.right_t = torch.cat((-2.0 * self.ys, ones_y, self.y_sq[:, None]), dim=1).T.contiguous()
+            # Gaussian kernel: fold -1/(2h^2) into the right factor, so the GEMM gives the exponent and the
+            # profile is one in-place exp (not when tiles may need the cancellation repair, which reads d2).
+            self.exponent_scale = None
+            if type(self.kernel) is GaussianKernel and not self.check_tiles:
+                self.exponent_scale = self.kernel._gamma()
+                self.right_t.mul_(self.exponent_scale)
         else:
             self.xs, self.ys = x, y
         self.flat = torch.empty(self.buffer_size, dtype=x.dtype, device=x.device)
 
     def base(self, r0: int, r1: int, c0: int, c1: int) -> Tensor:
-        """Squared distances (radial) or inner products (dot) of one tile, in the shared buffer."""
+        """Squared distances (radial; times the Gaussian exponent scale when it is folded in) or inner
+        products (dot) of one tile, in the shared buffer."""
         out = self.flat[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
         if self.family == "radial":
-            torch.mm(self.left[r0:r1], self.right_t[:, c0:c1], out=out).clamp_min_(0.0)
+            torch.mm(self.left[r0:r1], self.right_t[:, c0:c1], out=out)
+            if self.exponent_scale is None:
+                out.clamp_min_(0.0)
+            else:
+                out.clamp_max_(0.0)  # scaled by a negative number
             self._repair_cancellation(out, r0, r1, c0, c1)
             offset = _diagonal_offset(r0, r1, c0, c1)
             if self.self_pairs and offset is not None:
@@ -358,7 +369,7 @@ class _TilePlan:
     def tile_value(self, r0: int, r1: int, c0: int, c1: int) -> Tensor:
         base = self.base(r0, r1, c0, c1)
         if self.family == "radial":
-            value = self.kernel.profile_(base)
+            value = base.exp_() if self.exponent_scale is not None else self.kernel.profile_(base)
         else:
             value = self.kernel.dot_profile(base)
         self._exclude(value, r0, r1, c0, c1)
@@ -366,7 +377,10 @@ class _TilePlan:
 
     def tile_value_and_slope(self, r0, r1, c0, c1) -> tuple[Tensor, Tensor, float]:
         base = self.base(r0, r1, c0, c1)
-        if self.family == "radial":
+        if self.family == "radial" and self.exponent_scale is not None:
+            value = base.exp_()
+            slope, scale = value, self.exponent_scale
+        elif self.family == "radial":
             value, slope, scale = self.kernel.profile_and_slope(base)
         else:
             value, slope, scale = self.kernel.dot_profile_and_slope(base)

@@ -266,7 +266,7 @@ def _cdf_l2_squared(u: Tensor, v: Tensor, a: Tensor | None, b: Tensor | None) ->
     merged, order = torch.sort(torch.cat((u, v)), stable=True)
     widths = merged[1:] - merged[:-1]
     from_u = order < u.shape[0]
-    masses = torch.cat((a, b))[order]
+    masses = torch.cat((a, b)).index_select(0, order)  # (plain indexing is ~1000x slower here)
     zero = torch.zeros_like(masses)
     # F_u and F_v just right of each merged point (ties have zero width, so their order does not matter)
     u_cdf = torch.cumsum(torch.where(from_u, masses, zero), 0)[:-1]

@@ -110,8 +110,11 @@ def _quantile_power_p(u: Tensor, v: Tensor, u_weights: Tensor, v_weights: Tensor
     """
     u_sorted, u_order = torch.sort(u, dim=1)
     v_sorted, v_order = torch.sort(v, dim=1)
-    u_w = torch.gather(u_weights, 1, u_order) if u_weights.dim() == 2 else u_weights[u_order]
-    v_w = torch.gather(v_weights, 1, v_order) if v_weights.dim() == 2 else v_weights[v_order]
+    # index_select, not advanced indexing: the latter is ~1000x slower for these sizes on the CPU
+    u_w = (torch.gather(u_weights, 1, u_order) if u_weights.dim() == 2
+           else u_weights.index_select(0, u_order.reshape(-1)).view(u_order.shape))
+    v_w = (torch.gather(v_weights, 1, v_order) if v_weights.dim() == 2
+           else v_weights.index_select(0, v_order.reshape(-1)).view(v_order.shape))
     u_cdf = torch.cumsum(u_w, dim=1)
     v_cdf = torch.cumsum(v_w, dim=1)
     # Merge the two staircases: the quantile of u on the interval ending at merged level k is u_sorted at

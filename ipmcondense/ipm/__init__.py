@@ -22,7 +22,7 @@ from .kernels import (
 )
 from .loss import IPMLoss
 from .mean_embedding import mean_embedding_distance, mean_embedding_witness
-from .mmd import energy_distance, mmd, mmd2, mmd_witness
+from .mmd import energy_distance, mmd, mmd2, mmd2_from_kernel_matrix, mmd_witness
 from .neural_kernels import (
     EmpiricalNTK,
     FullyConnectedNNGP,
@@ -32,7 +32,13 @@ from .neural_kernels import (
 )
 from .sinkhorn import sinkhorn_divergence, sinkhorn_witness
 from .two_sample import TwoSampleTestResult, two_sample_test
-from .wasserstein import sliced_wasserstein, wasserstein, wasserstein_1d
+from .wasserstein import (
+    max_sliced_wasserstein,
+    sliced_wasserstein,
+    transport_plan,
+    wasserstein,
+    wasserstein_1d,
+)
 from .witness import Witness
 
 __all__ = [
@@ -55,10 +61,13 @@ __all__ = [
     # distances
     "mmd2",
     "mmd",
+    "mmd2_from_kernel_matrix",
     "energy_distance",
     "wasserstein",
     "wasserstein_1d",
     "sliced_wasserstein",
+    "max_sliced_wasserstein",
+    "transport_plan",
     "sinkhorn_divergence",
     "mean_embedding_distance",
     "NeuralIPM",

@@ -32,8 +32,9 @@ def as_points(x: Any, name: str, *, flatten: bool = True) -> Tensor:
     Accepts a ``torch.Tensor``, a NumPy array or a nested sequence. One-dimensional input is read as
     ``n`` points on the line, ``(n, 1)``; input with more than two dimensions (e.g. images
     ``(n, C, H, W)``) is flattened to ``(n, C*H*W)``, unless ``flatten=False`` (for feature maps that
-    must see images whole: then only the checks and conversions apply). Integer and boolean input is cast to the default
-    floating dtype; float16/bfloat16 input is upcast to float32 (kernel sums in half precision lose
+    must see images whole: then only the checks and conversions apply). Lists and tuples of Python
+    numbers become float64 tensors (Python floats are doubles: nothing is lost, as in scipy and POT).
+    Integer and boolean arrays/tensors are cast to the default floating dtype; float16/bfloat16 input is upcast to float32 (kernel sums in half precision lose
     too much to cancellation). Tensors keep their device and autograd graph.
     """
     if isinstance(x, Tensor):
@@ -44,7 +45,7 @@ def as_points(x: Any, name: str, *, flatten: bool = True) -> Tensor:
         t = torch.from_numpy(np.ascontiguousarray(x))
     elif isinstance(x, (list, tuple)):
         try:
-            t = torch.as_tensor(np.asarray(x, dtype=np.float64), dtype=torch.get_default_dtype())
+            t = torch.as_tensor(np.asarray(x, dtype=np.float64))
         except (TypeError, ValueError) as err:
             raise TypeError(f"{name} must be a tensor, a NumPy array or a numeric sequence") from err
     else:
@@ -96,11 +97,15 @@ def as_point_pair(
     return a.to(dtype), b.to(dtype)
 
 
-def as_weights(w: Any, n: int, name: str, like: Tensor, *, atol: float = 1e-5) -> Tensor | None:
+def as_weights(
+    w: Any, n: int, name: str, like: Tensor, *, atol: float = 1e-5, probability: bool = True
+) -> Tensor | None:
     """Return probability weights of length ``n`` (or ``None`` for uniform), or raise naming ``name``.
 
     Weights must be finite, non-negative and sum to one (within ``atol``); they are not silently
-    renormalised, because a mistaken normalisation changes the distance being computed.
+    renormalised, because a mistaken normalisation changes the distance being computed (the error says
+    how to normalise). With ``probability=False`` (positive measures, e.g. unbalanced OT) any positive
+    total mass is accepted.
     """
     if w is None:
         return None
@@ -118,8 +123,14 @@ def as_weights(w: Any, n: int, name: str, like: Tensor, *, atol: float = 1e-5) -
     if bool((t.detach() < 0).any()):
         raise ValueError(f"{name} must be non-negative, got a minimum of {float(t.min()):.3g}")
     total = float(t.detach().sum())
-    if abs(total - 1.0) > atol:
-        raise ValueError(f"{name} must sum to 1 (probability weights), got a sum of {total:.6g}")
+    if not probability:
+        if total <= 0:
+            raise ValueError(f"{name} must have a positive total mass, got a sum of {total:.6g}")
+    elif abs(total - 1.0) > atol:
+        raise ValueError(
+            f"{name} must sum to 1 (probability weights), got a sum of {total:.6g}; normalise them "
+            f"first, e.g. {name} / {name}.sum(), if their relative sizes are what you mean"
+        )
     return t.to(device=like.device, dtype=like.dtype)
 
 

@@ -35,6 +35,7 @@ subsample (``max_samples``) is drawn with the same seed on both sides.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -42,6 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import _ot
 from ._validation import as_point_pair, as_points, check_choice, check_positive
 from .loss import check_metric_options, metric_function
 from .mean_embedding import FeatureMap, _feature_maps, _layer_features
@@ -58,9 +60,6 @@ OTDD_OUTER_METHODS = ("sinkhorn", "exact")
 
 # "auto" inner method: exact OT while every class has at most this many points, Sinkhorn above.
 _AUTO_EXACT_MAX_CLASS = 200
-# Exact outer OT limits (pairs): the assignment problem for equal sizes, a linear program otherwise.
-_EXACT_ASSIGNMENT_MAX_PAIRS = 4_000_000
-_EXACT_LP_MAX_PAIRS = 250_000
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -241,105 +240,15 @@ def _label_distances(
     return torch.stack([torch.stack(r) for r in rows])
 
 
-def _softmin(eps: float, cost: Tensor, log_weights: Tensor, potential: Tensor) -> Tensor:
-    """:math:`-\\varepsilon \\log \\sum_j \\exp(\\log w_j + (h_j - C_{ij}) / \\varepsilon)`."""
-    return -eps * torch.logsumexp(log_weights[None, :] + (potential[None, :] - cost) / eps, dim=1)
-
-
-class _SinkhornProblem:
-    """Log-domain Sinkhorn state (potentials f, g) of one entropic OT problem with a fixed cost."""
-
-    def __init__(self, cost: Tensor, a: Tensor, b: Tensor) -> None:
-        self.cost, self.cost_t = cost, cost.T
-        self.log_a, self.log_b = a.log(), b.log()
-        self.f, self.g = torch.zeros_like(a), torch.zeros_like(b)
-
-    def update(self, eps: float) -> float:
-        """One alternating update (f from g, then g from f); returns the largest change of g."""
-        self.f = _softmin(eps, self.cost, self.log_b, self.g)
-        g = _softmin(eps, self.cost_t, self.log_a, self.f)
-        change = (g - self.g).abs().max()
-        self.g = g
-        return change
-
-
-def _debiased_sinkhorn(
-    cost_ab: Tensor, cost_aa: Tensor, cost_bb: Tensor, a: Tensor, b: Tensor,
-    blur: float | None, scaling: float, p: float, tolerance: float, max_iterations: int,
-) -> Tensor:
-    """Debiased entropic OT :math:`S_\\varepsilon` for precomputed cost matrices (log domain).
-
-    :math:`\\varepsilon`-scaling from the cost diameter down to :math:`\\text{blur}^p` (the blur
-    multiplied by ``scaling`` at each step, one update per step), then alternating Sinkhorn updates at
-    the final :math:`\\varepsilon` until every potential moves less than ``tolerance * eps`` (checked
-    every 10 iterations, at most ``max_iterations``). The three problems (a-b, a-a, b-b) run the same
-    updates, so identical inputs give exactly 0. The loop runs without autograd; one last update with
-    autograd gives envelope-theorem gradients with respect to the costs. ``blur=None`` means 5% of
-    the diameter. Value: :math:`\\mathrm{OT}_\\varepsilon = \\langle a, f\\rangle + \\langle b, g\\rangle`
-    for each problem.
-    """
-    with torch.no_grad():
-        problems = [
-            _SinkhornProblem(cost_ab.detach(), a, b),
-            _SinkhornProblem(cost_aa.detach(), a, a),
-            _SinkhornProblem(cost_bb.detach(), b, b),
-        ]
-        diameter = float(max(cost_ab.max(), cost_aa.max(), cost_bb.max(), 0.0)) ** (1.0 / p)
-        target = 0.05 * diameter if blur is None else blur
-        if target <= 0:  # every cost is zero: all points coincide and the divergence is 0
-            target = 1.0
-        blurs = []
-        current = max(diameter, target)
-        while current > target:
-            blurs.append(current)
-            current *= scaling
-        blurs.append(target)
-        for iteration in range(len(blurs) + max_iterations):
-            eps = blurs[min(iteration, len(blurs) - 1)] ** p
-            changes = torch.stack([problem.update(eps) for problem in problems])
-            if iteration >= len(blurs) and iteration % 10 == 0 and float(changes.max()) <= tolerance * eps:
-                break
-    values = []
-    for problem, cost, (u, v) in zip(problems, (cost_ab, cost_aa, cost_bb), ((a, b), (a, a), (b, b))):
-        # envelope-theorem step: potentials from the converged ones, differentiable in the cost
-        f = _softmin(eps, cost, problem.log_b, problem.g)
-        g = _softmin(eps, cost.T, problem.log_a, problem.f)
-        values.append((u * f).sum() + (v * g).sum())
-    return values[0] - 0.5 * values[1] - 0.5 * values[2]
-
-
 def _exact_transport_cost(cost: Tensor) -> Tensor:
-    """:math:`\\min_\\pi \\langle \\pi, C \\rangle` for uniform marginals, plan held constant (envelope)."""
-    from scipy.optimize import linear_sum_assignment, linprog
-    from scipy.sparse import coo_matrix, vstack
+    r""":math:`\min_\pi \langle \pi, C \rangle` for uniform marginals, plan held constant (envelope).
 
+    Solved by the package's one exact solver (POT's network simplex, :mod:`ipmcondense.ipm._ot`).
+    """
     n, m = cost.shape
-    limit = _EXACT_ASSIGNMENT_MAX_PAIRS if n == m else _EXACT_LP_MAX_PAIRS
-    if n * m > limit:
-        raise ValueError(
-            f"the datasets are too large for outer='exact' ({n} x {m} pairs, limit {limit}): "
-            "use outer='sinkhorn' or max_samples"
-        )
-    c = cost.detach().to("cpu", torch.float64).numpy()
-    if n == m:
-        rows, cols = linear_sum_assignment(c)
-        masses = np.full(n, 1.0 / n)
-    else:
-        index = np.arange(n * m)
-        constraints = vstack([
-            coo_matrix((np.ones(n * m), (index // m, index)), shape=(n, n * m)),
-            coo_matrix((np.ones(n * m), (index % m, index)), shape=(m, n * m)),
-        ]).tocsr()
-        result = linprog(c.ravel(), A_eq=constraints, b_eq=np.concatenate([np.full(n, 1 / n), np.full(m, 1 / m)]),
-                         bounds=(0, None), method="highs")
-        if result.status != 0 or result.x is None:
-            raise RuntimeError(f"the optimal transport linear program failed: {result.message}")
-        plan = result.x.reshape(n, m)
-        rows, cols = np.nonzero(plan > 1e-14)
-        masses = plan[rows, cols]
-    rows_t = torch.as_tensor(rows, dtype=torch.long, device=cost.device)
-    cols_t = torch.as_tensor(cols, dtype=torch.long, device=cost.device)
-    return (torch.as_tensor(masses, dtype=cost.dtype, device=cost.device) * cost[rows_t, cols_t]).sum()
+    _ot.check_exact_size(n, m, "use outer='sinkhorn' or max_samples")
+    plan, u, v = _ot.exact_transport(cost, None, None)
+    return _ot.envelope_value(plan, u, v, lambda i, j: cost[i, j], None, None, cost)
 
 
 def _root(value: Tensor, p: float) -> Tensor:
@@ -360,7 +269,7 @@ def otdd(
     outer: str = "sinkhorn",
     blur: float | None = None,
     scaling: float = 0.9,
-    tolerance: float = 1e-4,
+    tolerance: float | None = None,
     max_iterations: int = 200,
     inner_blur: float = 0.01,
     n_projections: int = 200,
@@ -377,17 +286,19 @@ def otdd(
             ``"sinkhorn"`` (:func:`~ipmcondense.ipm.wasserstein.wasserstein` ``method="sinkhorn"`` with
             ``inner_blur``), ``"sliced"`` (``n_projections``, ``seed``; a lower bound), or ``"auto"``:
             exact while every class has at most 200 points, else Sinkhorn (sliced if ``p`` is not 1 or 2).
-        outer: ``"sinkhorn"`` (debiased, ``blur``, ``scaling``, ``tolerance``, ``max_iterations``; the value
-            is :math:`\\max(S_\\varepsilon, 0)^{1/p}`, biased by the blur) or ``"exact"`` (assignment problem
-            for equal sizes, linear program otherwise; small datasets only).
+        outer: ``"sinkhorn"`` (debiased, ``blur``, ``scaling``, ``max_iterations``; the value is
+            :math:`\\max(S_\\varepsilon, 0)^{1/p}`, biased by the blur; geomloss' Sinkhorn loop, the package's
+            one Sinkhorn) or ``"exact"`` (POT's network simplex, the package's one exact solver; any size that
+            fits memory, :math:`O(nm)`).
         blur: :math:`\\varepsilon^{1/p}` of the outer Sinkhorn problem, in the units of the features.
             ``None`` (default): 5% of the diameter of the augmented costs, :math:`0.05 \\max c^{1/p}`, which
             makes the distance scale-equivariant (:math:`d(sA, sB) = s\\, d(A, B)` with ``inner="exact"``
             or ``"sliced"``: both cost terms scale by :math:`s^p`); smaller blurs approach the exact
             value but need more iterations (Sinkhorn converges in :math:`O(1/\\varepsilon)` iterations).
         scaling: ratio of successive blurs in the :math:`\\varepsilon`-scaling, in (0, 1).
-        tolerance: stop when no potential moves by more than ``tolerance * eps`` in one iteration.
-        max_iterations: iterations allowed at the final :math:`\\varepsilon` after the scaling steps.
+        tolerance: deprecated and without effect (the loop no longer stops early: it runs geomloss'
+            :math:`\\varepsilon`-scaling schedule, then ``max_iterations`` iterations); passing a value warns.
+        max_iterations: Sinkhorn iterations run at the final :math:`\\varepsilon` after the scaling steps.
         inner_blur: blur of ``inner="sinkhorn"`` (absolute, in feature units).
         n_projections, seed: directions and their seed for ``inner="sliced"``.
 
@@ -410,7 +321,13 @@ def otdd(
         raise ValueError(f"p must be >= 1, got {p!r}")
     if isinstance(max_iterations, bool) or not isinstance(max_iterations, int) or max_iterations < 0:
         raise ValueError(f"max_iterations must be a non-negative integer, got {max_iterations!r}")
-    check_positive(tolerance, "tolerance")
+    if tolerance is not None:
+        warnings.warn(
+            "otdd(tolerance=...) has no effect any more: the outer Sinkhorn problem runs geomloss' "
+            "epsilon-scaling loop followed by max_iterations iterations at the final temperature",
+            DeprecationWarning,
+            stacklevel=2,
+        )
     check_positive(label_weight, "label_weight", allow_zero=True)
     check_choice(inner, OTDD_INNER_METHODS, "inner")
     check_choice(outer, OTDD_OUTER_METHODS, "outer")
@@ -451,7 +368,14 @@ def otdd(
     cost_bb = augmented(fb, ib, fb, ib, w_bb if label_weight > 0 else None)
     a = torch.full((fa.shape[0],), 1.0 / fa.shape[0], dtype=fa.dtype, device=fa.device)
     b = torch.full((fb.shape[0],), 1.0 / fb.shape[0], dtype=fb.dtype, device=fb.device)
-    value = _debiased_sinkhorn(cost_ab, cost_aa, cost_bb, a, b, blur, scaling, p, tolerance, max_iterations)
+    diameter = float(max(cost_ab.detach().max(), cost_aa.detach().max(), cost_bb.detach().max(), 0.0)) ** (1 / p)
+    target = 0.05 * diameter if blur is None else blur
+    if target <= 0:  # every cost is zero: all points coincide and the divergence is 0
+        target = 1.0
+    value = _ot.sinkhorn_costs(
+        cost_ab, cost_aa, cost_bb, a, b, p=p, blur=target, scaling=scaling, diameter=diameter,
+        extra_iterations=max_iterations,
+    )
     if not bool(torch.isfinite(value.detach())):
         raise FloatingPointError("the OTDD Sinkhorn iterations diverged; use a larger blur")
     return _root(value, p).to(out_dtype)

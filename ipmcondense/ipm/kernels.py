@@ -70,10 +70,13 @@ def safe_sqrt(value: Tensor) -> Tensor:
     return _SafeSqrt.apply(value)
 
 
-def _zero_distance_threshold(x_sq: Tensor, y_sq: Tensor) -> float:
-    """Rounding level of GEMM-based squared distances: values below it are set to exactly 0."""
-    eps = torch.finfo(x_sq.dtype).eps
-    return 8.0 * eps * float(x_sq.max() + y_sq.max())
+#: An entry whose GEMM value :math:`\|x\|^2 + \|y\|^2 - 2\langle x, y\rangle` is below
+#: :math:`(\|x\|^2 + \|y\|^2) / 16` (centred norms) has lost more than ~4 bits to cancellation: it is
+#: recomputed directly as :math:`\sum_k (x_k - y_k)^2`. Kept entries have a relative error of at most
+#: ~16 roundings, so kernel values are as accurate as a cdist-style computation.
+CANCELLATION_RATIO = 16.0
+#: Entries recomputed directly per chunk (bounds the temporary memory to this many points pairs).
+RECOMPUTE_CHUNK = 65_536
 
 
 def _common_center(x: Tensor, y: Tensor) -> Tensor:
@@ -82,25 +85,45 @@ def _common_center(x: Tensor, y: Tensor) -> Tensor:
         return (x.sum(0) + y.sum(0)) / (x.shape[0] + y.shape[0])
 
 
-def squared_distances(x: Tensor, y: Tensor, *, snap_to_zero: bool = False) -> Tensor:
-    """Dense matrix :math:`D_{ij} = \\|x_i - y_j\\|^2` of shape ``(n, m)``, differentiable.
+def cancelled_entries(d2: Tensor, x_sq: Tensor, y_sq: Tensor) -> Tensor:
+    """``(K, 2)`` indices of the GEMM squared distances that cancellation has made inaccurate."""
+    with torch.no_grad():
+        return torch.nonzero(d2 * CANCELLATION_RATIO < x_sq[:, None] + y_sq[None, :])
 
-    Computed with one GEMM as :math:`\\|x_i\\|^2 + \\|y_j\\|^2 - 2\\langle x_i, y_j \\rangle` after
+
+def direct_squared_distances(x: Tensor, y: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    r""":math:`\|x_{r_k} - y_{c_k}\|^2` for listed pairs, summed coordinate-wise (no cancellation)."""
+    parts = [
+        ((x[rows[s : s + RECOMPUTE_CHUNK]] - y[cols[s : s + RECOMPUTE_CHUNK]]) ** 2).sum(1)
+        for s in range(0, rows.shape[0], RECOMPUTE_CHUNK)
+    ]
+    return torch.cat(parts) if parts else x.new_zeros(0)
+
+
+def squared_distances(x: Tensor, y: Tensor, *, snap_to_zero: bool = False) -> Tensor:
+    r"""Dense matrix :math:`D_{ij} = \|x_i - y_j\|^2` of shape ``(n, m)``, differentiable.
+
+    Computed with one GEMM as :math:`\|x_i\|^2 + \|y_j\|^2 - 2\langle x_i, y_j \rangle` after
     subtracting the pooled mean (distances are translation invariant; centring reduces cancellation),
-    clamped at 0. When ``y is x`` the diagonal is exactly 0. With ``snap_to_zero`` (used by kernels that
-    take a square root), entries below the rounding level :math:`8\\,\\epsilon\\,(\\max\\|x\\|^2 +
-    \\max\\|y\\|^2)` are shifted to 0 (every entry is reduced by that level and clamped), so that duplicated
-    points give a distance of exactly 0 and a zero gradient. Cost: ``O(nmd)`` time, ``O(nm)`` memory.
+    clamped at 0. Where cancellation still bites -- entries below :math:`(\|x_i\|^2 + \|y_j\|^2)/16`
+    in centred norms, e.g. near-duplicates, or points far from the others (one far point pulls the mean) --
+    the entry is recomputed directly from the original coordinates as :math:`\sum_k (x_{ik} - y_{jk})^2`,
+    so the result is as accurate as ``scipy.spatial.distance.cdist`` whatever the norms, and duplicated
+    points give exactly 0 (zero gradient through a square root). When ``y is x`` the diagonal is exactly
+    0. ``snap_to_zero`` is accepted for compatibility; exact zeros no longer need it, so it changes
+    nothing. Cost: ``O(nmd)`` time, ``O(nm)`` memory (plus ``O(Kd)`` for ``K`` recomputed entries).
     """
+    del snap_to_zero  # exact zeros come from the direct recomputation
     center = _common_center(x, y)
     xc = x - center
     yc = xc if y is x else y - center
     x_sq = (xc * xc).sum(1)
     y_sq = x_sq if y is x else (yc * yc).sum(1)
-    d2 = torch.addmm(x_sq[:, None], xc, yc.T, beta=1.0, alpha=-2.0) + y_sq[None, :]
-    if snap_to_zero:
-        d2 = d2 - _zero_distance_threshold(x_sq.detach(), y_sq.detach())
-    d2 = d2.clamp_min(0.0)
+    d2 = (torch.addmm(x_sq[:, None], xc, yc.T, beta=1.0, alpha=-2.0) + y_sq[None, :]).clamp_min(0.0)
+    index = cancelled_entries(d2.detach(), x_sq.detach(), y_sq.detach())
+    if index.shape[0]:
+        rows, cols = index[:, 0], index[:, 1]
+        d2 = d2.index_put((rows, cols), direct_squared_distances(x, y, rows, cols))
     if y is x:
         d2 = d2 - torch.diag_embed(d2.diagonal())
     return d2
@@ -310,12 +333,13 @@ class InverseMultiquadricKernel(RadialKernel):
 
 
 class EnergyKernel(RadialKernel):
-    """Distance kernel :math:`k(x, y) = -\\|x - y\\|` (energy distance).
+    """Distance kernel :math:`k(x, y) = -\\|x - y\\|^a` (energy distance), exponent :math:`0 < a < 2`.
 
     Not positive definite but *conditionally negative definite* (:math:`-k` is), which is all an MMD
     needs: with this kernel the biased (V-statistic) MMD² equals the squared energy distance
-    :math:`2E\\|X - Y\\| - E\\|X - X'\\| - E\\|Y - Y'\\|`. Has no bandwidth; the gradient of a coincident
-    pair is defined as 0.
+    :math:`2E\\|X - Y\\|^a - E\\|X - X'\\|^a - E\\|Y - Y'\\|^a` (dcor's ``energy_distance`` with
+    ``exponent=a``; ``a = 1`` by default). Has no bandwidth; the gradient of a coincident pair is defined
+    as 0.
 
     Cost: :math:`O(d)` per pair, :math:`O(nmd)` for an ``n x m`` Gram matrix.
     """
@@ -323,29 +347,56 @@ class EnergyKernel(RadialKernel):
     name = "energy"
     takes_square_root = True
 
-    def __init__(self) -> None:
+    def __init__(self, exponent: float = 1.0) -> None:
         super().__init__(bandwidth=1.0)
+        value = check_positive(exponent, "exponent")
+        if not 0.0 < value < 2.0:
+            raise ValueError(
+                f"exponent must lie in (0, 2) (the energy distance is a metric of distributions only there), "
+                f"got {exponent!r}"
+            )
+        self.exponent = value
+        self._half = value / 2.0
 
     def resolve_bandwidth(self, x: Tensor, y: Tensor | None = None) -> float:
         return 1.0
 
     def profile(self, d2: Tensor) -> Tensor:
-        return -safe_sqrt(d2)
+        root = safe_sqrt(d2)
+        return -root if self.exponent == 1.0 else -_safe_power(root, self.exponent)
 
     def profile_(self, d2: Tensor) -> Tensor:
-        return d2.sqrt_().neg_()
+        if self.exponent == 1.0:
+            return d2.sqrt_().neg_()
+        return d2.pow_(self._half).neg_()
 
     def profile_and_slope(self, d2: Tensor) -> tuple[Tensor, Tensor, float]:
-        r = d2.sqrt_()
-        slope = r.reciprocal()
-        slope.masked_fill_(r == 0, 0.0)
-        return -r, slope, -0.5
+        # phi(t) = -t^(e/2), phi'(t) = -(e/2) t^(e/2 - 1) = slope * scale with slope = t^(e/2 - 1), 0 at t = 0
+        zero = d2 == 0
+        if self.exponent == 1.0:
+            r = d2.sqrt_()
+            slope = r.reciprocal()
+            value = -r
+        else:
+            value = d2.pow(self._half).neg_()
+            slope = d2.pow_(self._half - 1.0)
+        slope.masked_fill_(zero, 0.0)
+        return value, slope, -self._half
 
     def keops_profile(self, d2):
-        return -((d2 + 1e-30).sqrt())
+        if self.exponent == 1.0:
+            return -((d2 + 1e-30).sqrt())
+        return -((d2 + 1e-30) ** self._half)
 
     def extra_repr(self) -> str:
-        return ""
+        return "" if self.exponent == 1.0 else f"exponent={self.exponent:g}"
+
+
+def _safe_power(root: Tensor, exponent: float) -> Tensor:
+    """:math:`r^e` for :math:`r \\ge 0` with a zero (not inf/NaN) gradient at :math:`r = 0`."""
+    positive = root > 0
+    safe = torch.where(positive, root, torch.ones_like(root))
+    return torch.where(positive, safe**exponent, torch.zeros_like(root))
 
 
 class DotProductKernel(Kernel):

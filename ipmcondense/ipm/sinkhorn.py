@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import _ot
 from ._validation import as_point_pair, as_points, as_weights, check_choice, check_positive
 from .witness import Witness
 
@@ -42,7 +43,7 @@ SINKHORN_BACKENDS = ("auto", "tensorized", "online")
 # geomloss' own threshold: below N * M = 5000^2 the dense ("tensorized") backend is fast and fits memory.
 _TENSORIZED_MAX_PAIRS = 5000**2
 
-_KEOPS_ERRORS = (NameError, ImportError, OSError)
+_KEOPS_ERRORS = _ot.KEOPS_ERRORS
 
 
 def _check_sinkhorn_args(
@@ -61,12 +62,6 @@ def _check_sinkhorn_args(
 
 def _uniform(n: int, like: Tensor) -> Tensor:
     return torch.full((n,), 1.0 / n, dtype=like.dtype, device=like.device)
-
-
-def _diameter(x: Tensor, y: Tensor) -> float:
-    """geomloss' diameter estimate: the diagonal of the bounding box of both clouds."""
-    both = torch.cat((x.detach(), y.detach()), dim=0)
-    return float((both.max(dim=0).values - both.min(dim=0).values).norm())
 
 
 def _keops_usable() -> bool:
@@ -101,68 +96,16 @@ def _resolve_backend(backend: str, x: Tensor, y: Tensor) -> str:
     return backend
 
 
-def _run_geomloss(
-    x: Tensor,
-    y: Tensor,
-    a: Tensor,
-    b: Tensor,
-    *,
-    p: int,
-    blur: float,
-    scaling: float,
-    reach: float | None,
-    backend: str,
-    debias: bool,
-    potentials: bool,
-) -> Any:
-    """One call to ``geomloss.SamplesLoss("sinkhorn")``, with the caller's grad mode preserved.
-
-    geomloss switches autograd off for its loop and back on at the end, which would leave autograd enabled
-    for a caller inside ``torch.no_grad()``; the context manager restores the caller's mode. If KeOps fails
-    at run time (e.g. a missing compiler), the call is repeated on the ``"tensorized"`` backend.
-    """
-    from geomloss import SamplesLoss
-
-    diameter = _diameter(x, y)
-    # Degenerate clouds (e.g. one point each, identical) have diameter 0 and break geomloss' schedule
-    # (log 0); any diameter <= blur gives the one-temperature schedule [blur^p, blur^p].
-    diameter_arg = None if diameter > blur else blur
-
-    def call(chosen: str) -> Any:
-        loss = SamplesLoss(
-            "sinkhorn",
-            p=p,
-            blur=blur,
-            reach=reach,
-            diameter=diameter_arg,
-            scaling=scaling,
-            debias=debias,
-            potentials=potentials,
-            backend=chosen,
-        )
-        with torch.set_grad_enabled(torch.is_grad_enabled()):
-            return loss(a, x, b, y)
-
-    if backend != "online":
-        return call(backend)
-    try:
-        return call("online")
-    except (*_KEOPS_ERRORS, RuntimeError) as err:
-        if isinstance(err, RuntimeError) and "keops" not in str(err).lower():
-            raise
-        warnings.warn(
-            f"KeOps failed ({type(err).__name__}: {err}); the Sinkhorn divergence falls back to the dense "
-            "'tensorized' backend",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return call("tensorized")
+# The one Sinkhorn loop of the package (geomloss', reached through SamplesLoss on point clouds).
+_run_geomloss = _ot.sinkhorn_samples
 
 
-def _prepare(x: Any, y: Any, x_weights: Any, y_weights: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _prepare(
+    x: Any, y: Any, x_weights: Any, y_weights: Any, *, unbalanced: bool = False
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     xs, ys = as_point_pair(x, y)
-    a = as_weights(x_weights, xs.shape[0], "x_weights", xs)
-    b = as_weights(y_weights, ys.shape[0], "y_weights", ys)
+    a = as_weights(x_weights, xs.shape[0], "x_weights", xs, probability=not unbalanced)
+    b = as_weights(y_weights, ys.shape[0], "y_weights", ys, probability=not unbalanced)
     a = _uniform(xs.shape[0], xs) if a is None else a
     b = _uniform(ys.shape[0], ys) if b is None else b
     return xs, ys, a, b
@@ -210,7 +153,10 @@ def sinkhorn_divergence(
     zero before taking the root. A non-finite result raises ``FloatingPointError``; nothing returns NaN.
 
     Gradients with respect to ``x`` and ``y`` are the envelope-theorem gradients that geomloss provides
-    (exact at convergence of the Sinkhorn loop); weights are treated as constants.
+    (exact at convergence of the Sinkhorn loop). Gradients with respect to the weights are geomloss' too: the
+    first variations of :math:`S_\varepsilon` (the potentials :math:`F`, :math:`G` of
+    :class:`SinkhornWitness`, up to an additive constant that does not matter for directions keeping the
+    total mass).
 
     Args:
         x: ``(n, d)`` samples of :math:`\alpha` (images are flattened).
@@ -219,9 +165,12 @@ def sinkhorn_divergence(
         blur: target blur :math:`\varepsilon^{1/p}` (in the units of the points), positive.
         scaling: ratio between successive blurs in the :math:`\varepsilon`-scaling, in (0, 1); closer to 1
             is slower and more accurate.
-        reach: ``None`` for balanced OT, otherwise the positive reach of unbalanced OT.
-        x_weights: optional ``(n,)`` probability weights of ``x`` (uniform if ``None``).
-        y_weights: optional ``(m,)`` probability weights of ``y``.
+        reach: ``None`` for balanced OT, otherwise the positive reach of unbalanced OT
+            (geomloss' ``reach``): mass may be created or destroyed at a KL price :math:`\rho = \text{reach}^p`,
+            so measures of unequal total mass can be compared.
+        x_weights: optional ``(n,)`` probability weights of ``x`` (uniform if ``None``). With ``reach``,
+            any non-negative weights of positive total mass (an unnormalised measure).
+        y_weights: optional ``(m,)`` weights of ``y``, likewise.
         backend: ``"auto"`` (dense on CPU and for small problems, KeOps on CUDA when
             :math:`\max(n, m) > 5000`), ``"tensorized"`` (dense, :math:`O((n + m)^2)` memory) or ``"online"``
             (KeOps, :math:`O(n + m)` memory; falls back to ``"tensorized"`` with a warning if KeOps is
@@ -237,7 +186,7 @@ def sinkhorn_divergence(
     p, blur_value, scaling_value, reach_value = _check_sinkhorn_args(p, blur, scaling, reach, backend)
     if not isinstance(debias, bool):
         raise TypeError(f"debias must be a bool, got {type(debias).__name__}")
-    xs, ys, a, b = _prepare(x, y, x_weights, y_weights)
+    xs, ys, a, b = _prepare(x, y, x_weights, y_weights, unbalanced=reach_value is not None)
     chosen = _resolve_backend(backend, xs, ys)
     value = _run_geomloss(
         xs, ys, a, b, p=p, blur=blur_value, scaling=scaling_value, reach=reach_value,

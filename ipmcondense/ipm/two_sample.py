@@ -34,7 +34,7 @@ from .mean_embedding import _feature_maps, _layer_features
 __all__ = ["TwoSampleTestResult", "two_sample_test", "TEST_STATISTICS"]
 
 #: Statistics accepted by :func:`two_sample_test`.
-TEST_STATISTICS = ("mmd", "energy", "mean_embedding", "sinkhorn")
+TEST_STATISTICS = ("mmd2", "mmd", "energy", "mean_embedding", "sinkhorn")
 
 _PERMUTATION_CHUNK = 256
 
@@ -55,7 +55,7 @@ class TwoSampleTestResult:
     p_value: float
     null_samples: Tensor
     n_permutations: int
-    statistic_name: str = "mmd"
+    statistic_name: str = "mmd2"
 
     def reject(self, alpha: float = 0.05) -> bool:
         """Whether :math:`H_0: \\mu = \\nu` is rejected at level ``alpha`` (``p_value <= alpha``)."""
@@ -95,7 +95,7 @@ def _mean_embedding_statistics(features: Tensor, members: Tensor, n: int, m: int
 def two_sample_test(
     x: Any,
     y: Any,
-    statistic: str = "mmd",
+    statistic: str = "mmd2",
     n_permutations: int = 500,
     seed: int | None = None,
     **kwargs: Any,
@@ -104,7 +104,9 @@ def two_sample_test(
 
     Statistics:
 
-    * ``"mmd"``: :math:`\\mathrm{MMD}^2` with keyword arguments ``kernel`` (default ``"gaussian"``, a name
+    * ``"mmd2"`` (also spelt ``"mmd"``, the name of earlier versions; both compute the squared MMD, as
+      ``"mmd2"`` means everywhere in :mod:`ipmcondense.ipm`): :math:`\\mathrm{MMD}^2` with keyword
+      arguments ``kernel`` (default ``"gaussian"``, a name
       or a :class:`~ipmcondense.ipm.kernels.Kernel`), ``bandwidth`` (default ``"median"``, resolved
       once on the pooled sample) and ``estimator`` (``"unbiased"``, the default, or ``"biased"``); the
       observed value equals :func:`~ipmcondense.ipm.mmd.mmd2` with the same arguments. Needs
@@ -119,7 +121,7 @@ def two_sample_test(
 
     Args:
         x: ``(n, ...)`` sample; y: ``(m, ...)`` sample (same point shape, same device).
-        statistic: one of ``"mmd"``, ``"energy"``, ``"mean_embedding"``, ``"sinkhorn"``.
+        statistic: one of ``"mmd2"`` (alias ``"mmd"``), ``"energy"``, ``"mean_embedding"``, ``"sinkhorn"``.
         n_permutations: number :math:`B \\ge 1` of random permutations.
         seed: seed of the permutations (a CPU ``torch.Generator``); ``None`` draws one from torch's
             global generator (reproducible under ``torch.manual_seed``).
@@ -138,6 +140,7 @@ def two_sample_test(
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
     allowed = {
+        "mmd2": {"kernel", "bandwidth", "estimator"},
         "mmd": {"kernel", "bandwidth", "estimator"},
         "energy": set(),
         "mean_embedding": {"feature_map"},
@@ -174,7 +177,7 @@ def two_sample_test(
             a, b = as_point_pair(x, y)
             n, m = a.shape[0], b.shape[0]
             pooled = torch.cat([a, b]).double()
-            if statistic == "mmd":
+            if statistic in ("mmd", "mmd2"):
                 estimator = check_choice(kwargs.get("estimator", "unbiased"), ("unbiased", "biased"), "estimator")
                 if estimator == "unbiased" and min(n, m) < 2:
                     raise ValueError(

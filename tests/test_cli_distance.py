@@ -99,3 +99,15 @@ def test_errors_exit_with_code_2_and_a_message(capsys, labelled_files, tmp_path)
     with pytest.raises(SystemExit) as excinfo:  # argparse rejects a malformed bandwidth itself
         main(["distance", str(paths["pt"]), str(paths["pt"]), "--bandwidth", "wide"])
     assert excinfo.value.code == 2
+
+
+def test_stdout_is_pure_json_in_a_fresh_process_even_when_pykeops_is_first_imported(tmp_path):
+    """pykeops prints notices on stdout when first imported (POT and geomloss import it): they go to stderr."""
+    import subprocess
+    import sys
+
+    for metric in ("otdd", "sinkhorn"):
+        run = subprocess.run([sys.executable, "-m", "ipmcondense", "distance", "digits:train", "digits:test",
+                              "--metric", metric], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert json.loads(run.stdout)["metric"] == metric

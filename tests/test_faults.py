@@ -113,8 +113,6 @@ def test_experts_killed_at_random_moments_resume_bit_for_bit(tmp_path):
 def _fail_after(monkeypatch, successes: int, error: OSError) -> list[int]:
     """Make the run folder's writes fail after ``successes`` successful ones (a full disk, a folder
     turned read-only): the failing write has already put some bytes into its temporary file."""
-    from ipmcondense.condensation import outputs
-
     real_save = torch.save
     calls = [0]
 
@@ -125,7 +123,7 @@ def _fail_after(monkeypatch, successes: int, error: OSError) -> list[int]:
             raise error
         return real_save(obj, handle, *args, **kwargs)
 
-    monkeypatch.setattr(outputs.torch, "save", save)
+    monkeypatch.setattr(torch, "save", save)  # every run file goes through ipmcondense.files.atomic_write
     return calls
 
 
@@ -158,12 +156,12 @@ def test_read_only_output_folder_from_the_start(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     out.mkdir()
     if os.geteuid() == 0:  # root ignores permission bits: simulate the refusal
-        from ipmcondense.condensation import outputs
+        from ipmcondense import files
 
         def refuse(path, *args, **kwargs):
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
 
-        monkeypatch.setattr(outputs, "open", refuse, raising=False)
+        monkeypatch.setattr(files, "open", refuse, raising=False)
     else:
         out.chmod(0o555)
     try:

@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 
+from ipmcondense.ipm import _keops
 from ipmcondense.ipm import _kernel_sums as ks
 from ipmcondense.ipm import energy_distance, mmd2
 from ipmcondense.ipm.kernels import GaussianKernel
@@ -40,7 +41,7 @@ class _CompileFailingLazyTensor:
 
 @pytest.fixture
 def fresh_keops_state(monkeypatch):
-    monkeypatch.setattr(ks, "_keops_state", {"probed": True, "lazy_tensor": _CompileFailingLazyTensor,
+    monkeypatch.setattr(_keops, "_keops_state", {"probed": True, "lazy_tensor": _CompileFailingLazyTensor,
                                              "warned": False})
     monkeypatch.setattr(ks, "TILE_ROWS", 5)  # several tiles even for small inputs
     monkeypatch.setattr(ks, "TILE_COLS", 7)
@@ -66,7 +67,7 @@ def test_compile_failure_warns_once_and_every_distance_uses_tiled(fresh_keops_st
     assert len(keops_warnings) == 1, [str(w.message) for w in caught]
     assert "compilation of the formula failed" in str(keops_warnings[0].message)
     assert "backend='tiled'" in str(keops_warnings[0].message)
-    assert ks._keops_state["lazy_tensor"] is None and not ks.keops_available()
+    assert _keops._keops_state["lazy_tensor"] is None and not ks.keops_available()
     # same numbers and gradients as the tiled backend
     x2 = x.detach().clone().requires_grad_(True)
     reference = mmd2(x2, y, bandwidth=1.5, backend="tiled")
@@ -87,7 +88,7 @@ def test_import_failing_with_a_non_import_error_warns_once(monkeypatch):
 
     broken.__getattr__ = missing  # ``from pykeops.torch import LazyTensor`` raises OSError
     monkeypatch.setitem(sys.modules, "pykeops.torch", broken)
-    monkeypatch.setattr(ks, "_keops_state", {"probed": False, "lazy_tensor": None, "warned": False})
+    monkeypatch.setattr(_keops, "_keops_state", {"probed": False, "lazy_tensor": None, "warned": False})
     x, y = _points()
     with pytest.warns(UserWarning, match="pykeops is not usable.*C\\+\\+ compiler"):
         value = mmd2(x, y, bandwidth=1.0, backend="keops")

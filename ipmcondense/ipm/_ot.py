@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._validation import preload_keops_quietly, quiet_stdout
+
 __all__ = [
     "BYTES_PER_EXACT_PAIR",
     "exact_transport",
@@ -94,7 +96,8 @@ def exact_transport(
 
     Cost: :math:`O(nm)` memory; time typically :math:`O(nm \cdot \min(n, m))` or less.
     """
-    import ot
+    with quiet_stdout():  # POT imports pykeops, which prints notices on stdout
+        import ot
 
     c = cost.detach().to("cpu", torch.float64).numpy() if isinstance(cost, Tensor) else np.asarray(cost, np.float64)
     c = np.ascontiguousarray(c)
@@ -178,7 +181,9 @@ def sinkhorn_samples(
     for a caller inside ``torch.no_grad()``; the context manager restores the caller's mode. If KeOps fails
     at run time (e.g. a missing compiler), the call is repeated on the ``"tensorized"`` backend.
     """
-    from geomloss import SamplesLoss
+    preload_keops_quietly()
+    with quiet_stdout():
+        from geomloss import SamplesLoss
 
     diameter = _diameter(x, y)
     # Degenerate clouds (e.g. one point each, identical) have diameter 0 and break geomloss' schedule
@@ -235,8 +240,10 @@ def sinkhorn_costs(
     loop runs without autograd and one last extrapolation step is differentiated. Returns the debiased
     :math:`S_\varepsilon` (or the raw :math:`\mathrm{OT}_\varepsilon` with ``debias=False``) as a 0-d tensor.
     """
-    from geomloss._legacy.sinkhorn_divergence import epsilon_schedule, log_weights, sinkhorn_cost, sinkhorn_loop
-    from geomloss._legacy.sinkhorn_samples import softmin_tensorized
+    preload_keops_quietly()
+    with quiet_stdout():
+        from geomloss._legacy.sinkhorn_divergence import epsilon_schedule, log_weights, sinkhorn_cost, sinkhorn_loop
+        from geomloss._legacy.sinkhorn_samples import softmin_tensorized
 
     if diameter is None:
         costs = [cost_xy] + ([cost_xx, cost_yy] if debias else [])

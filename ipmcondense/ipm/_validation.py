@@ -180,3 +180,26 @@ def check_positive_number(value: Any, name: str, *, allow_zero: bool = False) ->
         bound = "a non-negative" if allow_zero else "a positive"
         raise ValueError(f"{name} must be {bound} number, got {value!r}")
     return float(value)
+
+
+def quiet_stdout():
+    """A context manager sending stdout to stderr: pykeops prints its notices (e.g. "CUDA libraries not
+    found") on stdout when it is first imported, which would corrupt machine-readable output such as the
+    JSON of ``ipmcondense distance``. Wrap every import that may load pykeops (geomloss too) in it."""
+    import contextlib
+    import sys
+
+    return contextlib.redirect_stdout(sys.stderr)
+
+
+def preload_keops_quietly() -> None:
+    """Import pykeops once with its stdout notices sent to stderr (geomloss imports it lazily at call time)."""
+    import sys
+
+    if "pykeops.torch" in sys.modules:
+        return
+    try:
+        with quiet_stdout():
+            import pykeops.torch  # noqa: F401, PLC0415
+    except Exception:  # noqa: BLE001 - an unusable pykeops is handled where it is used
+        pass

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from . import _ot
-from ._validation import as_point_pair, as_points, as_weights, check_choice, check_positive
+from ._validation import as_point_pair, as_points, as_weights, check_choice, check_positive, quiet_stdout
 from .witness import Witness
 
 __all__ = ["sinkhorn_divergence", "sinkhorn_witness", "SinkhornWitness", "SINKHORN_BACKENDS"]
@@ -66,8 +66,9 @@ def _uniform(n: int, like: Tensor) -> Tensor:
 
 def _keops_usable() -> bool:
     try:
-        import pykeops.torch  # noqa: F401
-        from geomloss._legacy import sinkhorn_samples
+        with quiet_stdout():
+            import pykeops.torch  # noqa: F401
+            from geomloss._legacy import sinkhorn_samples
     except _KEOPS_ERRORS:
         return False
     return bool(getattr(sinkhorn_samples, "keops_available", False))

@@ -9,7 +9,9 @@ when a change of the numbers is intended and stated in the commit:
     python -m tests.condensation.golden_cases --write wasserstein  # named cases only
 
 Intended changes so far: ``wasserstein`` (its row now uses the Sinkhorn divergence with p=1, W_1;
-issue "each row is the paper's algorithm", item 7).
+issue "each row is the paper's algorithm", item 7) and ``m3d`` (squared distances whose Gram expansion
+cancels are recomputed from the coordinates; synthetic points that start as copies of real ones are exactly
+such entries; issue "distances that pass their peers' own tests", defects 1-2).
 """
 
 from __future__ import annotations

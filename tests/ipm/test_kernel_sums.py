@@ -8,6 +8,7 @@ import pytest
 import torch
 from scipy.spatial.distance import cdist
 
+from ipmcondense.ipm import _keops
 from ipmcondense.ipm import _kernel_sums as ks
 from ipmcondense.ipm.kernels import (
     EnergyKernel,
@@ -250,7 +251,7 @@ def test_unknown_backend_and_shape_errors():
 
 
 def test_unimportable_keops_warns_once_and_falls_back_to_tiled(monkeypatch, small_tiles):
-    monkeypatch.setattr(ks, "_keops_state", {"probed": False, "lazy_tensor": None, "warned": False})
+    monkeypatch.setattr(_keops, "_keops_state", {"probed": False, "lazy_tensor": None, "warned": False})
     monkeypatch.setitem(sys.modules, "pykeops.torch", None)  # makes the import raise ImportError
     x, y, _, _ = _data(12, 9, 2)
     kernel = GaussianKernel(1.0)
@@ -268,12 +269,12 @@ def test_failing_keops_call_warns_and_falls_back(monkeypatch, small_tiles):
         def __init__(self, *args, **kwargs):
             raise RuntimeError("simulated compiler failure")
 
-    monkeypatch.setattr(ks, "_keops_state", {"probed": True, "lazy_tensor": BrokenLazyTensor, "warned": False})
+    monkeypatch.setattr(_keops, "_keops_state", {"probed": True, "lazy_tensor": BrokenLazyTensor, "warned": False})
     x, y, _, _ = _data(12, 9, 2)
     with pytest.warns(UserWarning, match="pykeops is not usable.*simulated compiler failure"):
         value = ks.kernel_sum(x, y, GaussianKernel(1.0), backend="keops")
     torch.testing.assert_close(value, ks.kernel_sum(x, y, GaussianKernel(1.0), backend="dense"))
-    assert ks._keops_state["lazy_tensor"] is None
+    assert _keops._keops_state["lazy_tensor"] is None
 
 
 @pytest.mark.slow

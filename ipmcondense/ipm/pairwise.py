@@ -23,7 +23,7 @@ __all__ = [
 ]
 
 
-#: Largest number of points the median heuristic looks at (pairwise distances: ~5e5).
+#: The median heuristic looks at no more than this many points, about 5e5 pairwise distances.
 MEDIAN_MAX_POINTS = 1000
 
 

@@ -28,8 +28,10 @@ def test_known_keys_and_values_of_the_reference_table():
     assert COMMON_DEFAULTS["outer_loop"] is None and COMMON_DEFAULTS["pool_size"] == 100
     assert COMMON_DEFAULTS["bandwidth"] == "median" and COMMON_DEFAULTS["syn_steps"] == 20
     # the table the benchmark cells were keyed with (62 keys), plus the options added since at their defaults,
-    # which cached cells accept (benchmarks/grid/cells.py keys_match): factor (multiformation)
-    assert len(COMMON_DEFAULTS) == 62 + 1 and COMMON_DEFAULTS["factor"] == 2
+    # which cached cells accept (benchmarks/grid/cells.py keys_match): factor (multiformation),
+    # dream_interval and dream_max_iter (dream)
+    assert len(COMMON_DEFAULTS) == 62 + 3 and COMMON_DEFAULTS["factor"] == 2
+    assert (COMMON_DEFAULTS["dream_interval"], COMMON_DEFAULTS["dream_max_iter"]) == (10, 100)
 
 
 def test_every_hyperparameter_has_a_stated_source():

@@ -72,8 +72,8 @@ def test_the_two_data_axes_compose_and_unknown_names_list_the_choices():
     assert same is get_recipe("dm")
     with pytest.raises(ValueError, match="unknown synthetic set 'voxels'; expected one of: 'pixels'"):
         compose_recipe("dm", synthetic="voxels")
-    with pytest.raises(ValueError, match="unknown real-batch selector 'dream'; expected one of: 'random'"):
-        compose_recipe("dc", real_batches="dream")
+    with pytest.raises(ValueError, match="unknown real-batch selector 'kmedoids'; expected one of: 'random', 'dream'"):
+        compose_recipe("dc", real_batches="kmedoids")
     with pytest.raises(ValueError, match="draws no real batches"):
         compose_recipe("mtt", real_batches="random")
     with pytest.raises(ValueError, match="cannot be changed"):

@@ -64,6 +64,8 @@ class Discrepancy(Component, ABC):
     uses_means_only: bool = False
     #: True if it only makes sense on parameter-gradient blocks
     needs_gradient_features: bool = False
+    #: True if the matching loss takes it once on the class average of the per-class means (DCC), not per class
+    joint_over_classes: bool = False
 
     @abstractmethod
     def __call__(self, real: Tensor, synthetic: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
@@ -240,10 +242,27 @@ class GradientL1Discrepancy(Discrepancy):
         return (gr - gs).abs().sum()
 
 
+class GradientCosineJointDiscrepancy(GradientCosineDiscrepancy):
+    r"""DCC's contrastive matching: DC's layer-wise :math:`\sum_i 1 - \cos` of the gradients of the loss over
+    *all classes jointly*.
+
+    The matching loss calls it once (``joint_over_classes``) with the class averages of the per-class mean
+    gradients, :math:`\bar g^T = \frac1C \sum_c \nabla_\theta \ell(T_c)` (DCC ``main.py``: the real gradient
+    averaged over classes) and :math:`\bar g^S = \nabla_\theta \frac1{|S|}\sum_{x \in S} \ell(x)` (the loss on the
+    whole synthetic set, the same average when classes have equal sizes), instead of one term per class:
+    the gradient then carries the contrast between classes (how the classifier separates them). With a
+    single class it is DC's loss. Relation: normalised variant of the gradient IPM over the joint
+    distribution of (x, y) rather than the per-class conditionals. Cost: O(n_parameters), once per step.
+    """
+
+    name = "gradient_cosine_joint"
+    joint_over_classes = True
+
+
 #: Registry of discrepancies (name -> class).
 DISCREPANCIES: Registry = Registry("discrepancy")
 for _cls in (MeanEmbeddingDiscrepancy, GaussianMMDDiscrepancy, SinkhornDiscrepancy, SlicedWassersteinDiscrepancy,
-             GradientMSEDiscrepancy, GradientCosineDiscrepancy, GradientL1Discrepancy):
+             GradientMSEDiscrepancy, GradientCosineDiscrepancy, GradientL1Discrepancy, GradientCosineJointDiscrepancy):
     DISCREPANCIES.register(_cls)
 DISCREPANCY_NAMES = DISCREPANCIES.names
 

@@ -237,6 +237,16 @@ _ROWS = (
                    augmentation="dsa", relation_to_ipm=NORMALISED,
                    why="DC with the siamese augmentation inside the loss.",
                    defaults={**_DC, "init": "real"}, source="Zhao & Bilen ICML'21, main.py --method DSA"),
+    MatchingRecipe(name="dcc", feature_map="gradients", discrepancy="gradient_cosine_joint", sampler="fresh_inner",
+                   augmentation="none", relation_to_ipm=NORMALISED,
+                   why="DC's layer-wise cosine on the gradient of the loss over all classes jointly: the normalised "
+                       "gradient IPM of the joint (x, y) distributions instead of the per-class conditionals.",
+                   defaults=_DC,
+                   source="Lee et al. ICML'22, Saehyung-Lee/DCC main.py (read in shared/reference/methods.md 2.6): "
+                          "real gradient averaged over classes, synthetic gradient of the CE on the whole set, "
+                          "match_loss 'ours'. Deviations: no class-wise DC warm-up (outer_warmup 250, inner_warmup "
+                          "10: compose it by running dc first), DC's loop table instead of DCC's get_loops, DC "
+                          "defaults otherwise"),
     MatchingRecipe(name="cafe", feature_map="layers", discrepancy="mean_embedding", sampler="fresh_inner",
                    augmentation="dsa", extra_terms=("prototype_discrimination",), relation_to_ipm=APPROXIMATE,
                    why="a weighted sum of per-layer linear-kernel IPM^2 plus a discriminative cross-entropy "

@@ -79,7 +79,7 @@ def test_condense_with_both_data_axes_named(tmp_path, capsys):
 def test_unknown_axis_names_list_the_choices(tmp_path, capsys):
     import pytest
 
-    for flag, bad in (("--synthetic", "voxels"), ("--real-batches", "dream")):
+    for flag, bad in (("--synthetic", "voxels"), ("--real-batches", "kmedoids")):
         with pytest.raises(SystemExit) as stop:
             main(["condense", "--method", "dm", flag, bad, "--out", str(tmp_path / "x"), "--no-progress"])
         assert stop.value.code == 2

@@ -46,7 +46,7 @@ from .outputs import (
 )
 from .objectives import get_objective_class
 from .recipes import COMMON_DEFAULTS, MatchingRecipe, Recipe, compose_recipe, resolve_config
-from .synthetic import INIT_CHOICES, build_synthetic_set, initial_images
+from .synthetic import INIT_CHOICES, SYNTHETIC_SETS, build_synthetic_set, initial_images
 
 __all__ = ["condense", "evaluate", "CondensationResult", "load_dataset_checked"]
 
@@ -59,8 +59,10 @@ class CondensationResult:
     """What :func:`condense` returns (and writes to ``out``).
 
     Attributes:
-        images: ``(num_classes * ipc, C, H, W)`` synthetic images (normalised space, CPU).
-        labels: ``(num_classes * ipc,)`` labels.
+        images: ``(num_classes * k, C, H, W)`` decoded synthetic images (normalised space, CPU), class-blocked;
+            ``k = ipc`` for ``pixels``, ``ipc * factor**2`` for ``multiformation`` (``synthetic.pt`` also holds the
+            stored parameters under ``"stored"``).
+        labels: ``(num_classes * k,)`` labels.
         config: the full configuration (method, axes, dataset, ipc, seed, hyperparameters).
         metrics: loss history, timings, evaluations.
         out: the run directory, or ``None``.
@@ -134,6 +136,21 @@ def _check_config(config: dict[str, Any], recipe: Recipe, dataset: Any, ipc: int
             f"ipc {ipc} is larger than the smallest class of {dataset.name!r} "
             f"(class {int(counts.argmin())} has {smallest} training images)"
         )
+
+
+def _initial_per_class(recipe: Recipe, config: dict[str, Any], dataset: Any, ipc: int) -> int:
+    """Initial images per class the row's parameterisation starts from (``ipc``, or more for a decoder)."""
+    cls = SYNTHETIC_SETS.get(recipe.synthetic)
+    n = cls.initial_images_per_class(ipc, cls.options_from(config))
+    if n != ipc and config["init"] != "noise":
+        smallest = int(torch.bincount(dataset.train_labels.cpu(), minlength=dataset.num_classes).min())
+        if n > smallest:
+            raise ValueError(
+                f"synthetic {recipe.synthetic!r} starts ipc {ipc} stored images per class from {n} real images "
+                f"per class (its options {cls.options_from(config)}), more than the smallest class of "
+                f"{dataset.name!r} holds ({smallest}); lower ipc or the factor, or use init 'noise'"
+            )
+    return n
 
 
 def _check_out(out: Path, resume: bool, overwrite: bool) -> dict[str, Any] | None:
@@ -277,7 +294,8 @@ def condense(
         _check_resume(checkpoint, full_config, out_path)
 
     init_generator = torch.Generator().manual_seed(int(seed) + 7919)
-    images, labels = initial_images(ds, ipc, config["init"], init_generator, seed=seed, arch=config["arch"])
+    images, labels = initial_images(ds, _initial_per_class(recipe, config, ds, ipc), config["init"], init_generator,
+                                    seed=seed, arch=config["arch"])
     extras = None if objective is None else objective.synthetic_extras(images, labels, ds, config)
     synthetic_set = build_synthetic_set(recipe.synthetic, images, labels, ds.num_classes, config, extras).to(dev)
 
@@ -372,7 +390,7 @@ def _finish(recipe, config, ds, synthetic, history, out_path, seconds, dev) -> C
             out_path / SYNTHETIC_FILE,
         )
         atomic_write_json({**metrics, "config": config}, out_path / METRICS_FILE)
-        save_image_grid(images, config["ipc"], out_path / GRID_FILE, ds.denormalise)
+        save_image_grid(images, synthetic.images_per_class, out_path / GRID_FILE, ds.denormalise)
     return CondensationResult(images, labels, config, metrics, out_path, recipe, lr, training_labels)
 
 

@@ -64,6 +64,8 @@ class Discrepancy(Component, ABC):
     uses_means_only: bool = False
     #: True if it only makes sense on parameter-gradient blocks
     needs_gradient_features: bool = False
+    #: True if the matching loss takes it once on the class average of the per-class means (DCC), not per class
+    joint_over_classes: bool = False
 
     @abstractmethod
     def __call__(self, real: Tensor, synthetic: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
@@ -225,10 +227,50 @@ class GradientCosineDiscrepancy(Discrepancy):
         return (1.0 - cos).sum()
 
 
+class GradientL1Discrepancy(Discrepancy):
+    r"""IDC's ``metric='l1'``: :math:`\sum_{i} |\bar g^T_i - \bar g^S_i|` over the entries of each parameter tensor
+    of three or more dimensions (convolution kernels).
+
+    As IDC's ``condense.py: matchloss`` with its defaults ``--bias False --fc False``: tensors of one
+    dimension (biases, norm affine) and two dimensions (the linear classifier) contribute exactly 0.
+    Relation: exactly the IPM over the linear witnesses of the kept gradient coordinates with
+    :math:`\|w\|_\infty \le 1`, since :math:`\|v\|_1 = \sup_{\|w\|_\infty \le 1} \langle w, v\rangle`.
+    Cost: O(n_parameters).
+    """
+
+    name = "gradient_l1"
+    relation_to_ipm = "exact IPM"
+    uses_means_only = True
+    needs_gradient_features = True
+
+    def __call__(self, real, synthetic, *, generator=None):
+        gr, gs = real.mean(dim=0), synthetic.mean(dim=0)
+        if gr.dim() <= 2:
+            return gr.new_zeros(())
+        return (gr - gs).abs().sum()
+
+
+class GradientCosineJointDiscrepancy(GradientCosineDiscrepancy):
+    r"""DCC's contrastive matching: DC's layer-wise :math:`\sum_i 1 - \cos` of the gradients of the loss over
+    *all classes jointly*.
+
+    The matching loss calls it once (``joint_over_classes``) with the class averages of the per-class mean
+    gradients, :math:`\bar g^T = \frac1C \sum_c \nabla_\theta \ell(T_c)` (DCC ``main.py``: the real gradient
+    averaged over classes) and :math:`\bar g^S = \nabla_\theta \frac1{|S|}\sum_{x \in S} \ell(x)` (the loss on the
+    whole synthetic set, the same average when classes have equal sizes), instead of one term per class:
+    the gradient then carries the contrast between classes (how the classifier separates them). With a
+    single class it is DC's loss. Relation: normalised variant of the gradient IPM over the joint
+    distribution of (x, y) rather than the per-class conditionals. Cost: O(n_parameters), once per step.
+    """
+
+    name = "gradient_cosine_joint"
+    joint_over_classes = True
+
+
 #: The registered discrepancies by name.
 DISCREPANCIES: Registry = Registry("discrepancy")
 for _cls in (MeanEmbeddingDiscrepancy, GaussianMMDDiscrepancy, SinkhornDiscrepancy, SlicedWassersteinDiscrepancy,
-             GradientMSEDiscrepancy, GradientCosineDiscrepancy):
+             GradientMSEDiscrepancy, GradientCosineDiscrepancy, GradientL1Discrepancy, GradientCosineJointDiscrepancy):
     DISCREPANCIES.register(_cls)
 DISCREPANCY_NAMES = DISCREPANCIES.names
 

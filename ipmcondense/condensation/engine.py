@@ -8,7 +8,7 @@ the synthetic set's parameters, its learnable extras and the objective's own par
 with its own step). For the ``"matching"`` objective one step is:
 
 1. draw a class-balanced real batch ``T`` from the row's ``real_batches`` selector (``batch_real`` images
-   per class, class-blocked);
+   per class, class-blocked; the selector has seen the iteration's networks through ``observe``);
 2. draw ONE siamese augmentation per class and apply it to that class's real and synthetic images;
 3. compute the features of *all classes in one forward pass* per side (``class_batching=True``;
    ``False`` runs the reference's per-class loop, same value) and the loss
@@ -231,6 +231,7 @@ class CondensationEngine:
         """One iteration: draw networks, take ``steps_per_draw`` image steps; returns the mean loss."""
         self._set_learning_rate()
         networks = self.sampler.draw(self.context)
+        self.real_batches.observe(networks)
         steps = self.sampler.steps_per_draw()
         losses = []
         for k in range(steps):

@@ -37,7 +37,10 @@ __all__ = [
 
 @dataclass
 class MatchingLoss:
-    """The loss of one image step on one network: ``total = sum(per_class) + sum(extras)``."""
+    """The loss of one image step on one network: ``total = sum(per_class) + sum(extras)``.
+
+    ``per_class`` holds one term per class, or a single joint term for a discrepancy with
+    ``joint_over_classes`` (DCC)."""
 
     total: Tensor
     per_class: list[Tensor]
@@ -64,7 +67,13 @@ def matching_loss(
     class and side (the reference loop). Both give the same value up to floating-point rounding (for
     networks without batch statistics). Extra terms always see the whole batch.
 
-    Cost: per side one (batched) or ``n_classes`` (loop) feature-map calls; the discrepancy per class.
+    A discrepancy with ``joint_over_classes = True`` (DCC's ``gradient_cosine_joint``) is instead taken
+    once, on the class average of each block's per-class means:
+    :math:`\sum_b w_b D(\frac1C\sum_c \bar\phi^b(T_c), \frac1C\sum_c \bar\phi^b(S_c))`; for gradient
+    features that is the gradient of the loss over all classes jointly (equal class sizes on S).
+
+    Cost: per side one (batched) or ``n_classes`` (loop) feature-map calls; the discrepancy per class
+    (once for a joint discrepancy).
     """
     real_segments = segments_from_labels(real_labels)
     syn_segments = segments_from_labels(synthetic_labels)
@@ -75,18 +84,21 @@ def matching_loss(
             f"real and synthetic batches must hold the same class blocks in the same order, got "
             f"{real_classes} and {syn_classes}"
         )
-    per_class: list[Tensor] = []
+    pairs = []  # per class: (real blocks, synthetic blocks, segment index, real rows, synthetic rows)
     if class_batching:
         fr = feature_map(net, real_images, real_labels, real_segments, differentiable=False)
         fs = feature_map(net, synthetic_images, synthetic_labels, syn_segments, differentiable=True)
-        for i, (rs, ss) in enumerate(zip(real_segments, syn_segments)):
-            per_class.append(_class_term(fr, fs, i, rs, ss, discrepancy, generator))
+        pairs = [(fr, fs, i, rs, ss) for i, (rs, ss) in enumerate(zip(real_segments, syn_segments))]
     else:
         for rs, ss in zip(real_segments, syn_segments):
             r_rows, s_rows = slice(0, rs.stop - rs.start), slice(0, ss.stop - ss.start)
             fr = feature_map(net, real_images[rs], real_labels[rs], [r_rows], differentiable=False)
             fs = feature_map(net, synthetic_images[ss], synthetic_labels[ss], [s_rows], differentiable=True)
-            per_class.append(_class_term(fr, fs, 0, r_rows, s_rows, discrepancy, generator))
+            pairs.append((fr, fs, 0, r_rows, s_rows))
+    if getattr(discrepancy, "joint_over_classes", False):
+        per_class = [_joint_term(pairs, discrepancy, generator)]
+    else:
+        per_class = [_class_term(fr, fs, i, rs, ss, discrepancy, generator) for fr, fs, i, rs, ss in pairs]
     extras = [
         term(net, real_images, real_labels, synthetic_images, synthetic_labels, real_segments, syn_segments)
         for term in extra_terms
@@ -101,6 +113,17 @@ def _class_term(fr, fs, index, real_rows, syn_rows, discrepancy, generator) -> T
     term = None
     for br, bs in zip(fr, fs):
         value = bs.weight * discrepancy(br.segment(index, real_rows), bs.segment(index, syn_rows), generator=generator)
+        term = value if term is None else term + value
+    return term
+
+
+def _joint_term(pairs, discrepancy, generator) -> Tensor:
+    """One discrepancy of the class-averaged block means (a discrepancy with ``joint_over_classes``, DCC)."""
+    term = None
+    for b in range(len(pairs[0][0])):
+        real = torch.stack([fr[b].segment(i, rr).mean(dim=0) for fr, _, i, rr, _ in pairs]).mean(dim=0, keepdim=True)
+        syn = torch.stack([fs[b].segment(i, sr).mean(dim=0) for _, fs, i, _, sr in pairs]).mean(dim=0, keepdim=True)
+        value = pairs[0][1][b].weight * discrepancy(real, syn, generator=generator)
         term = value if term is None else term + value
     return term
 

@@ -245,6 +245,16 @@ _ROWS = (
                    augmentation="dsa", relation_to_ipm=NORMALISED,
                    why="DC with the siamese augmentation inside the loss.",
                    defaults={**_DC, "init": "real"}, source="Zhao & Bilen ICML'21, main.py --method DSA"),
+    MatchingRecipe(name="dcc", feature_map="gradients", discrepancy="gradient_cosine_joint", sampler="fresh_inner",
+                   augmentation="none", relation_to_ipm=NORMALISED,
+                   why="DC's layer-wise cosine on the gradient of the loss over all classes jointly: the normalised "
+                       "gradient IPM of the joint (x, y) distributions instead of the per-class conditionals.",
+                   defaults=_DC,
+                   source="Lee et al. ICML'22, Saehyung-Lee/DCC main.py (read in shared/reference/methods.md 2.6): "
+                          "real gradient averaged over classes, synthetic gradient of the CE on the whole set, "
+                          "match_loss 'ours'. Deviations: no class-wise DC warm-up (outer_warmup 250, inner_warmup "
+                          "10: compose it by running dc first), DC's loop table instead of DCC's get_loops, DC "
+                          "defaults otherwise"),
     MatchingRecipe(name="cafe", feature_map="layers", discrepancy="mean_embedding", sampler="fresh_inner",
                    augmentation="dsa", extra_terms=("prototype_discrimination",), relation_to_ipm=APPROXIMATE,
                    why="a weighted sum of per-layer linear-kernel IPM^2 plus a discriminative cross-entropy "
@@ -270,6 +280,24 @@ _ROWS = (
                        "on S (not an IPM).",
                    defaults={**_DM, "lr_images": 0.2, "ce_weight": 0.5},
                    source="Zhao et al. CVPR'23, IDM command.txt (pixels only)"),
+    MatchingRecipe(name="idc", feature_map="gradients", discrepancy="gradient_l1", sampler="pool", augmentation="dsa",
+                   synthetic="multiformation", relation_to_ipm=EXACT,
+                   why="L1 gradient matching (the IPM over an L-infinity ball of linear witnesses of the convolution "
+                       "gradients) of the multi-formation decoded set, on one network trained on real data along "
+                       "the way: the IPM of the pushed-forward set.",
+                   defaults={"iterations": 200000, "lr_images": 1e-3, "batch_real": 64, "init": "real", "factor": 2,
+                             "pool_size": 1, "generate_interval": 100, "fetch": 1, "train_steps": 8,
+                             "lr_pool": 0.01, "batch_pool": 6},
+                   source="Kim et al. ICML'22, snu-mllab/Efficient-Dataset-Condensation condense.py, argument.py, "
+                          "misc/reproduce.py (MNIST: metric l1, lr_img 1e-4 in [0,1] pixels = ~1e-3 in normalised "
+                          "space, batch_real 64, niter 2000 x inner_loop 100 image steps, factor 2, init mix, "
+                          "fix_iter -1 -> 1: a new network every 100 image steps, trained 1 epoch on n_data=500 real "
+                          "images after each step with SGD(0.01, momentum 0.9, wd 5e-4)). Deviations: the network is "
+                          "trained by the pool sampler (pool_size 1, generate_interval 100) BEFORE each image step, "
+                          "train_steps 8 x batch_pool 6 per class (~500 images), with DSA per sample instead of "
+                          "CutMix; the siamese augmentation is DSA's, not IDC's color_crop_cutout DiffAug; all "
+                          "decoded images are used (no batch_syn_max=128 subsample); no [0,1] clamping of the "
+                          "stored pixels; a factor must divide the image size (IDC pads)"),
     # ------------------------------------------------------------------ other objectives
     ObjectiveRecipe(name="mtt", objective="mtt", augmentation="dsa", real_batches=None, relation_to_ipm=FIRST_ORDER,
                     why="first-order approximation: as the synthetic lr eta -> 0 the student's displacement after N "

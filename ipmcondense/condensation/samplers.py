@@ -61,7 +61,8 @@ class SamplerContext:
         build_network: builds one network on the CPU with PyTorch's default initialisation.
         device: where networks live.
         generator: the run's generator (CPU).
-        real_batches: the run's real-batch selector, ``sample(n_per_class) -> (images, labels)`` on ``device``.
+        real_batches: the run's real-batch selector, ``sample(n_per_class) -> (images, labels)`` on ``device``
+            (samplers that train networks on real data call ``sample_for_training`` when it has one).
         augmentation: training-time augmentation, ``augmentation(x, generator=...)`` (per-sample draws).
         synthetic: a callable returning the current ``(images, labels)`` of S, detached.
         parameter_gradients: whether the returned networks' parameters must require grad.
@@ -271,7 +272,9 @@ class PoolSampler(ParameterSampler):
         nets = []
         for i in picks:
             net, opt = self.pool[i]
-            batches = (ctx.real_batches.sample(self.batch_pool) for _ in range(self.train_steps))
+            # training batches stay uniform under a loss-side selector (dream); duck-typed selectors: sample
+            draw_real = getattr(ctx.real_batches, "sample_for_training", ctx.real_batches.sample)
+            batches = (draw_real(self.batch_pool) for _ in range(self.train_steps))
             _train_steps(net, opt, batches, ctx.augmentation, ctx.generator)
             nets.append(_freeze(net, ctx))
         return nets

@@ -7,7 +7,8 @@ are stored: evaluation reads the decoded images only (``synthetic.pt`` holds the
 parameters). Decoding composes with the feature map, so every matching recipe over a parameterised set
 is the IPM of the *pushed-forward* set: :math:`d_F(\mathrm{decode}_\#\,\nu_S, \mu_T)`.
 
-Registered parameterisations (:data:`SYNTHETIC_SETS`): ``pixels`` (every image a free tensor). A new
+Registered parameterisations (:data:`SYNTHETIC_SETS`): ``pixels`` (every image a free tensor) and
+``multiformation`` (IDC: every stored image decoded into ``factor**2`` upsampled tiles). A new
 one is a subclass with a ``name``, an ``Options`` dataclass, :meth:`~SyntheticSet.images` and
 :meth:`~SyntheticSet.from_images` (how to start from real or noise images), plus a registry entry.
 
@@ -25,15 +26,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ipmcondense.components import Component, Registry
+from ipmcondense.components import Component, Registry, option
 from ipmcondense.ipm._validation import check_choice
 
 __all__ = [
     "SyntheticSet",
     "SyntheticExtras",
     "PixelSet",
+    "MultiFormationSet",
     "SYNTHETIC_SETS",
     "SYNTHETIC_NAMES",
     "build_synthetic_set",
@@ -99,6 +102,16 @@ class SyntheticSet(Component, nn.Module, ABC):
     def from_images(cls, images: Tensor, labels: Tensor, num_classes: int, options: Any,
                     extras: SyntheticExtras | None = None) -> SyntheticSet:
         """A set whose decoded images start at (or from) ``images`` ``(num_classes * ipc, C, H, W)``."""
+
+    @classmethod
+    def initial_images_per_class(cls, ipc: int, options: Any) -> int:
+        """How many initial images per class :meth:`from_images` takes for ``ipc`` stored images per class.
+
+        ``ipc`` by default; a decoder that starts from more real images than it stores (multi-formation
+        tiles ``factor**2`` real images into one stored image) says so here. The engine draws this many
+        initial images per class, so the extras an objective sizes on the initial images match the decoded set.
+        """
+        return int(ipc)
 
     @abstractmethod
     def images(self) -> Tensor:
@@ -211,9 +224,117 @@ class PixelSet(SyntheticSet):
         return [self.pixels]
 
 
+class MultiFormationSet(SyntheticSet):
+    r"""``multiformation``: IDC's uniform multi-formation; each stored image decodes into ``factor**2`` images.
+
+    A stored image :math:`x \in R^{C \times H \times W}` is cut into a ``factor`` x ``factor`` grid of tiles
+    of size :math:`(H/f) \times (W/f)`, and every tile is upsampled back to :math:`H \times W` by bilinear
+    interpolation (``align_corners=False``, torch's ``nn.Upsample(mode='bilinear')``):
+
+    .. math:: \mathrm{decode}(x)_{(i, j)} = \mathrm{up}_{H \times W}\big(x[:, iH/f:(i+1)H/f,\ jW/f:(j+1)W/f]\big),
+        \quad 0 \le i, j < f.
+
+    Layout (IDC ``condense.py: decode_zoom``, applied per class): the decoded block of class ``c`` is
+    tile-major, tile ``k = i f + j`` of all ``ipc`` stored images of the class, then tile ``k + 1``; labels
+    are replicated, so a class holds ``images_per_class = ipc * factor**2`` decoded images for ``ipc``
+    stored ones. Factor 1 is the identity (no interpolation), i.e. ``pixels``. Unlike IDC, a factor that
+    does not divide the image size is an error (IDC pads with 0.5). Decoding is a pure, differentiable
+    function of :attr:`stored`; the bilinear upsampling is linear, so the gradient of every loss reaches
+    the stored pixels. Storage: ``num_classes * ipc * C * H * W`` numbers; decoding costs one
+    interpolation of ``num_classes * ipc * factor**2`` tiles, ``O(n_decoded * C * H * W)``.
+
+    Args:
+        stored: ``(num_classes * ipc, C, H, W)`` stored images (normalised space), class-blocked.
+        num_classes: number of classes.
+        factor: tiles per side (``factor**2`` decoded images per stored image).
+        extras: learnable extras sized to the *decoded* set, or ``None``.
+    """
+
+    name = "multiformation"
+
+    @dataclass(frozen=True)
+    class Options:
+        factor: int = option(2, "IDC (Kim et al. ICML'22) --factor 2, condense.py decode_zoom")
+
+    def __init__(self, stored: Tensor, num_classes: int, factor: int = 2,
+                 extras: SyntheticExtras | None = None) -> None:
+        factor = _check_factor(factor, tuple(stored.shape))
+        if stored.shape[0] % num_classes:
+            raise ValueError(
+                f"stored must hold the same number of images for each of {num_classes} classes, "
+                f"got {stored.shape[0]} images"
+            )
+        ipc = stored.shape[0] // num_classes
+        labels = torch.arange(num_classes).repeat_interleave(ipc * factor * factor)
+        super().__init__(labels, num_classes, ipc, extras)
+        self.factor = factor
+        self.stored = nn.Parameter(stored.detach().clone().float())
+        self._register_extras()
+
+    @classmethod
+    def initial_images_per_class(cls, ipc: int, options: Any) -> int:
+        factor = _check_factor(options.factor)
+        return int(ipc) * factor * factor
+
+    @classmethod
+    def from_images(cls, images, labels, num_classes, options, extras=None):
+        """IDC's ``init='mix'``: per class, ``factor**2`` groups of ``ipc`` images, group ``k`` shrunk (nearest,
+        IDC's ``F.interpolate`` default) into tile ``k`` (row-major) of the ``ipc`` stored images.
+
+        ``images``: ``(num_classes * ipc * factor**2, C, H, W)`` class-blocked; decoding the result gives
+        back (a blurred copy of) ``images`` in the same order. Noise initial images are tiled the same way.
+        """
+        factor = _check_factor(options.factor, tuple(images.shape))
+        f2 = factor * factor
+        n = images.shape[0]
+        if n % (num_classes * f2):
+            raise ValueError(
+                f"multiformation with factor {factor} starts from factor**2 = {f2} initial images per stored "
+                f"image: {n} images for {num_classes} classes is not a multiple of {num_classes * f2}"
+            )
+        expected = torch.arange(num_classes).repeat_interleave(n // num_classes)
+        if labels.shape != (n,) or not torch.equal(labels.cpu().to(torch.int64), expected):
+            raise ValueError(f"labels must be {n // num_classes} class-blocked labels per class, in order 0..C-1")
+        ipc = n // (num_classes * f2)
+        _, ch, h, w = images.shape
+        sh, sw = h // factor, w // factor
+        small = F.interpolate(images.detach().float(), size=(sh, sw), mode="nearest")
+        # (C, f, f, ipc, ch, sh, sw) -> (C, ipc, ch, f, sh, f, sw): tile k = i f + j of stored image r
+        small = small.reshape(num_classes, factor, factor, ipc, ch, sh, sw)
+        stored = small.permute(0, 3, 4, 1, 5, 2, 6).reshape(num_classes * ipc, ch, h, w)
+        return cls(stored, num_classes, factor, extras)
+
+    def images(self) -> Tensor:
+        if self.factor == 1:
+            return self.stored
+        f, (n, ch, h, w) = self.factor, self.stored.shape
+        tiles = self.stored.reshape(self.num_classes, self.ipc, ch, f, h // f, f, w // f)
+        tiles = tiles.permute(0, 3, 5, 1, 2, 4, 6).reshape(n * f * f, ch, h // f, w // f)
+        return F.interpolate(tiles, size=(h, w), mode="bilinear", align_corners=False)
+
+    def image_parameters(self) -> list[nn.Parameter]:
+        return [self.stored]
+
+
+def _check_factor(factor: Any, shape: tuple[int, ...] | None = None) -> int:
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+        raise ValueError(f"factor must be a positive integer (tiles per side), got {factor!r}")
+    if shape is not None:
+        if len(shape) != 4:
+            raise ValueError(f"images must have shape (N, C, H, W), got {shape}")
+        if shape[2] % factor or shape[3] % factor:
+            raise ValueError(
+                f"factor {factor} must divide the image size {shape[2]}x{shape[3]} (multi-formation cuts each "
+                f"stored image into a factor x factor grid); choose a divisor such as "
+                f"{max(d for d in range(1, min(shape[2], shape[3]) + 1) if shape[2] % d == 0 == shape[3] % d and d <= factor)}"
+            )
+    return factor
+
+
 #: The registered synthetic-set parameterisations by name, the ``synthetic`` axis.
 SYNTHETIC_SETS: Registry = Registry("synthetic set")
 SYNTHETIC_SETS.register(PixelSet)
+SYNTHETIC_SETS.register(MultiFormationSet)
 SYNTHETIC_NAMES = SYNTHETIC_SETS.names
 
 

@@ -72,21 +72,21 @@ def test_the_two_data_axes_compose_and_unknown_names_list_the_choices():
     assert same is get_recipe("dm")
     with pytest.raises(ValueError, match="unknown synthetic set 'voxels'; expected one of: 'pixels'"):
         compose_recipe("dm", synthetic="voxels")
-    with pytest.raises(ValueError, match="unknown real-batch selector 'dream'; expected one of: 'random'"):
-        compose_recipe("dc", real_batches="dream")
+    with pytest.raises(ValueError, match="unknown real-batch selector 'kmedoids'; expected one of: 'random', 'dream'"):
+        compose_recipe("dc", real_batches="kmedoids")
     with pytest.raises(ValueError, match="draws no real batches"):
         compose_recipe("mtt", real_batches="random")
     with pytest.raises(ValueError, match="cannot be changed"):
         compose_recipe("kip", feature_map="embedding")
     for row in RECIPES.values():
         axes = row.axes()
-        assert axes["synthetic"] == "pixels" and "real_batches" in axes
+        assert axes["synthetic"] == ("multiformation" if row.name == "idc" else "pixels") and "real_batches" in axes
 
 
 def test_rows_are_a_tagged_union():
     kinds = {name: type(row) for name, row in RECIPES.items()}
     assert {n for n, k in kinds.items() if k is MatchingRecipe} == {
-        "dm", "m3d", "wasserstein", "dc", "dsa", "cafe", "datadam", "lcmat", "idm"}
+        "dm", "m3d", "wasserstein", "dc", "dsa", "cafe", "datadam", "lcmat", "idm", "idc", "dcc"}
     assert {n for n, k in kinds.items() if k is ObjectiveRecipe} == {"mtt", "kip", "rfad", "dd", "rcig"}
     assert {n for n, k in kinds.items() if k is SelectionRecipe} == {"random", "herding", "kcenter"}
     assert not hasattr(get_recipe("kip"), "feature_map") and get_recipe("kip").sampler == "none"

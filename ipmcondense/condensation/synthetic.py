@@ -239,7 +239,7 @@ class MultiFormationSet(SyntheticSet):
     are replicated, so a class holds ``images_per_class = ipc * factor**2`` decoded images for ``ipc``
     stored ones. Factor 1 is the identity (no interpolation), i.e. ``pixels``. Unlike IDC, a factor that
     does not divide the image size is an error (IDC pads with 0.5). Decoding is a pure, differentiable
-    function of :attr:`stored`; the bilinear upsampling is linear, so the gradient of every loss reaches
+    function of ``stored``; the bilinear upsampling is linear, so the gradient of every loss reaches
     the stored pixels. Storage: ``num_classes * ipc * C * H * W`` numbers; decoding costs one
     interpolation of ``num_classes * ipc * factor**2`` tiles, ``O(n_decoded * C * H * W)``.
 

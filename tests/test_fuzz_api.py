@@ -251,8 +251,6 @@ def test_harmless_variations_give_a_finite_value(call):
     assert math.isfinite(float(value)), (call.function, call.defect)
 
 
-@pytest.mark.xfail(strict=True, reason="found by the fuzzer: mean_embedding_distance treats any truthy `squared` "
-                   "as True (ipm/mean_embedding.py, owned by the ipm engineer); remove the mark once it raises")
-def test_known_gap_squared_must_be_a_bool():
+def test_squared_must_be_a_bool():  # found by the fuzzer: any truthy `squared` used to count as True
     with pytest.raises(TypeError, match="squared"):
         ipm.mean_embedding_distance(torch.zeros(3, 2), torch.ones(3, 2), squared="yes")

@@ -151,6 +151,8 @@ def mean_embedding_distance(
     Cost: one forward of ``feature_map`` on each sample and :math:`O((n + m) D)` for the means;
     memory :math:`O((n + m) D)`.
     """
+    if not isinstance(squared, (bool, np.bool_)):
+        raise TypeError(f"squared must be True or False, got {squared!r}")
     deltas, _ = _mean_differences(x, y, feature_map, x_weights, y_weights)
     if squared:
         return sum(d.pow(2).sum() for d in deltas)

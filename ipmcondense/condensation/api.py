@@ -107,19 +107,14 @@ def load_dataset_checked(
     return load_dataset(dataset, data_root, image_size=image_size)
 
 
-def _positive_int(value: Any, name: str, *, allow_zero: bool = False) -> int:
-    check_positive_int(value, name, allow_zero=allow_zero)
-    return value
-
-
 def _check_config(config: dict[str, Any], recipe: Recipe, dataset: Any, ipc: int) -> None:
     from ipmcondense.nets import build_isolated, get_network
 
-    _positive_int(config["iterations"], "iterations", allow_zero=True)
-    _positive_int(config["batch_real"], "batch_real")
-    _positive_int(config["checkpoint_every"], "checkpoint_every", allow_zero=True)
-    _positive_int(config["eval_every"] or 0, "eval_every", allow_zero=True)
-    _positive_int(config["eval_models"], "eval_models")
+    check_positive_int(config["iterations"], "iterations", allow_zero=True)
+    check_positive_int(config["batch_real"], "batch_real")
+    check_positive_int(config["checkpoint_every"], "checkpoint_every", allow_zero=True)
+    check_positive_int(config["eval_every"] or 0, "eval_every", allow_zero=True)
+    check_positive_int(config["eval_models"], "eval_models")
     for key in ("lr_images", "lr_net", "lr_pool"):
         check_positive_number(config[key], key)
     check_choice(config["init"], INIT_CHOICES, "init")
@@ -268,7 +263,7 @@ def condense(
     recipe = compose_recipe(method.lower().strip(), feature_map=feature_map, discrepancy=discrepancy,
                             sampler=sampler, augmentation=augmentation, synthetic=synthetic,
                             real_batches=real_batches)
-    ipc = _positive_int(ipc, "ipc")
+    ipc = check_positive_int(ipc, "ipc")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
     dev = _resolve_device(device)
@@ -440,7 +435,7 @@ def evaluate(
     """
     from ipmcondense.evaluation import EvaluationProtocol, evaluate_synthetic
 
-    models = _positive_int(models, "models")
+    models = check_positive_int(models, "models")
     if isinstance(path_or_result, CondensationResult):
         images, labels, config = path_or_result.images, path_or_result.training_labels, path_or_result.config
         lr, folder = path_or_result.learning_rate, path_or_result.out

@@ -12,10 +12,6 @@ from ipmcondense.ipm._validation import check_positive_int
 __all__ = ["ClassBalancedSampler"]
 
 
-def _as_count(value: Any, name: str) -> int:
-    return check_positive_int(value, name)
-
-
 class ClassBalancedSampler:
     """Draw class-blocked batches of real images.
 
@@ -51,7 +47,7 @@ class ClassBalancedSampler:
             raise ValueError(f"labels must have shape ({n_images},) to match images, got {shape}")
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise TypeError(f"labels must hold integer class indices, got dtype {labels.dtype}")
-        num_classes = _as_count(num_classes, "num_classes")
+        num_classes = check_positive_int(num_classes, "num_classes")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(
                 f"generator must be a torch.Generator or None, got {type(generator).__name__}"
@@ -103,7 +99,7 @@ class ClassBalancedSampler:
     def sample_class(self, c: int, n: int) -> Tensor:
         """``min(n, N_c)`` distinct random images of class ``c``: ``(min(n, N_c), ...)``."""
         c = self._check_class(c)
-        n = _as_count(n, "n")
+        n = check_positive_int(n, "n")
         return self.images[self._draw_indices(c, n)]
 
     def sample(self, n_per_class: int) -> tuple[Tensor, Tensor]:
@@ -112,7 +108,7 @@ class ClassBalancedSampler:
         Each block holds ``min(n_per_class, N_c)`` distinct images of class ``c``, so the batch has
         ``num_classes * n_per_class`` images when every class is large enough.
         """
-        n = _as_count(n_per_class, "n_per_class")
+        n = check_positive_int(n_per_class, "n_per_class")
         picks = [self._draw_indices(c, n) for c in range(self.num_classes)]
         index = torch.cat(picks)
         sizes = torch.tensor([p.numel() for p in picks], device=index.device)

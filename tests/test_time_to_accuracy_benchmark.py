@@ -1,0 +1,127 @@
+"""The side-by-side benchmark's plumbing (benchmarks/time_to_accuracy.py), against a fake reference checkout.
+
+The fake reference has the real one's shape where the runner depends on it: a ``networks.py`` whose
+``ConvNet.embed`` calls ``.view`` on a non-contiguous tensor (what fails with torch >= 2 after DSA), and
+scripts printing ``iter = k`` every 10 iterations and the evaluation block. Nothing is timed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("_bench_time_to_accuracy", ROOT / "benchmarks" / "time_to_accuracy.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+tta = _load()
+
+_NETWORKS = """
+import torch
+from torch import nn
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Identity()
+        self.classifier = nn.Linear(12, 2)
+
+    def forward(self, x):
+        out = self.features(x)
+        out = out.view(out.size(0), -1)
+        return self.classifier(out)
+
+    def embed(self, x):
+        out = self.features(x)
+        out = out.view(out.size(0), -1)
+        return out
+"""
+
+_MAIN = """
+import argparse, torch
+from networks import ConvNet
+p = argparse.ArgumentParser()
+for name in ("--dataset", "--model", "--ipc", "--init", "--lr_img", "--batch_real", "--dsa_strategy", "--method",
+             "--num_exp", "--data_path", "--save_path", "--epoch_eval_train"):
+    p.add_argument(name)
+p.add_argument("--Iteration", type=int)
+p.add_argument("--num_eval", type=int)
+args = p.parse_args()
+x = torch.arange(24.0).reshape(2, 3, 2, 2).permute(0, 2, 3, 1)  # non-contiguous, as after the reference's DSA
+net = ConvNet()
+assert torch.equal(net.embed(x), x.reshape(2, -1))
+print("training begins")
+if args.num_eval:
+    print("Evaluation")
+    net(x)
+    print("Evaluate %d random ConvNet, mean = 0.5 std = 0.0" % args.num_eval)
+for it in range(args.Iteration + 1):
+    if it % 10 == 0:
+        print("iter = %04d, loss = 1.0" % it)
+"""
+
+
+@pytest.fixture()
+def fake_reference(tmp_path):
+    ref = tmp_path / "DatasetCondensation"
+    ref.mkdir()
+    (ref / "networks.py").write_text(textwrap.dedent(_NETWORKS))
+    for script in ("main_DM.py", "main.py"):
+        (ref / script).write_text(textwrap.dedent(_MAIN))
+    return ref
+
+
+def test_reference_runs_through_the_reshape_shim(fake_reference, tmp_path):
+    setting = tta.SETTINGS["dm-ipc10"]
+    seconds = tta.reference_seconds_per_iteration(setting, fake_reference, tmp_path, tmp_path, 30, 10, threads=1)
+    assert seconds >= 0.0
+    per_model = tta.reference_seconds_per_model(setting, fake_reference, tmp_path, tmp_path, 2, threads=1)
+    assert per_model >= 0.0
+
+
+def test_without_the_shim_the_fake_reference_fails_like_the_real_one(fake_reference):
+    # the shim is what makes it run: the unpatched script raises the real reference's view error
+    with pytest.raises(RuntimeError, match="view size is not compatible"):
+        tta.run_stamped([sys.executable, str(fake_reference / "main_DM.py"), "--Iteration", "10", "--num_eval", "0"],
+                        threads=1, cwd=fake_reference)
+
+
+def test_iteration_slope_uses_the_window_between_the_two_stamps():
+    run = tta.StampedRun(lines=[(0.0, "loading"), (5.0, "x iter = 0000, loss"), (7.0, "x iter = 0010, loss"),
+                                (9.5, "x iter = 0020, loss"), (12.5, "x iter = 0030, loss")])
+    assert tta.iteration_slope(run, 10, 30) == pytest.approx((12.5 - 7.0) / 20)
+    with pytest.raises(RuntimeError, match="need 10 and 40"):
+        tta.iteration_slope(run, 10, 40)
+
+
+def test_missing_mnist_files_name_the_data_root(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--data-root"):
+        tta.prepare_reference_data(tmp_path / "nowhere", tmp_path / "scratch")
+
+
+def test_command_line_checks(fake_reference, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        tta.main(["--data-root", str(tmp_path), "--reference", str(tmp_path)])
+    assert "not a DatasetCondensation checkout" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        tta.main(["--data-root", str(tmp_path), "--iterations", "25"])
+    assert "multiples of 10" in capsys.readouterr().err
+
+
+def test_report_lines_show_the_ratios():
+    speed = {"medians": {"ours_iteration": 3.0, "reference_iteration": 6.0, "ours_model": 100.0,
+                         "reference_model": 400.0},
+             "ratios_ours_over_reference": {"iteration": 0.5, "model": 0.25}, "key": {"eval_epochs": 20}}
+    (line,) = tta.report_lines({"dm-ipc10": {"speed": speed}})
+    assert "ratio 0.50" in line and "ratio 0.25" in line and "20 epochs" in line

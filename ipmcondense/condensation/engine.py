@@ -238,6 +238,7 @@ class CondensationEngine:
             losses.append(self.image_step(networks))
             if k < steps - 1:
                 self.sampler.between_steps(networks, self.context, k)
+        self.sampler.after_steps(networks, self.context)
         self.iteration += 1
         return sum(losses) / len(losses)
 

@@ -276,10 +276,21 @@ _ROWS = (
                    source="Shin et al. AISTATS'23 (LCMat-C code unreleased: DSA defaults)"),
     MatchingRecipe(name="idm", feature_map="embedding", discrepancy="mean_embedding", sampler="pool",
                    augmentation="dsa", extra_terms=("synthetic_ce",), relation_to_ipm=APPROXIMATE,
-                   why="linear-kernel IPM^2 on partly trained networks plus an accuracy-weighted cross-entropy "
-                       "on S (not an IPM).",
-                   defaults={**_DM, "lr_images": 0.2, "ce_weight": 0.5},
-                   source="Zhao et al. CVPR'23, IDM command.txt (pixels only)"),
+                   why="linear-kernel IPM^2 of the embeddings of one network drawn from a pool of networks partly "
+                       "trained on real data, plus a cross-entropy on S weighted by that network's running "
+                       "training accuracy in percent (not an IPM).",
+                   defaults={**_DM, "lr_images": 0.2, "ce_weight": 0.5, "initial_pool": 3,
+                             "pool_train_after_step": True, "pool_augment": False},
+                   source="Zhao et al. CVPR'23, uitrbn/IDM IDM_cifar10.py and command.txt (CIFAR10 IPC 1/10): "
+                          "pool of up to net_num 100 ConvNets starting with 3, one more every 5 iterations; one "
+                          "loss network per iteration (--train_net_num 1); after the image update fetch_net_num 2 "
+                          "pool networks train model_train_steps 10 SGD steps (lr 0.01, momentum 0.9, wd 5e-4) on "
+                          "plain real batches; syn_ce weighted by the loss network's ClassErrorMeter accuracy in "
+                          "percent (reset every eval_interval 100) x ce_weight 0.5; embed_last 1000 = the full "
+                          "embedding; SGD(lr_img 0.2, momentum 0.5). Deviations: pixels, not --aug's partition "
+                          "and expansion (compose synthetic='multiformation'); one image step on the sum over "
+                          "classes instead of one optimizer step per class; class-balanced pool batches (26 per "
+                          "class) instead of 256 uniform; batch_real 256 for every IPC (command.txt: 5000 at IPC 1)"),
     MatchingRecipe(name="idc", feature_map="gradients", discrepancy="gradient_l1", sampler="pool", augmentation="dsa",
                    synthetic="multiformation", relation_to_ipm=EXACT,
                    why="L1 gradient matching (the IPM over an L-infinity ball of linear witnesses of the convolution "

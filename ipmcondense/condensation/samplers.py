@@ -3,7 +3,8 @@ r"""Parameter samplers: where the network parameters :math:`\theta` of the outer
 The outer loss is :math:`E_{\theta \sim \text{sampler}} \sum_c D(\phi_\theta(A(S_c)), \phi_\theta(A(T_c)))`.
 A sampler is asked for networks once per *iteration* (:meth:`ParameterSampler.draw`); the engine then
 takes :meth:`ParameterSampler.steps_per_draw` image steps on them, calling
-:meth:`ParameterSampler.between_steps` between consecutive steps (DC's inner training).
+:meth:`ParameterSampler.between_steps` between consecutive steps (DC's inner training) and
+:meth:`ParameterSampler.after_steps` after the last one (IDM's pool training).
 
 All randomness (network initialisation, shuffles, pool choices) comes from the run's
 ``torch.Generator``: a network is initialised by PyTorch's default initialisers inside
@@ -17,7 +18,8 @@ name           networks
 fresh          a new randomly initialised network every iteration (DM, M3D, DataDAM)
 fresh_inner    fresh network + ``outer_loop`` image steps alternating with ``inner_loop`` epochs
                of training it on the current synthetic set (DC, DSA, CAFE)
-pool           a pool of networks partly trained on real data, refreshed over time (IDM)
+pool           a pool of networks partly trained on real data after each image step,
+               refreshed over time (IDM)
 none           no networks: the objective provides its own parameters (MTT's expert buffer,
                closed-form kernels)
 =============  ===========================================================================
@@ -32,9 +34,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ipmcondense.components import Component, Registry, option
+from ipmcondense.ipm._validation import check_positive_int
 from ipmcondense.nets import build_isolated, draw_seed
 from ipmcondense.training import shuffled_batches, train_on_batches
 
@@ -44,6 +48,9 @@ __all__ = [
     "FreshSampler",
     "FreshInnerSampler",
     "PoolSampler",
+    "AccuracyMeter",
+    "running_accuracy_percent",
+    "ACCURACY_METER_ATTRIBUTE",
     "NoNetworkSampler",
     "SAMPLERS",
     "SAMPLER_NAMES",
@@ -127,6 +134,9 @@ class ParameterSampler(Component, ABC):
 
     def between_steps(self, networks: list[nn.Module], ctx: SamplerContext, step: int) -> None:
         """Called after image step ``step`` when another step on the same networks follows."""
+
+    def after_steps(self, networks: list[nn.Module], ctx: SamplerContext) -> None:
+        """Called once after the last image step of a draw (IDM trains its pool here)."""
 
     def state_dict(self) -> dict[str, Any]:
         """State beyond the generator, for checkpoints."""
@@ -218,16 +228,64 @@ class FreshInnerSampler(ParameterSampler):
             _freeze(net, ctx)
 
 
-class PoolSampler(ParameterSampler):
-    """IDM's pool of partly trained networks (simplified, documented).
+@dataclass
+class AccuracyMeter:
+    """Running top-1 training accuracy of one pool network (IDM's ``torchnet`` ``ClassErrorMeter(accuracy=True)``).
 
-    The pool holds up to ``pool_size`` networks. Every ``generate_interval`` iterations (and when the
-    pool is empty) a freshly initialised network joins it (the oldest leaves when full). Each iteration
-    ``fetch`` networks are picked at random; each is trained ``train_steps`` SGD steps (lr ``lr_pool``,
-    momentum 0.9, weight decay 5e-4, as IDM's ``--net_decay``) on class-balanced real batches of
-    ``batch_pool`` images per class with per-sample augmentation, then used, frozen, for the loss.
-    Simplifications vs the reference: no multi-formation "partition and expansion" parameterisation
-    here (that belongs to a synthetic-set subclass), and no per-network learning-rate decay.
+    ``add(logits, labels)`` counts the batch; :meth:`percent` is ``100 * correct / seen`` (the meter's
+    ``value()[0]``), ``0`` before anything was counted (IDM: ``value()[0] if n != 0 else 0``).
+    """
+
+    correct: int = 0
+    seen: int = 0
+
+    def add(self, logits: Tensor, labels: Tensor) -> None:
+        self.correct += int((logits.detach().argmax(dim=1) == labels).sum())
+        self.seen += int(labels.shape[0])
+
+    def percent(self) -> float:
+        return 100.0 * self.correct / self.seen if self.seen else 0.0
+
+    def reset(self) -> None:
+        self.correct = self.seen = 0
+
+
+#: attribute under which a pool network carries its :class:`AccuracyMeter` (read by IDM's ``synthetic_ce``)
+ACCURACY_METER_ATTRIBUTE = "pool_accuracy_meter"
+
+
+def running_accuracy_percent(net: nn.Module) -> float:
+    """The pool network's running training accuracy in percent (0 for a network that no pool trained)."""
+    meter = getattr(net, ACCURACY_METER_ATTRIBUTE, None)
+    return meter.percent() if meter is not None else 0.0
+
+
+class PoolSampler(ParameterSampler):
+    r"""IDM's pool of networks partly trained on real data (Zhao et al. CVPR'23, ``IDM_cifar10.py``).
+
+    The pool starts with ``initial_pool`` freshly initialised networks; at every iteration that is a
+    multiple of ``generate_interval`` another joins it (the oldest leaves when it holds ``pool_size``).
+    With ``pool_train_after_step`` (IDM) one iteration is:
+
+    1. ``loss_networks`` networks drawn at random from the pool are the image step's networks (frozen);
+    2. after the image step(s), ``fetch`` networks drawn at random again (independently of step 1) are
+       each trained ``train_steps`` SGD steps (lr ``lr_pool``, momentum 0.9, weight decay 5e-4, IDM's
+       ``--net_decay``) on real batches of ``batch_pool`` images per class, with the per-sample augmentation
+       only when ``pool_augment`` (IDM: none).
+
+    Every network carries an :class:`AccuracyMeter` of its training batches (the logits of each batch
+    before its SGD step), reset for the whole pool every ``accuracy_reset_interval`` iterations (IDM resets
+    its meters at every evaluation, ``--eval_interval``); IDM's ``synthetic_ce`` term reads it in percent
+    (:func:`running_accuracy_percent`).
+
+    Without ``pool_train_after_step`` (the defaults, which keep the sampler's earlier behaviour; the IDC row's
+    documented deviation) the pool starts empty and the ``fetch`` networks drawn at step 1 are trained
+    (with augmentation when ``pool_augment``) first and then used by the image step. The ``idm`` row sets
+    IDM's ``initial_pool=3``, ``pool_train_after_step=True``, ``pool_augment=False``.
+
+    Deviations from IDM: training batches are class-balanced (``batch_pool`` per class, 26 x 10 = 260)
+    instead of 256 images drawn uniformly over the training set; the meters are reset on a fixed
+    schedule, not by the evaluation.
     """
 
     name = "pool"
@@ -236,10 +294,15 @@ class PoolSampler(ParameterSampler):
     class Options:
         pool_size: int = option(100, "IDM command.txt: --net_num 100")
         generate_interval: int = option(5, "IDM command.txt: --net_generate_interval 5")
-        fetch: int = option(2, "IDM: --fetch_net_num 2")
-        train_steps: int = option(10, "IDM command.txt: --train_net_num 10")
+        fetch: int = option(2, "IDM: --fetch_net_num 2 (networks trained per iteration)")
+        train_steps: int = option(10, "IDM: --model_train_steps 10")
         lr_pool: float = option(0.01, "IDM: --lr_net 0.01")
-        batch_pool: int = option(26, "IDM command.txt: --net_batch 26 (per class)")
+        batch_pool: int = option(26, "IDM: --trained_bs 256 (here per class, 26 x 10 classes)")
+        loss_networks: int = option(1, "IDM command.txt: --train_net_num 1 (networks the image step uses)")
+        initial_pool: int = option(0, "0: the first draw creates the first network; the idm row sets IDM's 3")
+        pool_train_after_step: bool = option(False, "False: train, then use (the idc row); the idm row sets True")
+        pool_augment: bool = option(True, "True: DSA per sample (the idc row); the idm row sets IDM's False")
+        accuracy_reset_interval: int = option(100, "IDM command.txt: --eval_interval 100 resets the accuracy meters")
 
     def __init__(
         self,
@@ -249,48 +312,98 @@ class PoolSampler(ParameterSampler):
         train_steps: int = 10,
         lr_pool: float = 0.01,
         batch_pool: int = 26,
+        loss_networks: int = 1,
+        initial_pool: int = 0,
+        pool_train_after_step: bool = False,
+        pool_augment: bool = True,
+        accuracy_reset_interval: int = 100,
     ) -> None:
+        for name, value in (("pool_size", pool_size), ("generate_interval", generate_interval), ("fetch", fetch),
+                            ("loss_networks", loss_networks), ("accuracy_reset_interval", accuracy_reset_interval)):
+            check_positive_int(value, name)
+        for name, value in (("train_steps", train_steps), ("initial_pool", initial_pool)):
+            check_positive_int(value, name, allow_zero=True)
+        for name, value in (("pool_train_after_step", pool_train_after_step), ("pool_augment", pool_augment)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {value!r}")
         self.pool_size, self.generate_interval, self.fetch = int(pool_size), int(generate_interval), int(fetch)
         self.train_steps, self.lr_pool, self.batch_pool = int(train_steps), float(lr_pool), int(batch_pool)
-        if min(self.pool_size, self.generate_interval, self.fetch) < 1 or self.train_steps < 0:
-            raise ValueError("pool_size, generate_interval and fetch must be >= 1, train_steps >= 0")
+        self.loss_networks, self.initial_pool = int(loss_networks), int(initial_pool)
+        self.train_after_step, self.augment = pool_train_after_step, pool_augment
+        self.accuracy_reset_interval = int(accuracy_reset_interval)
         self.pool: list[tuple[nn.Module, torch.optim.Optimizer]] = []
         self.iteration = 0
 
     def _optimizer(self, net):
         return torch.optim.SGD(net.parameters(), lr=self.lr_pool, momentum=0.9, weight_decay=5e-4)
 
+    def _add_network(self, ctx):
+        net = fresh_network(ctx)
+        setattr(net, ACCURACY_METER_ATTRIBUTE, AccuracyMeter())
+        self.pool.append((net, self._optimizer(net)))
+        if len(self.pool) > self.pool_size:
+            self.pool.pop(0)
+
+    def _pick(self, k, ctx):
+        return torch.randperm(len(self.pool), generator=ctx.generator)[: min(k, len(self.pool))].tolist()
+
+    def _train(self, net, opt, ctx):
+        meter = getattr(net, ACCURACY_METER_ATTRIBUTE)
+
+        def counted_cross_entropy(logits, labels):
+            meter.add(logits, labels)
+            return F.cross_entropy(logits, labels)
+
+        # training batches stay uniform under a loss-side selector (dream); duck-typed selectors: sample
+        draw_real = getattr(ctx.real_batches, "sample_for_training", ctx.real_batches.sample)
+        batches = (draw_real(self.batch_pool) for _ in range(self.train_steps))
+        net.requires_grad_(True)
+        net.train()
+        train_on_batches(net, opt, batches, augmentation=ctx.augmentation if self.augment else None,
+                         generator=ctx.generator, loss_fn=counted_cross_entropy)
+
     def draw(self, ctx):
+        if self.iteration == 0 and not self.pool:
+            for _ in range(min(self.initial_pool, self.pool_size)):
+                self._add_network(ctx)
+        if self.iteration and self.iteration % self.accuracy_reset_interval == 0:
+            for net, _ in self.pool:
+                getattr(net, ACCURACY_METER_ATTRIBUTE).reset()
         if not self.pool or self.iteration % self.generate_interval == 0:
-            net = fresh_network(ctx)
-            self.pool.append((net, self._optimizer(net)))
-            if len(self.pool) > self.pool_size:
-                self.pool.pop(0)
+            self._add_network(ctx)
         self.iteration += 1
-        k = min(self.fetch, len(self.pool))
-        picks = torch.randperm(len(self.pool), generator=ctx.generator)[:k].tolist()
+        if self.train_after_step:
+            return [_freeze(self.pool[i][0], ctx) for i in self._pick(self.loss_networks, ctx)]
         nets = []
-        for i in picks:
+        for i in self._pick(self.fetch, ctx):
             net, opt = self.pool[i]
-            # training batches stay uniform under a loss-side selector (dream); duck-typed selectors: sample
-            draw_real = getattr(ctx.real_batches, "sample_for_training", ctx.real_batches.sample)
-            batches = (draw_real(self.batch_pool) for _ in range(self.train_steps))
-            _train_steps(net, opt, batches, ctx.augmentation, ctx.generator)
+            self._train(net, opt, ctx)
             nets.append(_freeze(net, ctx))
         return nets
+
+    def after_steps(self, networks, ctx):
+        if not self.train_after_step:
+            return
+        for i in self._pick(self.fetch, ctx):
+            net, opt = self.pool[i]
+            self._train(net, opt, ctx)
+            _freeze(net, ctx)
 
     def state_dict(self):
         return {
             "iteration": self.iteration,
             "networks": [copy.deepcopy(net.state_dict()) for net, _ in self.pool],
             "optimizers": [copy.deepcopy(opt.state_dict()) for _, opt in self.pool],
+            "meters": [(m.correct, m.seen) for m in (getattr(net, ACCURACY_METER_ATTRIBUTE) for net, _ in self.pool)],
         }
 
     def load_state_dict(self, state, ctx):
         self.iteration = int(state["iteration"])
         self.pool = []
-        for net_state, opt_state in zip(state["networks"], state["optimizers"]):
+        meters = state.get("meters", [(0, 0)] * len(state["networks"]))
+        for net_state, opt_state, (correct, seen) in zip(state["networks"], state["optimizers"], meters):
             net = fresh_network_from_state(ctx, net_state)
+            setattr(net, ACCURACY_METER_ATTRIBUTE, AccuracyMeter(int(correct), int(seen)))
             opt = self._optimizer(net)
             opt.load_state_dict(opt_state)
             self.pool.append((net, opt))

@@ -11,7 +11,10 @@ when a change of the numbers is intended and stated in the commit:
 Intended changes so far: ``wasserstein`` (its row now uses the Sinkhorn divergence with p=1, W_1;
 issue "each row is the paper's algorithm", item 7) and ``m3d`` (squared distances whose Gram expansion
 cancels are recomputed from the coordinates; synthetic points that start as copies of real ones are exactly
-such entries; issue "distances that pass their peers' own tests", defects 1-2).
+such entries; issue "distances that pass their peers' own tests", defects 1-2), ``idm`` (issue 11 item 1: the
+cross-entropy weighted by the loss network's running training accuracy in percent, one loss network per
+step drawn from a pool that starts with 3 networks, two pool networks trained after the image step on plain
+real batches, as uitrbn/IDM).
 """
 
 from __future__ import annotations

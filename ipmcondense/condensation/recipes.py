@@ -333,11 +333,20 @@ _ROWS = (
                               "rf_width": 256},
                     source="Loo et al. NeurIPS'22, yolky/RFAD (Adam for AdaBelief)"),
     ObjectiveRecipe(name="dd", objective="dd", sampler="fresh", relation_to_ipm=NOT_AN_IPM,
-                    why="not an IPM: bilevel performance objective (real-data loss after unrolled SGD on S with "
-                        "learned step sizes).",
-                    defaults={"iterations": 1000, "lr_images": 0.01, "optimizer_images": "adam", "init": "real",
-                              "batch_real": 100, "dd_steps": 10, "dd_lr_init": 0.02},
-                    source="Wang et al. 2018, ssnl/dataset-distillation (unknown_init)"),
+                    why="not an IPM: bilevel performance objective (real-data loss after unrolled SGD on S, each "
+                        "step on its own synthetic batch with its own learned step size).",
+                    defaults={"iterations": 1000, "lr_images": 0.01, "optimizer_images": "adam",
+                              "adam_betas": (0.5, 0.999), "init": "real", "batch_real": 100, "dd_steps": 10,
+                              "dd_epochs": 3, "dd_lr_init": 0.02},
+                    source="Wang et al. 2018, SsnL/dataset-distillation train_distilled_image.py, base_options.py, "
+                           "basics.py (unknown_init): distill_steps 10 batches of distilled_images_per_class_per_step "
+                           "images per class, distill_epochs 3 passes, 30 softplus step sizes (init distill_lr "
+                           "0.02), Adam(lr 0.01, betas (0.5, 0.999)) on images and step sizes, a fresh network per "
+                           "step, the evaluation replays the 30 steps (evaluate_steps). Deviations: IPC = images "
+                           "per class over all batches, dealt round-robin (dd_step_batches; fewer images than "
+                           "steps reuse them); a class-balanced real batch (batch_real per class) instead of 1024 "
+                           "uniform; no StepLR decay of the Adam step (decay_epochs 40, factor 0.5); init 'real' "
+                           "(the reference starts from noise)"),
     ObjectiveRecipe(name="rcig", objective="rcig", sampler="fresh", relation_to_ipm=NOT_AN_IPM,
                     why="not an IPM: bilevel objective, convex last-layer inner problem, implicit gradient (CG or "
                         "Neumann inverse-Hessian-vector products).",

@@ -14,7 +14,9 @@ cancels are recomputed from the coordinates; synthetic points that start as copi
 such entries; issue "distances that pass their peers' own tests", defects 1-2), ``idm`` (issue 11 item 1: the
 cross-entropy weighted by the loss network's running training accuracy in percent, one loss network per
 step drawn from a pool that starts with 3 networks, two pool networks trained after the image step on plain
-real batches, as uitrbn/IDM).
+real batches, as uitrbn/IDM), ``dd`` and ``dd-fixed`` (issue 11 item 5: every unrolled step on its own
+class-balanced synthetic batch, dd_epochs 3 passes with one learned step size per step, Adam betas
+(0.5, 0.999), as SsnL/dataset-distillation).
 """
 
 from __future__ import annotations

@@ -76,10 +76,14 @@ def test_recipes_expose_the_loaded_tables():
 ADDED_OPTIONS = {"sinkhorn_p": 2, "steps_per_network": 1,
                  # the pool sampler's IDM schedule (issue 11 item 1); the defaults keep the former (idc) behaviour
                  "loss_networks": 1, "initial_pool": 0, "pool_train_after_step": False, "pool_augment": True,
-                 "accuracy_reset_interval": 100}
+                 "accuracy_reset_interval": 100,
+                 # DD's epochs over its step batches and Adam's betas (issue 11 item 5)
+                 "dd_epochs": 1, "adam_betas": (0.9, 0.999)}
 ROW_CHANGES = {"wasserstein": {"sinkhorn_p": 1},  # W_1 (issue "each row is the paper's algorithm", item 7)
                # IDM's pool: 3 initial networks, trained after the image step on plain real batches (issue 11 item 1)
-               "idm": {"initial_pool": 3, "pool_train_after_step": True, "pool_augment": False}}
+               "idm": {"initial_pool": 3, "pool_train_after_step": True, "pool_augment": False},
+               # DD: 10 steps x 3 epochs of learned step sizes, Adam betas (0.5, 0.999) (issue 11 item 5)
+               "dd": {"dd_epochs": 3, "adam_betas": (0.5, 0.999)}}
 
 
 def test_resolved_configs_equal_the_former_ones_for_every_dataset_method_and_ipc():

@@ -232,7 +232,8 @@ class CondensationEngine:
             group["lr"] = base * factor
 
     def run_iteration(self) -> float:
-        """One iteration: draw networks, take ``steps_per_draw`` image steps; returns the mean loss."""
+        """One iteration: draw networks, take up to ``steps_per_draw`` image steps (fewer when the sampler's
+        ``keep_stepping`` says stop); returns the mean loss."""
         self._set_learning_rate()
         networks = self.sampler.draw(self.context)
         self.real_batches.observe(networks)
@@ -240,8 +241,9 @@ class CondensationEngine:
         losses = []
         for k in range(steps):
             losses.append(self.image_step(networks))
-            if k < steps - 1:
-                self.sampler.between_steps(networks, self.context, k)
+            if k == steps - 1 or not self.sampler.keep_stepping(networks, self.context, k):
+                break
+            self.sampler.between_steps(networks, self.context, k)
         self.sampler.after_steps(networks, self.context)
         self.iteration += 1
         return sum(losses) / len(losses)

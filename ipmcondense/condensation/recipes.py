@@ -255,13 +255,24 @@ _ROWS = (
                           "match_loss 'ours'. Deviations: no class-wise DC warm-up (outer_warmup 250, inner_warmup "
                           "10: compose it by running dc first), DC's loop table instead of DCC's get_loops, DC "
                           "defaults otherwise"),
-    MatchingRecipe(name="cafe", feature_map="layers", discrepancy="mean_embedding", sampler="fresh_inner",
+    MatchingRecipe(name="cafe", feature_map="layers", discrepancy="mean_embedding", sampler="fresh_watched",
                    augmentation="dsa", extra_terms=("prototype_discrimination",), relation_to_ipm=APPROXIMATE,
-                   why="a weighted sum of per-layer linear-kernel IPM^2 plus a discriminative cross-entropy "
-                       "term that is not an IPM.",
-                   defaults={**_DC, "iterations": 2000, "layer_weights": (0.1, 0.1, 1.0), "embedding_weight": 1.0,
+                   why="a weighted sum of per-layer linear-kernel IPM^2 (every block before pooling, and the "
+                       "pooled embedding twice, as the reference's f4 and f5) plus a discriminative "
+                       "cross-entropy term that is not an IPM.",
+                   defaults={**_DC, "iterations": 2000, "layer_weights": (0.1, 0.1, 1.0), "embedding_weight": 2.0,
                              "inner_weight": 0.01, "lr_decay_at": (0.6, 0.8, 0.9)},
-                   source="Wang et al. CVPR'22, distill.py (fixed loops)"),
+                   source="Wang et al. CVPR'22, kaiwang960112/CAFE distill.py and networks.py: per class the "
+                          "squared mean difference of the three block activations before pooling (fourth, third, "
+                          "second_weight 0.1, 0.1, 1.0), of the last pooled map f4 (first_weight 1.0) and of its "
+                          "flatten f5 in loss_output (weight 1): the same vector, so embedding_weight 2; "
+                          "inner_weight 0.01 x the summed CE of real embeddings against the synthetic class "
+                          "means; a fresh network per iteration, image steps until a window of 10 running "
+                          "real accuracies (128 per class) spreads less than lambda_1 0.04, between them epochs "
+                          "on S until a window of 10 spreads more than lambda_2 0.03; SGD(lr_img, momentum "
+                          "0.5) halved at 1200, 1600, 1800 of 2000. Deviations: the loops are capped "
+                          "(max_steps_per_network, max_inner_epochs 100); the CE on real logits (no gradient "
+                          "to S) is left out; DSA on (the reference defaults to DC without augmentation)"),
     MatchingRecipe(name="datadam", feature_map="attention", discrepancy="mean_embedding", sampler="fresh",
                    augmentation="dsa", relation_to_ipm=EXACT,
                    why="sum of linear-kernel IPM^2 on attention maps (x100) and on the embedding (x100*0.01).",

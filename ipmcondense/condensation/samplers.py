@@ -17,9 +17,11 @@ name           networks
 =============  ===========================================================================
 fresh          a new randomly initialised network every iteration (DM, M3D, DataDAM)
 fresh_inner    fresh network + ``outer_loop`` image steps alternating with ``inner_loop`` epochs
-               of training it on the current synthetic set (DC, DSA, CAFE)
+               of training it on the current synthetic set (DC, DSA)
 pool           a pool of networks partly trained on real data after each image step,
                refreshed over time (IDM)
+fresh_watched  fresh network; image steps and epochs of training it on S alternate until its
+               real-data accuracy stops changing / has changed enough (CAFE)
 none           no networks: the objective provides its own parameters (MTT's expert buffer,
                closed-form kernels)
 =============  ===========================================================================
@@ -38,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ipmcondense.components import Component, Registry, option
-from ipmcondense.ipm._validation import check_positive_int
+from ipmcondense.ipm._validation import check_positive_int, check_positive_number
 from ipmcondense.nets import build_isolated, draw_seed
 from ipmcondense.training import shuffled_batches, train_on_batches
 
@@ -48,6 +50,8 @@ __all__ = [
     "FreshSampler",
     "FreshInnerSampler",
     "PoolSampler",
+    "AccuracyWatchedSampler",
+    "real_accuracy_per_class",
     "AccuracyMeter",
     "running_accuracy_percent",
     "ACCURACY_METER_ATTRIBUTE",
@@ -134,6 +138,11 @@ class ParameterSampler(Component, ABC):
 
     def between_steps(self, networks: list[nn.Module], ctx: SamplerContext, step: int) -> None:
         """Called after image step ``step`` when another step on the same networks follows."""
+
+    def keep_stepping(self, networks: list[nn.Module], ctx: SamplerContext, step: int) -> bool:
+        """Asked after image step ``step`` (before :meth:`between_steps`): ``False`` ends the draw early
+        (CAFE's accuracy watch); by default every one of :meth:`steps_per_draw` steps is taken."""
+        return True
 
     def after_steps(self, networks: list[nn.Module], ctx: SamplerContext) -> None:
         """Called once after the last image step of a draw (IDM trains its pool here)."""
@@ -416,6 +425,110 @@ def fresh_network_from_state(ctx: SamplerContext, state: dict[str, Tensor]) -> n
     return net.to(ctx.device)
 
 
+class AccuracyWatchedSampler(ParameterSampler):
+    r"""CAFE's accuracy-watched loops (Wang et al. CVPR'22, ``distill.py``): a fresh network per iteration,
+    image steps and network training alternated until the network's real-data accuracy says when to stop.
+
+    After every image step the network's accuracy on a fresh real batch (``watch_batch`` images per class,
+    no augmentation) is recorded as CAFE's running value :math:`a_k = \bar m_k + a_{k-1} / C` (the reference
+    adds the ``C`` per-class accuracies to the previous value before dividing by ``C``; :math:`a_0 = 0`).
+    Once ``watch_window`` values are recorded, the iteration ends when their spread
+    :math:`\max - \min` is below ``outer_stop_spread`` (``lambda_1``: the network no longer changes what
+    the image steps see); otherwise the oldest value leaves the window and the network is trained: epochs
+    over the current synthetic set (``SGD(lr_net)``, batch ``batch_train``, per-sample augmentation), each
+    followed by the same running accuracy on a fresh real batch, until a full window of ``watch_window``
+    values spreads more than ``inner_stop_spread`` (``lambda_2``: the network has moved enough). Both
+    watches restart (window emptied, :math:`a = 0`) for every network update and every iteration.
+
+    The reference loops have no bound; ``max_steps_per_network`` image steps and ``max_inner_epochs``
+    epochs per update cap them here (a library guard against a network whose accuracy never moves).
+    Cost per iteration: at least ``watch_window`` image steps and ``(watch_window - 1) * watch_window``
+    epochs on S, plus one forward pass of ``C * watch_batch`` real images per step and per epoch.
+    """
+
+    name = "fresh_watched"
+
+    @dataclass(frozen=True)
+    class Options:
+        watch_window: int = option(10, "CAFE distill.py: windows of 10 accuracies (len(acc_watcher) == 10)")
+        outer_stop_spread: float = option(0.04, "CAFE distill.py: --lambda_1 0.04 (stop the image updates)")
+        inner_stop_spread: float = option(0.03, "CAFE distill.py: --lambda_2 0.03 (stop the network updates)")
+        watch_batch: int = option(128, "CAFE distill.py: get_images(c, 128) per accuracy check")
+        max_steps_per_network: int = option(100, "library cap (the reference loop is unbounded)")
+        max_inner_epochs: int = option(100, "library cap (the reference loop is unbounded)")
+        lr_net: float = option(0.01, "DC main.py: --lr_net 0.01")
+        batch_train: int = option(256, "DC main.py: --batch_train 256")
+
+    def __init__(self, watch_window: int = 10, outer_stop_spread: float = 0.04, inner_stop_spread: float = 0.03,
+                 watch_batch: int = 128, max_steps_per_network: int = 100, max_inner_epochs: int = 100,
+                 lr_net: float = 0.01, batch_train: int = 256) -> None:
+        self.watch_window = check_positive_int(watch_window, "watch_window")
+        self.watch_batch = check_positive_int(watch_batch, "watch_batch")
+        self.max_steps_per_network = check_positive_int(max_steps_per_network, "max_steps_per_network")
+        self.max_inner_epochs = check_positive_int(max_inner_epochs, "max_inner_epochs")
+        self.batch_train = check_positive_int(batch_train, "batch_train")
+        self.outer_stop_spread = check_positive_number(outer_stop_spread, "outer_stop_spread", allow_zero=True)
+        self.inner_stop_spread = check_positive_number(inner_stop_spread, "inner_stop_spread", allow_zero=True)
+        self.lr_net = check_positive_number(lr_net, "lr_net")
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._outer = _AccuracyWatch(self.watch_window)
+
+    def steps_per_draw(self):
+        return self.max_steps_per_network
+
+    def draw(self, ctx):
+        net = fresh_network(ctx)
+        self._optimizer = torch.optim.SGD(net.parameters(), lr=self.lr_net)
+        self._outer = _AccuracyWatch(self.watch_window)
+        return [_freeze(net, ctx)]
+
+    def keep_stepping(self, networks, ctx, step):
+        spread = self._outer.add(real_accuracy_per_class(networks[0], ctx, self.watch_batch))
+        return spread is None or spread >= self.outer_stop_spread
+
+    def between_steps(self, networks, ctx, step):
+        images, labels = ctx.synthetic()
+        for net in networks:
+            inner = _AccuracyWatch(self.watch_window)
+            for _ in range(self.max_inner_epochs):
+                batches = [
+                    (images[index], labels[index])
+                    for index in shuffled_batches(images.shape[0], self.batch_train, ctx.generator, images.device)
+                ]
+                _train_steps(net, self._optimizer, batches, ctx.augmentation, ctx.generator)
+                spread = inner.add(real_accuracy_per_class(net, ctx, self.watch_batch))
+                if spread is not None and spread > self.inner_stop_spread:
+                    break
+            _freeze(net, ctx)
+
+
+class _AccuracyWatch:
+    """CAFE's ``acc_watcher``: running value ``a = mean_c m_c + a / C``; :meth:`add` returns the spread of a
+    full window (then drops the oldest value) or ``None`` while the window fills."""
+
+    def __init__(self, window: int) -> None:
+        self.window, self.values, self.running = window, [], 0.0
+
+    def add(self, per_class: Tensor) -> float | None:
+        self.running = (self.running + float(per_class.sum())) / per_class.numel()
+        self.values.append(self.running)
+        if len(self.values) < self.window:
+            return None
+        spread = max(self.values) - min(self.values)
+        self.values.pop(0)
+        return spread
+
+
+@torch.no_grad()
+def real_accuracy_per_class(net: nn.Module, ctx: SamplerContext, n_per_class: int) -> Tensor:
+    """Accuracy of ``net`` on a fresh class-balanced real batch, one value per class (CAFE's accuracy check)."""
+    draw_real = getattr(ctx.real_batches, "sample_for_training", ctx.real_batches.sample)
+    images, labels = draw_real(n_per_class)
+    correct = (net(images).argmax(dim=1) == labels).float()
+    classes = torch.unique(labels)
+    return torch.stack([correct[labels == c].mean() for c in classes])
+
+
 class NoNetworkSampler(ParameterSampler):
     """Draws no networks (objectives whose parameters come from elsewhere: expert buffers, kernels)."""
 
@@ -431,7 +544,7 @@ class NoNetworkSampler(ParameterSampler):
 
 #: The registered parameter samplers by name.
 SAMPLERS: Registry = Registry("sampler")
-for _cls in (FreshSampler, FreshInnerSampler, PoolSampler, NoNetworkSampler):
+for _cls in (FreshSampler, FreshInnerSampler, PoolSampler, AccuracyWatchedSampler, NoNetworkSampler):
     SAMPLERS.register(_cls)
 SAMPLER_NAMES = SAMPLERS.names
 

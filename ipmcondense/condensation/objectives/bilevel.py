@@ -153,7 +153,7 @@ class UnrolledBilevelObjective(Objective):
         return [{"params": [self.raw_lrs], "lr": float(self.config["lr_lrs"])}]
 
     def learned_step_sizes(self) -> Tensor:
-        """:math:`\mathrm{softplus}(r)`, the current per-step learning rates (``dd_steps * dd_epochs``)."""
+        r""":math:`\mathrm{softplus}(r)`, the current per-step learning rates (``dd_steps * dd_epochs``)."""
         return F.softplus(self.raw_lrs.detach())
 
     def learned_schedule(self) -> LearnedSchedule:

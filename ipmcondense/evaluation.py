@@ -15,7 +15,8 @@ accuracy on the full real test set. :class:`EvaluationProtocol` reproduces the V
   :meth:`EvaluationProtocol.learning_rate_schedule`);
 - the test accuracy on the full test set (batch 256, eval mode) is measured once, at the end.
 
-Deviations used by other codebases are named options: ``learned_lr`` (MTT, DATM), ``soft_labels``
+Deviations used by other codebases are named options: ``learned_lr`` (MTT, DATM), ``learned_schedule``
+(DD: the distilled schedule of plain gradient steps replayed instead of the epoch loop), ``soft_labels``
 (DATM, soft cross-entropy), ``zca`` (MTT/KIP/FRePo-style ZCA whitening fitted on the real training
 set, :class:`ZCAWhitening`), ``arch`` (any :func:`ipmcondense.nets.get_network` name) and ``epochs``.
 
@@ -41,10 +42,11 @@ from torch import Tensor, nn
 from ipmcondense.augment import DifferentiableSiameseAugmentation, NoAugmentation, dsa_strategy_for
 from ipmcondense.ipm._validation import check_choice, check_positive, check_positive_int
 from ipmcondense.nets import NETWORK_NAMES, build_isolated, get_network
-from ipmcondense.training import train_epoch
+from ipmcondense.training import train_epoch, train_on_batches
 from ipmcondense.whitening import ZCAWhitening
 
 __all__ = [
+    "LearnedSchedule",
     "EvaluationProtocol",
     "EvaluationResult",
     "build_network",
@@ -55,6 +57,44 @@ __all__ = [
 ]
 
 EpochCallback = Callable[[int, torch.optim.Optimizer, Tensor], None]
+
+
+@dataclass(frozen=True)
+class LearnedSchedule:
+    r"""A training schedule learned together with a synthetic set (DD, Wang et al. 2018).
+
+    Training replays it on a fresh network: for :math:`t = 0, \dots, T-1` one plain gradient step
+    :math:`\theta \leftarrow \theta - \eta_t \nabla_\theta \mathrm{CE}(f_\theta(X_{B_t}), Y_{B_t})`
+    (no momentum, no weight decay, no augmentation), as ssnl/dataset-distillation's ``evaluate_steps``.
+
+    Attributes:
+        batches: ``T`` tuples of indices into the synthetic set, :math:`B_t`.
+        step_sizes: ``T`` positive step sizes :math:`\eta_t`.
+    """
+
+    batches: tuple[tuple[int, ...], ...]
+    step_sizes: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "batches", tuple(tuple(int(i) for i in b) for b in self.batches))
+        object.__setattr__(self, "step_sizes", tuple(float(v) for v in self.step_sizes))
+        if not self.step_sizes or len(self.batches) != len(self.step_sizes):
+            raise ValueError(
+                f"learned_schedule needs one batch per step size and at least one step, got {len(self.batches)} "
+                f"batches and {len(self.step_sizes)} step sizes"
+            )
+        for value in self.step_sizes:
+            check_positive(value, "learned_schedule step size")
+        if any(not b or min(b) < 0 for b in self.batches):
+            raise ValueError("every learned_schedule batch must hold at least one non-negative image index")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LearnedSchedule:
+        """From :meth:`to_dict` (as saved in ``synthetic.pt``)."""
+        return cls(batches=tuple(tuple(b) for b in data["batches"]), step_sizes=tuple(data["step_sizes"]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"batches": [list(b) for b in self.batches], "step_sizes": list(self.step_sizes)}
 
 
 @dataclass
@@ -71,6 +111,8 @@ class EvaluationProtocol:
         batch_size: training batch size (256).
         augmentation: ``"dsa"`` (per-sample DSA) or ``"none"``.
         learned_lr: deviation (MTT/DATM): a learned learning rate used instead of ``lr``.
+        learned_schedule: deviation (DD): a :class:`LearnedSchedule` replayed instead of the epoch loop
+            (``epochs``, ``lr``, ``momentum``, ``weight_decay``, ``batch_size`` and ``augmentation`` are then unused).
         soft_labels: deviation (DATM): train with soft cross-entropy on ``(n, num_classes)`` label
             distributions instead of hard labels.
         zca: deviation (MTT/KIP/FRePo): whiten inputs with :class:`ZCAWhitening` (``eps=0.1``) fitted
@@ -90,6 +132,7 @@ class EvaluationProtocol:
     batch_size: int = 256
     augmentation: str = "dsa"
     learned_lr: float | None = None
+    learned_schedule: LearnedSchedule | None = None
     soft_labels: bool = False
     zca: bool = False
     zca_eps: float = 0.1
@@ -114,6 +157,8 @@ class EvaluationProtocol:
         check_positive(self.zca_eps, "zca_eps")
         if self.learned_lr is not None:
             check_positive(self.learned_lr, "learned_lr")
+        if self.learned_schedule is not None and not isinstance(self.learned_schedule, LearnedSchedule):
+            raise TypeError(f"learned_schedule must be a LearnedSchedule or None, got {type(self.learned_schedule).__name__}")
         if self.dsa_strategy is not None:
             DifferentiableSiameseAugmentation(self.dsa_strategy)  # validates the family names
 
@@ -263,6 +308,10 @@ def train_network(
     independent per-sample parameters. The loss is cross-entropy on hard labels, or on label
     distributions when ``protocol.soft_labels``.
 
+    With ``protocol.learned_schedule`` (DD) the epoch loop is replaced by the replay of that schedule:
+    step ``t`` is one plain gradient step (SGD without momentum or weight decay, no augmentation) with
+    step size ``step_sizes[t]`` on the images ``batches[t]``; ``epoch_callback`` is called after every step.
+
     Args:
         network: the model (already on the images' device).
         images: ``(n, C, H, W)`` training images on the training device (detached).
@@ -273,6 +322,8 @@ def train_network(
         epoch_callback: called as ``epoch_callback(epoch, optimizer, last_batch_loss)`` after each
             epoch, after the decay (the optimizer passed is the one used by the next epoch).
     """
+    if protocol.learned_schedule is not None:
+        return _replay_schedule(network, images, labels, protocol, epoch_callback)
     augmentation = augmentation if augmentation is not None else NoAugmentation()
     schedule = protocol.learning_rate_schedule()
 
@@ -291,6 +342,24 @@ def train_network(
             optimizer = make_optimizer(schedule[epoch + 1])
         if epoch_callback is not None:
             epoch_callback(epoch, optimizer, loss.detach())
+    return network
+
+
+def _replay_schedule(network, images, labels, protocol, epoch_callback):
+    schedule = protocol.learned_schedule
+    n = images.shape[0]
+    if max(max(b) for b in schedule.batches) >= n:
+        raise ValueError(f"learned_schedule indexes image {max(max(b) for b in schedule.batches)} but the set "
+                         f"holds {n} images")
+    optimizer = torch.optim.SGD(network.parameters(), lr=schedule.step_sizes[0], momentum=0.0, weight_decay=0.0)
+    network.train()
+    for t, (batch, step_size) in enumerate(zip(schedule.batches, schedule.step_sizes)):
+        for group in optimizer.param_groups:
+            group["lr"] = step_size
+        index = torch.tensor(batch, dtype=torch.long, device=images.device)
+        losses = train_on_batches(network, optimizer, [(images[index], labels[index])])
+        if epoch_callback is not None:
+            epoch_callback(t, optimizer, losses[-1])
     return network
 
 

@@ -67,6 +67,10 @@ class CondensationResult:
         metrics: loss history, timings, evaluations.
         out: the run directory, or ``None``.
         recipe: the registry row (possibly composed).
+        learning_rate: the learned training learning rate (MTT), or ``None``.
+        training_labels: what the evaluation trains on (soft labels, learned labels, or ``labels``).
+        learned_schedule: the learned training schedule (DD, :class:`~ipmcondense.evaluation.LearnedSchedule`)
+            that the evaluation replays, or ``None``.
     """
 
     images: Tensor
@@ -77,6 +81,7 @@ class CondensationResult:
     recipe: Recipe
     learning_rate: float | None = None
     training_labels: Tensor | None = field(default=None, repr=False)
+    learned_schedule: Any = field(default=None, repr=False)
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:
@@ -302,8 +307,10 @@ def condense(
                     (out_path / name).unlink()
         out_path.mkdir(parents=True, exist_ok=True)
     try:
-        history = _optimise(recipe, full_config, ds, synthetic_set, seed, dev, out_path, progress, checkpoint)
-        return _finish(recipe, full_config, ds, synthetic_set, history, out_path, time.perf_counter() - start, dev)
+        history, schedule = _optimise(recipe, full_config, ds, synthetic_set, seed, dev, out_path, progress,
+                                      checkpoint)
+        return _finish(recipe, full_config, ds, synthetic_set, history, out_path, time.perf_counter() - start, dev,
+                       schedule)
     except BaseException:
         # a run that failed before its first checkpoint leaves no folder behind
         if created and out_path.exists() and not any(out_path.iterdir()):
@@ -320,12 +327,15 @@ def _build_network_factory(config: dict[str, Any], ds: Any):
     return build
 
 
-def _evaluation_fn(config: dict[str, Any], ds: Any, seed: int, dev: torch.device, synthetic: Any = None):
+def _evaluation_fn(config: dict[str, Any], ds: Any, seed: int, dev: torch.device, synthetic: Any = None,
+                   learned_schedule: Any = None):
+    """Periodic evaluation; ``learned_schedule()`` gives the objective's current schedule (DD) or ``None``."""
     from ipmcondense.evaluation import EvaluationProtocol, evaluate_synthetic
 
     def run(images: Tensor, labels: Tensor) -> dict[str, Any]:
         learned_lr = None if synthetic is None else synthetic.learned_learning_rate()
         protocol = EvaluationProtocol(arch=config["arch"], epochs=config["eval_epochs"], learned_lr=learned_lr,
+                                      learned_schedule=None if learned_schedule is None else learned_schedule(),
                                       soft_labels=labels.dim() == 2)
         result = evaluate_synthetic(images, labels, ds, protocol, n_models=int(config["eval_models"]),
                                     seed=seed, device=dev)
@@ -337,10 +347,11 @@ def _evaluation_fn(config: dict[str, Any], ds: Any, seed: int, dev: torch.device
 
 def _optimise(recipe, config, ds, synthetic, seed, dev, out_path, progress, checkpoint):
     if recipe.is_selection:
-        return None
+        return None, None
     engine = CondensationEngine(
         recipe, config, ds, synthetic, _build_network_factory(config, ds), seed=seed, device=dev,
-        out=out_path, progress=progress, evaluate=_evaluation_fn(config, ds, seed, dev, synthetic),
+        out=out_path, progress=progress,
+        evaluate=_evaluation_fn(config, ds, seed, dev, synthetic, lambda: engine.objective.learned_schedule()),
     )
     if checkpoint is not None:
         try:
@@ -349,10 +360,10 @@ def _optimise(recipe, config, ds, synthetic, seed, dev, out_path, progress, chec
             raise ValueError(
                 f"checkpoint {out_path / CHECKPOINT_FILE} does not match this run ({err}); delete it to start over"
             ) from err
-    return engine.run()
+    return engine.run(), engine.objective.learned_schedule()
 
 
-def _finish(recipe, config, ds, synthetic, history, out_path, seconds, dev) -> CondensationResult:
+def _finish(recipe, config, ds, synthetic, history, out_path, seconds, dev, schedule=None) -> CondensationResult:
     images = synthetic.images().detach().cpu().clone()
     labels = synthetic.labels.detach().cpu().clone()
     training_labels = synthetic.training_labels().detach().cpu().clone()
@@ -378,7 +389,8 @@ def _finish(recipe, config, ds, synthetic, history, out_path, seconds, dev) -> C
         atomic_torch_save(
             {
                 "format": SYNTHETIC_FORMAT, "images": images, "labels": labels, "training_labels": training_labels,
-                "learning_rate": lr, "config": config, "recipe": recipe.axes(), "dataset": ds.name,
+                "learning_rate": lr, "learned_schedule": None if schedule is None else schedule.to_dict(),
+                "config": config, "recipe": recipe.axes(), "dataset": ds.name,
                 "ipc": config["ipc"], "version": __version__, "synthetic": recipe.synthetic,
                 "stored": {k: v.detach().cpu().clone() for k, v in synthetic.state_dict().items()},
             },
@@ -386,7 +398,7 @@ def _finish(recipe, config, ds, synthetic, history, out_path, seconds, dev) -> C
         )
         atomic_write_json({**metrics, "config": config}, out_path / METRICS_FILE)
         save_image_grid(images, synthetic.images_per_class, out_path / GRID_FILE, ds.denormalise)
-    return CondensationResult(images, labels, config, metrics, out_path, recipe, lr, training_labels)
+    return CondensationResult(images, labels, config, metrics, out_path, recipe, lr, training_labels, schedule)
 
 
 def evaluate(
@@ -424,8 +436,9 @@ def evaluate(
         device: training device (default CPU).
         augmentation: ``"dsa"`` or ``"none"``.
         save: write ``evaluation.json`` next to the synthetic set.
-        learned_lr: train with the learning rate learned during condensation (MTT) when the set has one
-            (the protocol's ``learned_lr`` option); ``False`` uses the protocol's ``lr``.
+        learned_lr: train with what was learned during condensation when the set has it: MTT's learning
+            rate (the protocol's ``learned_lr`` option) or DD's schedule, replayed instead of the epoch loop
+            (the protocol's ``learned_schedule``); ``False`` uses the standard protocol.
         image_size: resize the dataset's images (see :func:`ipmcondense.data.load_dataset`); default:
             the synthetic images' size when the recorded dataset is reloaded, none for a given ``dataset``.
 
@@ -433,18 +446,21 @@ def evaluate(
         ``{"accuracy_mean", "accuracy_std", "n_models", "accuracies", "seeds", "protocol", ...}``
         (accuracies in ``[0, 1]``).
     """
-    from ipmcondense.evaluation import EvaluationProtocol, evaluate_synthetic
+    from ipmcondense.evaluation import EvaluationProtocol, LearnedSchedule, evaluate_synthetic
 
     models = check_positive_int(models, "models")
     if isinstance(path_or_result, CondensationResult):
         images, labels, config = path_or_result.images, path_or_result.training_labels, path_or_result.config
         lr, folder = path_or_result.learning_rate, path_or_result.out
+        schedule = path_or_result.learned_schedule
         if labels is None:
             labels = path_or_result.labels
     else:
         data = load_synthetic(path_or_result)
         images, labels, config = data["images"], data.get("training_labels", data["labels"]), data["config"]
         lr = data.get("learning_rate")
+        schedule = data.get("learned_schedule")
+        schedule = None if schedule is None else LearnedSchedule.from_dict(schedule)
         folder = synthetic_path(path_or_result).parent
     if dataset is None:
         dataset = config["dataset"]
@@ -460,9 +476,9 @@ def evaluate(
         )
     dev = _resolve_device(device)
     if not learned_lr:
-        lr = None
+        lr = schedule = None
     protocol = EvaluationProtocol(arch=arch or config.get("arch", "convnet"), epochs=epochs,
-                                  augmentation=augmentation, learned_lr=lr,
+                                  augmentation=augmentation, learned_lr=lr, learned_schedule=schedule,
                                   soft_labels=labels.dim() == 2)
     result = evaluate_synthetic(images.to(dev), labels.to(dev), ds, protocol, n_models=models, seed=seed, device=dev)
     report = {

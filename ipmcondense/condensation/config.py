@@ -46,6 +46,7 @@ class EngineOptions:
     eval_models: int = option(1, "models per evaluation during condensation")
     eval_epochs: int | None = option(None, "None: the protocol default (1000 with DSA)")
     optimizer_images: str = option("sgd", "sgd (momentum_images) or adam (KIP, DD, RCIG)")
+    adam_betas: tuple[float, ...] = option((0.9, 0.999), "torch's Adam default; the dd row sets ssnl's (0.5, 0.999)")
 
 
 #: Every registry whose components contribute options to the flat table, by axis.

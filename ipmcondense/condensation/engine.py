@@ -92,7 +92,8 @@ def build_objective(ctx: ObjectiveContext) -> Objective:
 
 
 def build_optimizer(groups: list[dict[str, Any]], config: dict[str, Any]) -> torch.optim.Optimizer:
-    """``optimizer_images``: ``"sgd"`` (momentum ``momentum_images``, the default) or ``"adam"`` (KIP, DD).
+    """``optimizer_images``: ``"sgd"`` (momentum ``momentum_images``, the default) or ``"adam"`` (KIP, DD;
+    betas ``adam_betas``, DD's (0.5, 0.999)).
 
     Groups may carry their own ``lr`` (and, for SGD, ``momentum``: MTT's learning rate uses 0.5).
     """
@@ -101,7 +102,10 @@ def build_optimizer(groups: list[dict[str, Any]], config: dict[str, Any]) -> tor
     name = check_choice(config.get("optimizer_images") or "sgd", ("sgd", "adam"), "optimizer_images")
     if name == "adam":
         groups = [{k: v for k, v in g.items() if k != "momentum"} for g in groups]
-        return torch.optim.Adam(groups, lr=float(config["lr_images"]))
+        betas = tuple(config.get("adam_betas") or (0.9, 0.999))
+        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"adam_betas must be two numbers in [0, 1), got {config.get('adam_betas')!r}")
+        return torch.optim.Adam(groups, lr=float(config["lr_images"]), betas=(float(betas[0]), float(betas[1])))
     return torch.optim.SGD(groups, lr=float(config["lr_images"]), momentum=float(config["momentum_images"]))
 
 
@@ -228,7 +232,8 @@ class CondensationEngine:
             group["lr"] = base * factor
 
     def run_iteration(self) -> float:
-        """One iteration: draw networks, take ``steps_per_draw`` image steps; returns the mean loss."""
+        """One iteration: draw networks, take up to ``steps_per_draw`` image steps (fewer when the sampler's
+        ``keep_stepping`` says stop); returns the mean loss."""
         self._set_learning_rate()
         networks = self.sampler.draw(self.context)
         self.real_batches.observe(networks)
@@ -236,8 +241,10 @@ class CondensationEngine:
         losses = []
         for k in range(steps):
             losses.append(self.image_step(networks))
-            if k < steps - 1:
-                self.sampler.between_steps(networks, self.context, k)
+            if k == steps - 1 or not self.sampler.keep_stepping(networks, self.context, k):
+                break
+            self.sampler.between_steps(networks, self.context, k)
+        self.sampler.after_steps(networks, self.context)
         self.iteration += 1
         return sum(losses) / len(losses)
 

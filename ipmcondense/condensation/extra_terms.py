@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from ipmcondense.components import Component, Registry, option
 
 from .discrepancies import class_means
+from .samplers import running_accuracy_percent
 
 __all__ = ["ExtraTerm", "SyntheticCrossEntropy", "PrototypeDiscrimination", "EXTRA_TERMS", "EXTRA_TERM_NAMES",
            "get_extra_term"]
@@ -48,10 +49,15 @@ class ExtraTerm(Component, ABC):
 
 
 class SyntheticCrossEntropy(ExtraTerm):
-    r"""IDM's term :math:`w \cdot \text{acc}_\theta(T) \cdot \sum_c \text{CE}(f_\theta(S_c), c)`.
+    r"""IDM's class-aware term :math:`w \cdot a_\theta \cdot \sum_c \text{CE}(f_\theta(S_c), c)`.
 
-    ``acc`` is the network's accuracy on the real batch (no gradient): a partly trained network's
-    logits are trusted in proportion to its accuracy. Cost: one forward pass of each side.
+    :math:`a_\theta \in [0, 100]` is the network's running *training* accuracy in percent, as kept by the
+    pool that trains it (:class:`~ipmcondense.condensation.samplers.AccuracyMeter`, IDM's
+    ``ClassErrorMeter(accuracy=True).value()[0]``, i.e. x100): a partly trained network's logits are
+    trusted in proportion to how well it has learned the real data. A network no pool has trained
+    (e.g. a ``fresh`` sampler) has :math:`a_\theta = 0` (IDM: ``value()[0] if n != 0 else 0``), so the
+    term vanishes. :math:`\text{CE}(f_\theta(S_c), c)` is the mean cross-entropy over the (augmented)
+    synthetic images of class ``c``. Cost: one forward pass of the synthetic batch.
     """
 
     name = "synthetic_ce"
@@ -65,13 +71,12 @@ class SyntheticCrossEntropy(ExtraTerm):
         return cls(options.ce_weight)
 
     def __call__(self, net, real_images, real_labels, synthetic_images, synthetic_labels, real_segments, synthetic_segments):
-        with torch.no_grad():
-            acc = (net(real_images).argmax(dim=1) == real_labels).float().mean()
+        accuracy_percent = running_accuracy_percent(net)
         logits = net(synthetic_images)
         ce = logits.new_zeros(())
         for s in synthetic_segments:
             ce = ce + F.cross_entropy(logits[s], synthetic_labels[s])
-        return self.weight * acc * ce
+        return self.weight * accuracy_percent * ce
 
 
 class PrototypeDiscrimination(ExtraTerm):

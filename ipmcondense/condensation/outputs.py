@@ -2,8 +2,8 @@
 
 A run directory ``out`` holds
 
-* ``synthetic.pt``: ``{"images", "labels", "training_labels", "learning_rate", "config", "recipe",
-  "dataset", "ipc", "version", "format"}`` (images in the dataset's normalised space, on CPU);
+* ``synthetic.pt``: ``{"images", "labels", "training_labels", "learning_rate", "learned_schedule", "config",
+  "recipe", "dataset", "ipc", "version", "format"}`` (``learned_schedule``: DD's batches and step sizes, or ``None``) (images in the dataset's normalised space, on CPU);
 * ``metrics.json``: loss history, timings, evaluation results;
 * ``synthetic.png``: a grid of the denormalised images, one row per class;
 * ``checkpoint.pt``: everything needed to resume bit-for-bit (see :mod:`ipmcondense.condensation.engine`);

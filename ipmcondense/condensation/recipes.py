@@ -255,13 +255,24 @@ _ROWS = (
                           "match_loss 'ours'. Deviations: no class-wise DC warm-up (outer_warmup 250, inner_warmup "
                           "10: compose it by running dc first), DC's loop table instead of DCC's get_loops, DC "
                           "defaults otherwise"),
-    MatchingRecipe(name="cafe", feature_map="layers", discrepancy="mean_embedding", sampler="fresh_inner",
+    MatchingRecipe(name="cafe", feature_map="layers", discrepancy="mean_embedding", sampler="fresh_watched",
                    augmentation="dsa", extra_terms=("prototype_discrimination",), relation_to_ipm=APPROXIMATE,
-                   why="a weighted sum of per-layer linear-kernel IPM^2 plus a discriminative cross-entropy "
-                       "term that is not an IPM.",
-                   defaults={**_DC, "iterations": 2000, "layer_weights": (0.1, 0.1, 1.0), "embedding_weight": 1.0,
+                   why="a weighted sum of per-layer linear-kernel IPM^2 (every block before pooling, and the "
+                       "pooled embedding twice, as the reference's f4 and f5) plus a discriminative "
+                       "cross-entropy term that is not an IPM.",
+                   defaults={**_DC, "iterations": 2000, "layer_weights": (0.1, 0.1, 1.0), "embedding_weight": 2.0,
                              "inner_weight": 0.01, "lr_decay_at": (0.6, 0.8, 0.9)},
-                   source="Wang et al. CVPR'22, distill.py (fixed loops)"),
+                   source="Wang et al. CVPR'22, kaiwang960112/CAFE distill.py and networks.py: per class the "
+                          "squared mean difference of the three block activations before pooling (fourth, third, "
+                          "second_weight 0.1, 0.1, 1.0), of the last pooled map f4 (first_weight 1.0) and of its "
+                          "flatten f5 in loss_output (weight 1): the same vector, so embedding_weight 2; "
+                          "inner_weight 0.01 x the summed CE of real embeddings against the synthetic class "
+                          "means; a fresh network per iteration, image steps until a window of 10 running "
+                          "real accuracies (128 per class) spreads less than lambda_1 0.04, between them epochs "
+                          "on S until a window of 10 spreads more than lambda_2 0.03; SGD(lr_img, momentum "
+                          "0.5) halved at 1200, 1600, 1800 of 2000. Deviations: the loops are capped "
+                          "(max_steps_per_network, max_inner_epochs 100); the CE on real logits (no gradient "
+                          "to S) is left out; DSA on (the reference defaults to DC without augmentation)"),
     MatchingRecipe(name="datadam", feature_map="attention", discrepancy="mean_embedding", sampler="fresh",
                    augmentation="dsa", relation_to_ipm=EXACT,
                    why="sum of linear-kernel IPM^2 on attention maps (x100) and on the embedding (x100*0.01).",
@@ -276,10 +287,21 @@ _ROWS = (
                    source="Shin et al. AISTATS'23 (LCMat-C code unreleased: DSA defaults)"),
     MatchingRecipe(name="idm", feature_map="embedding", discrepancy="mean_embedding", sampler="pool",
                    augmentation="dsa", extra_terms=("synthetic_ce",), relation_to_ipm=APPROXIMATE,
-                   why="linear-kernel IPM^2 on partly trained networks plus an accuracy-weighted cross-entropy "
-                       "on S (not an IPM).",
-                   defaults={**_DM, "lr_images": 0.2, "ce_weight": 0.5},
-                   source="Zhao et al. CVPR'23, IDM command.txt (pixels only)"),
+                   why="linear-kernel IPM^2 of the embeddings of one network drawn from a pool of networks partly "
+                       "trained on real data, plus a cross-entropy on S weighted by that network's running "
+                       "training accuracy in percent (not an IPM).",
+                   defaults={**_DM, "lr_images": 0.2, "ce_weight": 0.5, "initial_pool": 3,
+                             "pool_train_after_step": True, "pool_augment": False},
+                   source="Zhao et al. CVPR'23, uitrbn/IDM IDM_cifar10.py and command.txt (CIFAR10 IPC 1/10): "
+                          "pool of up to net_num 100 ConvNets starting with 3, one more every 5 iterations; one "
+                          "loss network per iteration (--train_net_num 1); after the image update fetch_net_num 2 "
+                          "pool networks train model_train_steps 10 SGD steps (lr 0.01, momentum 0.9, wd 5e-4) on "
+                          "plain real batches; syn_ce weighted by the loss network's ClassErrorMeter accuracy in "
+                          "percent (reset every eval_interval 100) x ce_weight 0.5; embed_last 1000 = the full "
+                          "embedding; SGD(lr_img 0.2, momentum 0.5). Deviations: pixels, not --aug's partition "
+                          "and expansion (compose synthetic='multiformation'); one image step on the sum over "
+                          "classes instead of one optimizer step per class; class-balanced pool batches (26 per "
+                          "class) instead of 256 uniform; batch_real 256 for every IPC (command.txt: 5000 at IPC 1)"),
     MatchingRecipe(name="idc", feature_map="gradients", discrepancy="gradient_l1", sampler="pool", augmentation="dsa",
                    synthetic="multiformation", relation_to_ipm=EXACT,
                    why="L1 gradient matching (the IPM over an L-infinity ball of linear witnesses of the convolution "
@@ -322,11 +344,20 @@ _ROWS = (
                               "rf_width": 256},
                     source="Loo et al. NeurIPS'22, yolky/RFAD (Adam for AdaBelief)"),
     ObjectiveRecipe(name="dd", objective="dd", sampler="fresh", relation_to_ipm=NOT_AN_IPM,
-                    why="not an IPM: bilevel performance objective (real-data loss after unrolled SGD on S with "
-                        "learned step sizes).",
-                    defaults={"iterations": 1000, "lr_images": 0.01, "optimizer_images": "adam", "init": "real",
-                              "batch_real": 100, "dd_steps": 10, "dd_lr_init": 0.02},
-                    source="Wang et al. 2018, ssnl/dataset-distillation (unknown_init)"),
+                    why="not an IPM: bilevel performance objective (real-data loss after unrolled SGD on S, each "
+                        "step on its own synthetic batch with its own learned step size).",
+                    defaults={"iterations": 1000, "lr_images": 0.01, "optimizer_images": "adam",
+                              "adam_betas": (0.5, 0.999), "init": "real", "batch_real": 100, "dd_steps": 10,
+                              "dd_epochs": 3, "dd_lr_init": 0.02},
+                    source="Wang et al. 2018, SsnL/dataset-distillation train_distilled_image.py, base_options.py, "
+                           "basics.py (unknown_init): distill_steps 10 batches of distilled_images_per_class_per_step "
+                           "images per class, distill_epochs 3 passes, 30 softplus step sizes (init distill_lr "
+                           "0.02), Adam(lr 0.01, betas (0.5, 0.999)) on images and step sizes, a fresh network per "
+                           "step, the evaluation replays the 30 steps (evaluate_steps). Deviations: IPC = images "
+                           "per class over all batches, dealt round-robin (dd_step_batches; fewer images than "
+                           "steps reuse them); a class-balanced real batch (batch_real per class) instead of 1024 "
+                           "uniform; no StepLR decay of the Adam step (decay_epochs 40, factor 0.5); init 'real' "
+                           "(the reference starts from noise)"),
     ObjectiveRecipe(name="rcig", objective="rcig", sampler="fresh", relation_to_ipm=NOT_AN_IPM,
                     why="not an IPM: bilevel objective, convex last-layer inner problem, implicit gradient (CG or "
                         "Neumann inverse-Hessian-vector products).",

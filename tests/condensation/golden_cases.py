@@ -11,7 +11,14 @@ when a change of the numbers is intended and stated in the commit:
 Intended changes so far: ``wasserstein`` (its row now uses the Sinkhorn divergence with p=1, W_1;
 issue "each row is the paper's algorithm", item 7) and ``m3d`` (squared distances whose Gram expansion
 cancels are recomputed from the coordinates; synthetic points that start as copies of real ones are exactly
-such entries; issue "distances that pass their peers' own tests", defects 1-2).
+such entries; issue "distances that pass their peers' own tests", defects 1-2), ``idm`` (issue 11 item 1: the
+cross-entropy weighted by the loss network's running training accuracy in percent, one loss network per
+step drawn from a pool that starts with 3 networks, two pool networks trained after the image step on plain
+real batches, as uitrbn/IDM), ``dd`` and ``dd-fixed`` (issue 11 item 5: every unrolled step on its own
+class-balanced synthetic batch, dd_epochs 3 passes with one learned step size per step, Adam betas
+(0.5, 0.999), as SsnL/dataset-distillation), ``cafe`` (issue 11 item 6: the accuracy-watched loops of
+kaiwang960112/CAFE, here with a window of 2 and caps of 3 image steps and 2 epochs so the case stays cheap,
+and the pooled embedding matched twice, embedding_weight 2).
 """
 
 from __future__ import annotations
@@ -39,7 +46,8 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "dc": ("dc", {**_TINY}),
     "dc-mse": ("dc", {**_TINY, "discrepancy": "gradient_mse"}),
     "dsa": ("dsa", {**_TINY}),
-    "cafe": ("cafe", {**_TINY}),
+    "cafe": ("cafe", {**_TINY, "watch_window": 2, "max_steps_per_network": 3, "max_inner_epochs": 2,
+                      "watch_batch": 8}),
     "datadam": ("datadam", {**_TINY}),
     "lcmat": ("lcmat", {**_TINY}),
     "idm": ("idm", {**_TINY}),

@@ -16,7 +16,9 @@ from ipmcondense.nets import get_network
 #  whose 4-iteration change is within noise on digits; tested in test_lcmat.py)
 OPTIMISED = [name for name, r in RECIPES.items()
              if not r.is_selection and r.objective == "matching" and name != "lcmat"]
-TINY = {"batch_real": 16, "outer_loop": 2, "inner_loop": 1, "train_steps": 1, "batch_pool": 8}
+TINY = {"batch_real": 16, "outer_loop": 2, "inner_loop": 1, "train_steps": 1, "batch_pool": 8,
+        # CAFE's accuracy-watched loops, kept short
+        "watch_window": 2, "max_steps_per_network": 2, "max_inner_epochs": 1, "watch_batch": 8}
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,7 @@ def _fixed_theta_loss(result, digits):
 @pytest.mark.parametrize("method", OPTIMISED)
 def test_each_recipe_runs_end_to_end_and_decreases_its_loss(method, digits):
     # gradient-cosine and layer losses are very non-smooth on 8x8 digits: small steps from noise
-    inner = RECIPES[method].sampler == "fresh_inner"
+    inner = RECIPES[method].sampler in ("fresh_inner", "fresh_watched")
     settings = {**TINY, **({"lr_images": 0.001, "init": "noise"} if inner else {})}
     iterations = 4 if inner else 6 if method == "wasserstein" else 12
     before = condense(method, "digits", ipc=2, iterations=0, progress=False, seed=1, **settings)

@@ -29,8 +29,11 @@ def test_known_keys_and_values_of_the_reference_table():
     assert COMMON_DEFAULTS["bandwidth"] == "median" and COMMON_DEFAULTS["syn_steps"] == 20
     # the table the benchmark cells were keyed with (62 keys), plus the options added since at their defaults,
     # which cached cells accept (benchmarks/grid/cells.py keys_match): sinkhorn_p (sinkhorn), steps_per_network
-    # (fresh), factor (multiformation), dream_interval and dream_max_iter (dream)
-    assert len(COMMON_DEFAULTS) == 62 + 5 and COMMON_DEFAULTS["factor"] == 2
+    # (fresh), factor (multiformation), dream_interval and dream_max_iter (dream); + 5 of the pool sampler
+    # (loss_networks, initial_pool, pool_train_after_step, pool_augment, accuracy_reset_interval: IDM's schedule)
+    # + 2 of DD (dd_epochs, adam_betas); + 6 of CAFE's fresh_watched sampler (watch_window, outer_stop_spread,
+    # inner_stop_spread, watch_batch, max_steps_per_network, max_inner_epochs)
+    assert len(COMMON_DEFAULTS) == 62 + 5 + 5 + 2 + 6 and COMMON_DEFAULTS["factor"] == 2
     assert (COMMON_DEFAULTS["dream_interval"], COMMON_DEFAULTS["dream_max_iter"]) == (10, 100)
     assert (COMMON_DEFAULTS["sinkhorn_p"], COMMON_DEFAULTS["steps_per_network"]) == (2, 1)
 

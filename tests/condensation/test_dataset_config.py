@@ -73,8 +73,22 @@ def test_recipes_expose_the_loaded_tables():
 
 # options added after the fixture was frozen (with defaults that keep every former computation), and the rows
 # that set them on purpose
-ADDED_OPTIONS = {"sinkhorn_p": 2, "steps_per_network": 1}
-ROW_CHANGES = {"wasserstein": {"sinkhorn_p": 1}}  # W_1 (issue "each row is the paper's algorithm", item 7)
+ADDED_OPTIONS = {"sinkhorn_p": 2, "steps_per_network": 1,
+                 # the pool sampler's IDM schedule (issue 11 item 1); the defaults keep the former (idc) behaviour
+                 "loss_networks": 1, "initial_pool": 0, "pool_train_after_step": False, "pool_augment": True,
+                 "accuracy_reset_interval": 100,
+                 # DD's epochs over its step batches and Adam's betas (issue 11 item 5)
+                 "dd_epochs": 1, "adam_betas": (0.9, 0.999),
+                 # CAFE's accuracy-watched loops (issue 11 item 6)
+                 "watch_window": 10, "outer_stop_spread": 0.04, "inner_stop_spread": 0.03, "watch_batch": 128,
+                 "max_steps_per_network": 100, "max_inner_epochs": 100}
+ROW_CHANGES = {"wasserstein": {"sinkhorn_p": 1},  # W_1 (issue "each row is the paper's algorithm", item 7)
+               # IDM's pool: 3 initial networks, trained after the image step on plain real batches (issue 11 item 1)
+               "idm": {"initial_pool": 3, "pool_train_after_step": True, "pool_augment": False},
+               # DD: 10 steps x 3 epochs of learned step sizes, Adam betas (0.5, 0.999) (issue 11 item 5)
+               "dd": {"dd_epochs": 3, "adam_betas": (0.5, 0.999)},
+               # CAFE: the pooled embedding matched twice (f4 and f5) (issue 11 item 6)
+               "cafe": {"embedding_weight": 2.0}}
 
 
 def test_resolved_configs_equal_the_former_ones_for_every_dataset_method_and_ipc():

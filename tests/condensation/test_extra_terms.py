@@ -9,6 +9,7 @@ from ipmcondense.condensation.extra_terms import (
     SyntheticCrossEntropy,
     get_extra_term,
 )
+from ipmcondense.condensation.samplers import ACCURACY_METER_ATTRIBUTE, AccuracyMeter
 
 
 def test_unknown_term():
@@ -46,11 +47,21 @@ def test_prototype_discrimination_matches_direct_formula():
     torch.testing.assert_close(value, expected)
 
 
-def test_synthetic_cross_entropy_weights_by_real_accuracy():
+def test_synthetic_cross_entropy_is_weighted_by_the_running_training_accuracy_in_percent():
+    # IDM multiplies the CE by ClassErrorMeter(accuracy=True).value()[0]: the pool network's running
+    # training accuracy in PERCENT (here 3 of 4 = 75), not the real batch's accuracy in [0, 1]
     net = _Linear()
+    setattr(net, ACCURACY_METER_ATTRIBUTE, AccuracyMeter(correct=3, seen=4))
     real, syn = torch.randn(4, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
     rl, sl = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1])
-    value = SyntheticCrossEntropy(0.5)(net, real, rl, syn, sl, [slice(0, 2), slice(2, 4)], [slice(0, 1), slice(1, 2)])
-    acc = (net(real).argmax(1) == rl).double().mean()
+    segments = ([slice(0, 2), slice(2, 4)], [slice(0, 1), slice(1, 2)])
+    value = SyntheticCrossEntropy(0.5)(net, real, rl, syn, sl, *segments)
     ce = sum(torch.nn.functional.cross_entropy(net(syn[i : i + 1]), sl[i : i + 1]) for i in range(2))
-    torch.testing.assert_close(value, 0.5 * acc * ce)
+    torch.testing.assert_close(value, 0.5 * 75.0 * ce)
+    # the old weight (batch accuracy in [0, 1]) is at most 1: 75x smaller
+    batch_accuracy = float((net(real).argmax(1) == rl).double().mean())
+    assert float(value) > 2 * 0.5 * batch_accuracy * float(ce)
+    # a network no pool has trained (empty meter, or no meter at all) gets weight 0, as IDM's n == 0 case
+    setattr(net, ACCURACY_METER_ATTRIBUTE, AccuracyMeter())
+    assert float(SyntheticCrossEntropy(0.5)(net, real, rl, syn, sl, *segments)) == 0.0
+    assert float(SyntheticCrossEntropy(0.5)(_Linear(), real, rl, syn, sl, *segments)) == 0.0

@@ -116,6 +116,11 @@ class Objective(Component, ABC):
         grads = torch.autograd.grad(total, list(params), allow_unused=True)
         return total.detach(), list(grads)
 
+    def learned_schedule(self) -> Any:
+        """The training schedule learned with the set (a :class:`~ipmcondense.evaluation.LearnedSchedule`, DD),
+        which the evaluation replays; ``None`` (the default) for the standard protocol."""
+        return None
+
     def check_after_step(self, iteration: int) -> None:
         """Raise if the optimiser step left a learnable quantity invalid (default: nothing to check)."""
 

@@ -8,14 +8,25 @@ problem and takes the implicit hypergradient (:func:`ipmcondense.autodiff.implic
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ipmcondense.autodiff import flatten_parameters, functional_forward, implicit_hypergradient, unrolled_sgd
+from ipmcondense.autodiff import (
+    FlatParameters,
+    UnrollPlan,
+    flatten_parameters,
+    functional_forward,
+    implicit_hypergradient,
+    sgd_step,
+    unrolled_sgd,
+)
 from ipmcondense.components import option
+from ipmcondense.evaluation import LearnedSchedule
+from ipmcondense.features import segments_from_labels
 from ipmcondense.ipm._validation import check_choice
 from ipmcondense.nets import build_isolated
 
@@ -23,11 +34,35 @@ from .base import Objective, ObjectiveContext, check_options, draw_network
 
 __all__ = [
     "UnrolledBilevelObjective",
+    "dd_step_batches",
     "ImplicitBilevelObjective",
     "unrolled_task_loss",
     "inner_linear_loss",
     "solve_inner_linear",
 ]
+
+
+def dd_step_batches(labels: Tensor, steps: int) -> list[Tensor]:
+    r"""DD's synthetic batches: ``steps`` class-balanced batches of a class-blocked set, one per unrolled step.
+
+    The reference (ssnl/dataset-distillation ``train_distilled_image.py``) holds ``distill_steps`` separate
+    batches of ``distilled_images_per_class_per_step`` images per class. Here the ``k`` images of every
+    class are dealt round-robin: batch ``i`` holds, per class, the images of in-class index
+    :math:`j \equiv i \pmod{\text{steps}}` (``k = steps``: one image per class per step, the reference's
+    default; ``k = 5 \cdot steps``: five). With fewer images than steps (``k < steps``) batch ``i`` is the
+    image of index :math:`i \bmod k` of every class (images are reused; the reference cannot express this).
+    Returns ``steps`` index tensors into the set, class-blocked. Cost: ``O(n)``.
+    """
+    segments = segments_from_labels(labels)
+    per_class = [torch.arange(s.start, s.stop, device=labels.device) for s in segments]
+    batches = []
+    for i in range(int(steps)):
+        parts = []
+        for indices in per_class:
+            k = indices.numel()
+            parts.append(indices[i::steps] if k >= steps else indices[i % k : i % k + 1])
+        batches.append(torch.cat(parts))
+    return batches
 
 
 def unrolled_task_loss(
@@ -38,32 +73,48 @@ def unrolled_task_loss(
     raw_lrs: Tensor,
     real_images: Tensor,
     real_labels: Tensor,
+    step_batches: Sequence[Tensor] | None = None,
 ) -> Tensor:
-    r"""DD's outer loss :math:`\mathrm{CE}(f_{\theta_N}(X_T), Y_T)` after ``len(raw_lrs)`` unrolled SGD steps on S.
+    r"""DD's outer loss :math:`\mathrm{CE}(f_{\theta_N}(X_T), Y_T)` after ``N = len(raw_lrs)`` unrolled SGD steps on S.
 
-    :math:`\theta_{i+1} = \theta_i - \mathrm{softplus}(r_i) \nabla_\theta \mathrm{CE}(f_{\theta_i}(X_S), Y_S)`
-    (full synthetic batch each step, :func:`~ipmcondense.autodiff.unrolled_sgd`), differentiable in
-    the images and the raw step sizes :math:`r` (the hypergradient, through Hessian-vector products).
-    Cost: N forward + backward passes on S, the meta-backward, one forward on the real batch.
+    :math:`\theta_{t+1} = \theta_t - \mathrm{softplus}(r_t) \nabla_\theta \mathrm{CE}(f_{\theta_t}(X_{B_t}), Y_{B_t})`
+    with :math:`B_t` = ``step_batches[t]`` (DD: step ``t`` of epoch ``e`` uses batch ``t mod steps``; ``None``:
+    the whole set every step), differentiable in the images and the raw step sizes :math:`r` (the
+    hypergradient, through Hessian-vector products). Cost: N forward + backward passes on the step batches,
+    the meta-backward, one forward on the real batch.
     """
     lrs = F.softplus(raw_lrs)
-    end = unrolled_sgd(net, flat_params_start, images, labels, lrs, int(raw_lrs.numel()))
+    if step_batches is None:
+        end = unrolled_sgd(net, flat_params_start, images, labels, lrs, int(raw_lrs.numel()))
+    else:
+        if len(step_batches) != raw_lrs.numel():
+            raise ValueError(f"step_batches must hold one batch per step size ({raw_lrs.numel()}), "
+                             f"got {len(step_batches)}")
+        layout = FlatParameters(net)
+        plan = UnrollPlan(tuple(step_batches), (None,) * len(step_batches))
+        end = flat_params_start.detach().requires_grad_(True)
+        for t in range(len(step_batches)):
+            end = sgd_step(net, layout, end, images, labels, lrs[t], plan, t, None, True)
     return F.cross_entropy(functional_forward(net, end, real_images), real_labels)
 
 
 class UnrolledBilevelObjective(Objective):
     r"""DD: dataset distillation by back-propagation through training (Wang et al. 2018).
 
-    Each step: :math:`\theta_0` = a fresh initialisation from the sampler (``dd_init="fresh"``, the
-    reference's ``unknown_init``) or one initialisation fixed for the run (``"fixed"``); ``dd_steps``
-    SGD steps on the whole synthetic set with learnable per-step step sizes
-    :math:`\eta_i = \mathrm{softplus}(r_i)` (init ``dd_lr_init``, own step ``lr_lrs``); the loss is
-    :func:`unrolled_task_loss` on a class-balanced real batch.
+    S is dealt into ``dd_steps`` class-balanced batches (:func:`dd_step_batches`); the unroll runs
+    ``dd_epochs`` passes over them, :math:`T = \text{dd\_steps} \cdot \text{dd\_epochs}` SGD steps, step
+    ``t`` on batch ``t mod dd_steps`` with its own learnable step size
+    :math:`\eta_t = \mathrm{softplus}(r_t)` (init ``dd_lr_init``, own step ``lr_lrs``): the reference's
+    10 steps x 3 epochs = 30 learned rates. Each image step: :math:`\theta_0` = a fresh initialisation from
+    the sampler (``dd_init="fresh"``, the reference's ``unknown_init``) or one initialisation fixed for the
+    run (``"fixed"``); the loss is :func:`unrolled_task_loss` on a class-balanced real batch. The learned
+    schedule (batches and step sizes, :meth:`learned_schedule`) is saved with the set, and the evaluation
+    replays it on fresh networks (the reference's ``evaluate_steps``).
 
     **Relation to an IPM**: none: a performance-oriented bilevel objective (the real-data loss of the
     network trained on S).
 
-    Cost: ``dd_steps`` forward + backward passes on S with graphs kept (memory linear in the steps).
+    Cost: ``T`` forward + backward passes on the step batches with graphs kept (memory linear in ``T``).
     """
 
     name = "dd"
@@ -72,17 +123,21 @@ class UnrolledBilevelObjective(Objective):
 
     @dataclass(frozen=True)
     class Options:
-        dd_steps: int = option(10, "ssnl/dataset-distillation: --distill_steps 10")
+        dd_steps: int = option(10, "ssnl/dataset-distillation: --distill_steps 10 (synthetic batches)")
+        dd_epochs: int = option(1, "1: each batch once; the dd row sets ssnl's --distill_epochs 3")
         dd_lr_init: float = option(0.02, "ssnl/dataset-distillation: --distill_lr 0.02")
-        lr_lrs: float = option(0.01, "step of the learned step sizes (library choice)")
+        lr_lrs: float = option(0.01, "ssnl: the raw step sizes share the images' Adam, --lr 0.01")
         dd_init: str = option("fresh", "ssnl/dataset-distillation: unknown_init (a fresh network per step)")
 
     def __init__(self, ctx: ObjectiveContext) -> None:
         super().__init__(ctx)
         steps = int(ctx.config["dd_steps"])
+        total = steps * int(ctx.config["dd_epochs"])
         init = float(ctx.config["dd_lr_init"])
         raw = math.log(math.expm1(init))  # softplus^{-1}
-        self.raw_lrs = nn.Parameter(torch.full((steps,), raw, device=ctx.device))
+        self.raw_lrs = nn.Parameter(torch.full((total,), raw, device=ctx.device))
+        batches = dd_step_batches(ctx.synthetic.labels.to(ctx.device), steps)
+        self.step_batches = [batches[t % steps] for t in range(total)]
         self.template = build_isolated(ctx.build_network).to(ctx.device)
         self.fixed_start = None
         if ctx.config["dd_init"] == "fixed":
@@ -90,7 +145,7 @@ class UnrolledBilevelObjective(Objective):
 
     @classmethod
     def prepare_config(cls, config, dataset):
-        check_options(config, ("dd_lr_init", "lr_lrs"), integers=("dd_steps",))
+        check_options(config, ("dd_lr_init", "lr_lrs"), integers=("dd_steps", "dd_epochs"))
         check_choice(config["dd_init"], ("fresh", "fixed"), "dd_init")
         return config
 
@@ -98,8 +153,15 @@ class UnrolledBilevelObjective(Objective):
         return [{"params": [self.raw_lrs], "lr": float(self.config["lr_lrs"])}]
 
     def learned_step_sizes(self) -> Tensor:
-        """:math:`\\mathrm{softplus}(r)`, the current per-step learning rates."""
+        r""":math:`\mathrm{softplus}(r)`, the current per-step learning rates (``dd_steps * dd_epochs``)."""
         return F.softplus(self.raw_lrs.detach())
+
+    def learned_schedule(self) -> LearnedSchedule:
+        """The training the set was distilled for: step ``t`` on ``step_batches[t]`` with step size ``eta_t``."""
+        return LearnedSchedule(
+            batches=tuple(tuple(int(i) for i in b.tolist()) for b in self.step_batches),
+            step_sizes=tuple(float(v) for v in self.learned_step_sizes().cpu().tolist()),
+        )
 
     def loss(self, networks):
         ctx = self.ctx
@@ -112,6 +174,7 @@ class UnrolledBilevelObjective(Objective):
         real, real_labels = ctx.real_batches.sample(int(self.config["batch_real"]))
         return unrolled_task_loss(
             self.template, start, ctx.synthetic.images(), ctx.synthetic.labels, self.raw_lrs, real, real_labels,
+            step_batches=self.step_batches,
         )
 
     def check_after_step(self, iteration):

@@ -59,7 +59,8 @@ class CondensationResult:
     """What :func:`condense` returns (and writes to ``out``).
 
     Attributes:
-        images: ``(num_classes * k, C, H, W)`` decoded synthetic images (normalised space, CPU), class-blocked;
+        images: ``(num_classes * k, C, H, W)`` decoded synthetic images (normalised space, or the ZCA-whitened
+            space when ``config["zca"]``; CPU), class-blocked;
             ``k = ipc`` for ``pixels``, ``ipc * factor**2`` for ``multiformation`` (``synthetic.pt`` also holds the
             stored parameters under ``"stored"``).
         labels: ``(num_classes * k,)`` labels.
@@ -274,6 +275,9 @@ def condense(
         config["init"] = recipe.selection
         config["iterations"] = 0
     _check_config(config, recipe, ds, ipc)
+    # ZCA (MTT/KIP/RFAD/RCIG): every step, the initial images and the synthetic set live in the whitened space
+    whitening = _whitening(config, ds)
+    raw_ds, ds = ds, (ds if whitening is None else whitening.whitened_dataset(ds))
     objective = None if recipe.is_selection else get_objective_class(recipe.objective)
     if objective is not None:
         config = objective.prepare_config(config, ds)
@@ -302,8 +306,12 @@ def condense(
                     (out_path / name).unlink()
         out_path.mkdir(parents=True, exist_ok=True)
     try:
-        history = _optimise(recipe, full_config, ds, synthetic_set, seed, dev, out_path, progress, checkpoint)
-        return _finish(recipe, full_config, ds, synthetic_set, history, out_path, time.perf_counter() - start, dev)
+        evaluate_fn = _evaluation_fn(full_config, raw_ds, seed, dev, synthetic_set, whitening)
+        history = _optimise(recipe, full_config, ds, synthetic_set, seed, dev, out_path, progress, checkpoint,
+                            evaluate_fn)
+        pixels = ds.denormalise if whitening is None else whitening.to_pixels
+        return _finish(recipe, full_config, ds, synthetic_set, history, out_path, time.perf_counter() - start, dev,
+                       pixels)
     except BaseException:
         # a run that failed before its first checkpoint leaves no folder behind
         if created and out_path.exists() and not any(out_path.iterdir()):
@@ -320,27 +328,42 @@ def _build_network_factory(config: dict[str, Any], ds: Any):
     return build
 
 
-def _evaluation_fn(config: dict[str, Any], ds: Any, seed: int, dev: torch.device, synthetic: Any = None):
+def _whitening(config: dict[str, Any], ds: Any):
+    """The :class:`~ipmcondense.whitening.DatasetWhitening` of ``ds`` when ``config["zca"]``, else ``None``."""
+    if not isinstance(config["zca"], bool):
+        raise TypeError(f"zca must be True or False, got {config['zca']!r}")
+    check_positive_number(config["zca_eps"], "zca_eps")
+    if not config["zca"]:
+        return None
+    from ipmcondense.whitening import DatasetWhitening
+
+    return DatasetWhitening(ds, float(config["zca_eps"]))
+
+
+def _evaluation_fn(config: dict[str, Any], ds: Any, seed: int, dev: torch.device, synthetic: Any = None,
+                   whitening: Any = None):
+    """In-run evaluation on the raw dataset ``ds``: with ``zca`` the protocol is told the images are whitened."""
     from ipmcondense.evaluation import EvaluationProtocol, evaluate_synthetic
 
     def run(images: Tensor, labels: Tensor) -> dict[str, Any]:
         learned_lr = None if synthetic is None else synthetic.learned_learning_rate()
         protocol = EvaluationProtocol(arch=config["arch"], epochs=config["eval_epochs"], learned_lr=learned_lr,
-                                      soft_labels=labels.dim() == 2)
+                                      soft_labels=labels.dim() == 2, zca=bool(config["zca"]),
+                                      zca_eps=float(config["zca_eps"]))
         result = evaluate_synthetic(images, labels, ds, protocol, n_models=int(config["eval_models"]),
-                                    seed=seed, device=dev)
+                                    seed=seed, device=dev, inputs_whitened=bool(config["zca"]), whitening=whitening)
         return {"accuracy_mean": result.accuracy_mean, "accuracy_std": result.accuracy_std,
                 "accuracies": list(result.accuracies)}
 
     return run
 
 
-def _optimise(recipe, config, ds, synthetic, seed, dev, out_path, progress, checkpoint):
+def _optimise(recipe, config, ds, synthetic, seed, dev, out_path, progress, checkpoint, evaluate_fn):
     if recipe.is_selection:
         return None
     engine = CondensationEngine(
         recipe, config, ds, synthetic, _build_network_factory(config, ds), seed=seed, device=dev,
-        out=out_path, progress=progress, evaluate=_evaluation_fn(config, ds, seed, dev, synthetic),
+        out=out_path, progress=progress, evaluate=evaluate_fn,
     )
     if checkpoint is not None:
         try:
@@ -352,7 +375,7 @@ def _optimise(recipe, config, ds, synthetic, seed, dev, out_path, progress, chec
     return engine.run()
 
 
-def _finish(recipe, config, ds, synthetic, history, out_path, seconds, dev) -> CondensationResult:
+def _finish(recipe, config, ds, synthetic, history, out_path, seconds, dev, pixels) -> CondensationResult:
     images = synthetic.images().detach().cpu().clone()
     labels = synthetic.labels.detach().cpu().clone()
     training_labels = synthetic.training_labels().detach().cpu().clone()
@@ -385,7 +408,7 @@ def _finish(recipe, config, ds, synthetic, history, out_path, seconds, dev) -> C
             out_path / SYNTHETIC_FILE,
         )
         atomic_write_json({**metrics, "config": config}, out_path / METRICS_FILE)
-        save_image_grid(images, synthetic.images_per_class, out_path / GRID_FILE, ds.denormalise)
+        save_image_grid(images, synthetic.images_per_class, out_path / GRID_FILE, pixels)
     return CondensationResult(images, labels, config, metrics, out_path, recipe, lr, training_labels)
 
 
@@ -461,10 +484,15 @@ def evaluate(
     dev = _resolve_device(device)
     if not learned_lr:
         lr = None
+    # a set condensed in the ZCA space (config "zca") is evaluated there: the test set is whitened with the
+    # same transform (fitted again on the full training set) and the synthetic images are left as they are
+    whitened = bool(config.get("zca", False))
     protocol = EvaluationProtocol(arch=arch or config.get("arch", "convnet"), epochs=epochs,
                                   augmentation=augmentation, learned_lr=lr,
-                                  soft_labels=labels.dim() == 2)
-    result = evaluate_synthetic(images.to(dev), labels.to(dev), ds, protocol, n_models=models, seed=seed, device=dev)
+                                  soft_labels=labels.dim() == 2, zca=whitened,
+                                  zca_eps=float(config.get("zca_eps", 0.1)))
+    result = evaluate_synthetic(images.to(dev), labels.to(dev), ds, protocol, n_models=models, seed=seed, device=dev,
+                                inputs_whitened=whitened)
     report = {
         "accuracy_mean": result.accuracy_mean,
         "accuracy_std": result.accuracy_std,

@@ -46,6 +46,9 @@ class EngineOptions:
     eval_models: int = option(1, "models per evaluation during condensation")
     eval_epochs: int | None = option(None, "None: the protocol default (1000 with DSA)")
     optimizer_images: str = option("sgd", "sgd (momentum_images) or adam (KIP, DD, RCIG)")
+    zca: bool = option(False, "MTT/KIP/RFAD/RCIG on CIFAR: condense (and evaluate) in the ZCA-whitened space of "
+                              "the full training set (MTT utils.py get_dataset --zca)")
+    zca_eps: float = option(0.1, "MTT utils.py: K.enhance.ZCAWhitening(eps=0.1); RFAD get_zca_matrix reg_coef=0.1")
 
 
 #: Every registry whose components contribute options to the flat table, by axis.

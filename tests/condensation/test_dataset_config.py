@@ -49,7 +49,7 @@ def _frozen_rows(table):
     """``table`` without the budgets of :data:`ADDED_METHODS` (and without datasets left empty by that)."""
     out = {}
     for dataset, rows in table.items():
-        kept = {m: v for m, v in rows.items() if m not in ADDED_METHODS}
+        kept = {m: v for m, v in rows.items() if m not in ADDED_METHODS and (dataset, m) not in TABLE_ROWS_ADDED}
         if kept or not rows:
             out[dataset] = kept
     return out
@@ -73,8 +73,10 @@ def test_recipes_expose_the_loaded_tables():
 
 # options added after the fixture was frozen (with defaults that keep every former computation), and the rows
 # that set them on purpose
-ADDED_OPTIONS = {"sinkhorn_p": 2, "steps_per_network": 1}
+ADDED_OPTIONS = {"sinkhorn_p": 2, "steps_per_network": 1, "zca": False, "zca_eps": 0.1}
 ROW_CHANGES = {"wasserstein": {"sinkhorn_p": 1}}  # W_1 (issue "each row is the paper's algorithm", item 7)
+# per-setting rows added on purpose (issue 11 item 4): MTT's per-IPC table, ZCA for RFAD and RCIG on CIFAR
+TABLE_ROWS_ADDED = {(d, m) for d in ("cifar10", "cifar100") for m in ("mtt", "rfad", "rcig")}
 
 
 def test_resolved_configs_equal_the_former_ones_for_every_dataset_method_and_ipc():
@@ -92,6 +94,10 @@ def test_resolved_configs_equal_the_former_ones_for_every_dataset_method_and_ipc
                 expected.update({k: ast.literal_eval(v) for k, v in FROZEN["resolved"][f"{dataset}/{method}/{ipc}"].items()})
                 expected.update(ADDED_OPTIONS)
                 expected.update(ROW_CHANGES.get(method, {}))
+                if (dataset, method) in TABLE_ROWS_ADDED:  # pinned value by value in test_zca_and_mtt_table.py
+                    expected.update(DATASET_BUDGETS[dataset].get(method, {}))
+                    if ipc is not None:
+                        expected.update(DATASET_IPC_BUDGETS[dataset].get(method, {}).get(ipc, {}))
                 got = resolve_config(get_recipe(method), dataset, ipc=ipc)
                 assert _typed(got) == _typed(expected), (dataset, method, ipc)
                 checked += 1

@@ -422,10 +422,11 @@ def evaluate(
     data_root: str | os.PathLike | None = None,
     seed: int = 0,
     device: str | torch.device | None = None,
-    augmentation: str = "dsa",
+    augmentation: str | None = None,
     save: bool = True,
     learned_lr: bool = True,
     image_size: int | tuple[int, int] | None = None,
+    protocol: str = "standard",
 ) -> dict[str, Any]:
     """Train ``models`` fresh networks on a condensed set and report their test accuracy.
 
@@ -445,20 +446,27 @@ def evaluate(
         epochs: training epochs (default: the protocol's).
         data_root: where torchvision datasets live (default: the one recorded at condensation).
         device: training device (default CPU).
-        augmentation: ``"dsa"`` or ``"none"``.
+        augmentation: ``"dsa"`` or ``"none"`` (default: the protocol's; ``"dsa"`` for ``"standard"``).
         save: write ``evaluation.json`` next to the synthetic set.
         learned_lr: train with the learning rate learned during condensation (MTT) when the set has one
             (the protocol's ``learned_lr`` option); ``False`` uses the protocol's ``lr``.
         image_size: resize the dataset's images (see :func:`ipmcondense.data.load_dataset`); default:
             the synthetic images' size when the recorded dataset is reloaded, none for a given ``dataset``.
+        protocol: ``"standard"`` (the VICO-UoE protocol for every method) or ``"published"`` (the protocol of
+            the method's paper on this dataset, :mod:`ipmcondense.condensation.published`, e.g. DC on CIFAR
+            without augmentation for 300 epochs); ``arch``, ``epochs`` and ``augmentation`` given explicitly
+            override it. ZCA, the learned rate and soft labels come from the set under both.
 
     Returns:
-        ``{"accuracy_mean", "accuracy_std", "n_models", "accuracies", "seeds", "protocol", ...}``
-        (accuracies in ``[0, 1]``).
+        ``{"accuracy_mean", "accuracy_std", "n_models", "accuracies", "seeds", "protocol", "protocol_name",
+        ...}`` (accuracies in ``[0, 1]``; ``protocol_name`` is ``protocol``, ``"protocol"`` the settings used).
     """
     from ipmcondense.evaluation import EvaluationProtocol, evaluate_synthetic
 
+    from .published import PROTOCOL_NAMES, protocol_settings
+
     models = check_positive_int(models, "models")
+    check_choice(protocol, PROTOCOL_NAMES, "protocol")
     if isinstance(path_or_result, CondensationResult):
         images, labels, config = path_or_result.images, path_or_result.training_labels, path_or_result.config
         lr, folder = path_or_result.learning_rate, path_or_result.out
@@ -487,12 +495,15 @@ def evaluate(
     # a set condensed in the ZCA space (config "zca") is evaluated there: the test set is whitened with the
     # same transform (fitted again on the full training set) and the synthetic images are left as they are
     whitened = bool(config.get("zca", False))
-    protocol = EvaluationProtocol(arch=arch or config.get("arch", "convnet"), epochs=epochs,
-                                  augmentation=augmentation, learned_lr=lr,
-                                  soft_labels=labels.dim() == 2, zca=whitened,
-                                  zca_eps=float(config.get("zca_eps", 0.1)))
-    result = evaluate_synthetic(images.to(dev), labels.to(dev), ds, protocol, n_models=models, seed=seed, device=dev,
-                                inputs_whitened=whitened)
+    settings = protocol_settings(str(config.get("method")), ds.name, protocol)
+    settings.setdefault("arch", config.get("arch", "convnet"))
+    settings.setdefault("augmentation", "dsa")
+    explicit = {"arch": arch, "epochs": epochs, "augmentation": augmentation}
+    settings.update({k: v for k, v in explicit.items() if v is not None})
+    settings.update(learned_lr=lr, soft_labels=labels.dim() == 2, zca=whitened, zca_eps=float(config.get("zca_eps", 0.1)))
+    evaluation_protocol = EvaluationProtocol(**settings)
+    result = evaluate_synthetic(images.to(dev), labels.to(dev), ds, evaluation_protocol, n_models=models, seed=seed,
+                                device=dev, inputs_whitened=whitened)
     report = {
         "accuracy_mean": result.accuracy_mean,
         "accuracy_std": result.accuracy_std,
@@ -500,6 +511,7 @@ def evaluate(
         "accuracies": list(result.accuracies),
         "seeds": list(result.seeds),
         "protocol": result.protocol,
+        "protocol_name": protocol,
         "dataset": ds.name,
         "method": config.get("method"),
         "ipc": config.get("ipc"),

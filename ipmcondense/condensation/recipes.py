@@ -235,6 +235,25 @@ _ROWS = (
                    defaults={**_DM, "sinkhorn_p": 1},
                    source="W1 matching of random-network embeddings (the seed's Wasserstein method); DM defaults. "
                           "WMDD (Liu et al.) is a different algorithm (W2 barycentres of trained features), not this row"),
+    MatchingRecipe(name="wmdd", feature_map="embedding", discrepancy="w2_barycenter", sampler="pretrained",
+                   augmentation="dsa", extra_terms=("class_norm_statistics", "teacher_ce"), relation_to_ipm=APPROXIMATE,
+                   why="per class sqrt(ipc) W_2 between the synthetic embeddings and the ipc-atom W_2 barycenter of the "
+                       "real ones, in one trained network's feature space, plus per-class BatchNorm-statistics and "
+                       "cross-entropy penalties: W_2 is not an IPM (W_1 <= W_2 only bounds the Lipschitz IPM).",
+                   defaults={"iterations": 2000, "lr_images": 0.25, "optimizer_images": "adam", "init": "noise",
+                             "batch_real": 256},
+                   source="Liu et al. ICCV'25 (arXiv 2311.18531), Liu-Hy/WMDD recover/data_synthesis_new.py, "
+                          "recover/barycenter.py, utils.py BNFeatureHook_new, run.sh: loss r_wb CE + ||f(x) - "
+                          "bary|| + r_bn sum_l mean_c(||var|| + ||mean||), r_wb 1, r_bn 0.01, Adam lr 0.25, 2000 "
+                          "iterations, noise init, teacher pretrained 50 epochs (SGD 0.025 cosine, wd 1e-4). "
+                          "Deviations: ConvNet teacher trained pretrain_steps class-balanced SGD steps instead of a "
+                          "ResNet-18; the barycenter of each step's (siamese-augmented) real batch of batch_real per "
+                          "class, matched by optimal assignment, instead of once on all un-augmented class images "
+                          "with atoms paired by index; real statistics from the batch, not the class's running "
+                          "statistics; statistics at the input of the ConvNet's instance norm where there is no "
+                          "BatchNorm; Adam betas (0.9, 0.999) not (0.5, 0.9), no cosine image-lr schedule, DSA "
+                          "instead of random-resized-crop/flip/jitter; no FKD soft relabelling (the standard protocol "
+                          "evaluates on hard labels)"),
     MatchingRecipe(name="dc", feature_map="gradients", discrepancy="gradient_cosine", sampler="fresh_inner",
                    augmentation="none", relation_to_ipm=NORMALISED,
                    why="per output row r of each layer, 1 - cos(a_r, b_r) = (IPM_r^2 - (|a_r| - |b_r|)^2) / "

@@ -11,7 +11,8 @@ when a change of the numbers is intended and stated in the commit:
 Intended changes so far: ``wasserstein`` (its row now uses the Sinkhorn divergence with p=1, W_1;
 issue "each row is the paper's algorithm", item 7) and ``m3d`` (squared distances whose Gram expansion
 cancels are recomputed from the coordinates; synthetic points that start as copies of real ones are exactly
-such entries; issue "distances that pass their peers' own tests", defects 1-2).
+such entries; issue "distances that pass their peers' own tests", defects 1-2). New case: ``wmdd`` (the WMDD
+row, issue 11 item 7).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "m3d": ("m3d", {**_TINY}),
     "wasserstein": ("wasserstein", {**_TINY}),
     "wasserstein-sliced": ("wasserstein", {**_TINY, "discrepancy": "sliced"}),
+    "wmdd": ("wmdd", {**_TINY, "pretrain_steps": 5}),
     "dc": ("dc", {**_TINY}),
     "dc-mse": ("dc", {**_TINY, "discrepancy": "gradient_mse"}),
     "dsa": ("dsa", {**_TINY}),

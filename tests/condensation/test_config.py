@@ -31,7 +31,9 @@ def test_known_keys_and_values_of_the_reference_table():
     # which cached cells accept (benchmarks/grid/cells.py keys_match): sinkhorn_p (sinkhorn), steps_per_network
     # (fresh), factor (multiformation), dream_interval and dream_max_iter (dream)
     # + 2: zca, zca_eps (engine: ZCA whitening, issue 11 item 4)
-    assert len(COMMON_DEFAULTS) == 62 + 5 + 2 and COMMON_DEFAULTS["factor"] == 2
+    # + 6: pretrain_steps, lr_pretrain, batch_pretrain (sampler 'pretrained'), barycenter_iterations (w2_barycenter),
+    # bn_weight, teacher_ce_weight (WMDD's extra terms; issue 11 item 7)
+    assert len(COMMON_DEFAULTS) == 62 + 5 + 2 + 6 and COMMON_DEFAULTS["factor"] == 2
     assert (COMMON_DEFAULTS["dream_interval"], COMMON_DEFAULTS["dream_max_iter"]) == (10, 100)
     assert (COMMON_DEFAULTS["sinkhorn_p"], COMMON_DEFAULTS["steps_per_network"]) == (2, 1)
 

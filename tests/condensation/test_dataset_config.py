@@ -42,7 +42,7 @@ def _typed(value):
 
 
 #: Rows added after the freeze (their budgets are new entries, not changes of the frozen ones).
-ADDED_METHODS = {"idc", "dcc"}
+ADDED_METHODS = {"idc", "dcc", "wmdd"}
 
 
 def _frozen_rows(table):
@@ -73,7 +73,9 @@ def test_recipes_expose_the_loaded_tables():
 
 # options added after the fixture was frozen (with defaults that keep every former computation), and the rows
 # that set them on purpose
-ADDED_OPTIONS = {"sinkhorn_p": 2, "steps_per_network": 1, "zca": False, "zca_eps": 0.1}
+ADDED_OPTIONS = {"sinkhorn_p": 2, "steps_per_network": 1, "zca": False, "zca_eps": 0.1, "pretrain_steps": 3000,
+                 "lr_pretrain": 0.025, "batch_pretrain": 3, "barycenter_iterations": 100, "bn_weight": 0.01,
+                 "teacher_ce_weight": 1.0}
 ROW_CHANGES = {"wasserstein": {"sinkhorn_p": 1}}  # W_1 (issue "each row is the paper's algorithm", item 7)
 # per-setting rows added on purpose (issue 11 item 4): MTT's per-IPC table, ZCA for RFAD and RCIG on CIFAR
 TABLE_ROWS_ADDED = {(d, m) for d in ("cifar10", "cifar100") for m in ("mtt", "rfad", "rcig")}

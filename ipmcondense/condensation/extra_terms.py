@@ -114,8 +114,8 @@ NORM_LAYERS = (nn.BatchNorm2d, nn.GroupNorm, nn.InstanceNorm2d)
 def class_norm_statistics(net: nn.Module, images: Tensor, segments: Sequence[slice]) -> list[list[tuple[Tensor, Tensor]]]:
     r"""Per normalisation layer, per class segment: the per-channel mean and biased variance of the layer input.
 
-    For an input :math:`z \in \mathbb R^{N_c 	imes C 	imes H 	imes W}` of class :math:`c`:
-    :math:`\mu_c = rac{1}{N_c H W}\sum_{n,h,w} z`, :math:`\sigma^2_c = rac{1}{N_c H W}\sum (z - \mu_c)^2`
+    For an input :math:`z \in \mathbb R^{N_c \times C \times H \times W}` of class :math:`c`:
+    :math:`\mu_c = \frac{1}{N_c H W}\sum_{n,h,w} z`, :math:`\sigma^2_c = \frac{1}{N_c H W}\sum (z - \mu_c)^2`
     (BatchNorm's statistics restricted to the class). Differentiable in ``images``; one forward pass.
     """
     inputs: list[Tensor] = []
@@ -139,7 +139,7 @@ class ClassNormStatistics(ExtraTerm):
     r"""WMDD's per-class BatchNorm-statistics loss.
 
     .. math::
-        w \sum_l rac1C \sum_c \Big(\|\mu^l_c(S) - \mu^l_c(T)\|_2 + \|\sigma^{2,l}_c(S) - \sigma^{2,l}_c(T)\|_2\Big)
+        w \sum_l \frac1C \sum_c \Big(\|\mu^l_c(S) - \mu^l_c(T)\|_2 + \|\sigma^{2,l}_c(S) - \sigma^{2,l}_c(T)\|_2\Big)
 
     over the normalisation layers :math:`l` of the network (:func:`class_norm_statistics`): the per-channel
     mean and variance of each layer's input over the class's images, synthetic against real (WMDD
@@ -172,7 +172,7 @@ class ClassNormStatistics(ExtraTerm):
 
 
 class TeacherCrossEntropy(ExtraTerm):
-    r"""WMDD's classification term :math:`w \cdot 	ext{CE}(f_	heta(S), y)` (mean over the synthetic batch).
+    r"""WMDD's classification term :math:`w \cdot \text{CE}(f_\theta(S), y)` (mean over the synthetic batch).
 
     The trained network's cross-entropy on the synthetic images (WMDD ``data_synthesis_new.py``:
     ``criterion(outputs, targets) * args.r_wb``). Not an IPM. Cost: one forward pass.

@@ -288,11 +288,17 @@ _ROWS = (
                    source="Sajedi et al. ICCV'23, main_DataDAM.py"),
     MatchingRecipe(name="lcmat", feature_map="gradients", discrepancy="gradient_cosine", sampler="fresh_inner",
                    augmentation="dsa", relation_to_ipm=APPROXIMATE,
-                   why="gradient-matching IPM (DSA, normalised) plus the loss-curvature regulariser "
-                       "lcmat_weight*(GM(theta + rho g/|g|) - GM(theta)) (worst case over a rho-ball, one ascent "
-                       "step): not an IPM as a whole.",
+                   why="sharpness-aware gradient matching: DSA's normalised gradient-matching IPM plus "
+                       "lcmat_weight*(GM(theta + rho g/|g|) - GM(theta)), gradient matching again at LCMat's "
+                       "first-order worst-case perturbation of the loss gap |l_T - l_S| (one normalised ascent step "
+                       "in a rho-ball): not an IPM as a whole.",
                    defaults={**_DC, "init": "real", "lcmat_weight": 0.5, "lcmat_rho": 0.05},
-                   source="Shin et al. AISTATS'23 (LCMat-C code unreleased: DSA defaults)"),
+                   source="Shin et al. AISTATS'23; LCMat-C (condensation) code unreleased (SJShin-AI/LCMat ships the "
+                          "selection variant only), so this row is NOT LCMat's stated regulariser (the worst-case "
+                          "loss gap max_{|eps|<=rho} |l_T(theta+eps) - l_S(theta+eps)|, bounded with rho and a "
+                          "max-eigenvalue term of the Hessian difference): it applies LCMat's worst-case parameter "
+                          "perturbation to the gradient-matching loss (a sharpness-aware variant of DSA); DSA "
+                          "defaults, lcmat_weight 0.5 and lcmat_rho 0.05 are the library's, not the paper's"),
     MatchingRecipe(name="idm", feature_map="embedding", discrepancy="mean_embedding", sampler="pool",
                    augmentation="dsa", extra_terms=("synthetic_ce",), relation_to_ipm=APPROXIMATE,
                    why="linear-kernel IPM^2 on partly trained networks plus an accuracy-weighted cross-entropy "

@@ -89,6 +89,8 @@ def plan_cells(
                     experts = dict(profile.experts.get(dataset, profile.experts.get("*", {}))) or None
                     if experts is not None:
                         experts["arch"] = resolved["arch"]
+                        if resolved.get("zca"):  # experts trained on the whitened data (MTT buffer.py --zca)
+                            experts["zca_eps"] = resolved["zca_eps"]
                 key = cell_key(profile=profile.name, dataset=dataset, method=method, ipc=ipc, seed=seed,
                                models=n_models, eval_epochs=epochs, hyperparameters=resolved, experts=experts,
                                protocol=protocol)

@@ -49,9 +49,15 @@ def _expert_buffer(spec: dict[str, Any], ds: Any) -> tuple[str, float]:
 
     experts = spec["experts"]
     fraction = float(experts.get("train_fraction", 1.0))
+    zca_eps = experts.get("zca_eps")
     folder = Path(spec["runs_dir"]) / "experts" / (
         f"{spec['dataset']}-{experts['arch']}-n{experts['n_experts']}-e{experts['epochs']}-f{fraction:g}"
-        f"-s{int(spec['seed'])}")
+        f"-s{int(spec['seed'])}" + ("" if zca_eps is None else f"-zca{zca_eps:g}"))
+    whitening = None
+    if zca_eps is not None:  # fitted on the full training set, as the condensation run fits it
+        from ipmcondense.whitening import DatasetWhitening
+
+        whitening = DatasetWhitening(ds, float(zca_eps))
     train = ds
     if fraction < 1.0:
         generator = torch.Generator().manual_seed(int(spec["seed"]))
@@ -64,7 +70,8 @@ def _expert_buffer(spec: dict[str, Any], ds: Any) -> tuple[str, float]:
         train = dataclasses.replace(ds, train_images=ds.train_images[index], train_labels=ds.train_labels[index])
     start = time.perf_counter()
     train_experts(train, n_experts=int(experts["n_experts"]), epochs=int(experts["epochs"]), out_dir=folder,
-                  arch=experts["arch"], seed=int(spec["seed"]), progress=False, device=spec.get("device"))
+                  arch=experts["arch"], seed=int(spec["seed"]), progress=False, device=spec.get("device"),
+                  whitening=whitening)
     return str(folder), time.perf_counter() - start
 
 

@@ -331,7 +331,10 @@ _ROWS = (
                         "along the expert trajectory.",
                     defaults={"iterations": 5000, "lr_images": 100.0, "init": "real", "syn_steps": 20,
                               "expert_epochs": 2, "max_start_epoch": 20, "lr_lr": 1e-5},
-                    source="Cazenavette et al. CVPR'22, distill.py (DC-BENCH table)"),
+                    source="Cazenavette et al. CVPR'22, distill.py (DC-BENCH table); the per-IPC CIFAR-10/100 settings "
+                           "(syn_steps, expert_epochs, max_start_epoch, lr_img, lr_lr, lr_teacher, batch_syn, ZCA) of the "
+                           "authors' commands in DC-BENCH methods/tm/readme.md are rows of configs/cifar10.toml and "
+                           "cifar100.toml; with zca the experts must be trained whitened (experts --zca)"),
     ObjectiveRecipe(name="kip", objective="kip", relation_to_ipm=NOT_AN_IPM,
                     why="not an IPM: KRR regression loss of the predictor fitted on S; its witness class is the "
                         "RKHS of the (NTK) kernel, the MMD with that kernel is the IPM counterpart.",

@@ -169,3 +169,27 @@ def test_experts_train_on_whitened_data_and_mtt_checks_it(digits, whitened_buffe
         condense("mtt", "digits", iterations=1, experts=plain_dir, zca=True, **mtt)
     with pytest.raises(ValueError, match="ZCA-whitened data"):
         condense("mtt", "digits", iterations=1, experts=whitened_buffer, **mtt)
+
+
+def test_experts_take_a_whitening_fitted_elsewhere(digits, tmp_path):
+    whitening = DatasetWhitening(digits, 0.1)  # e.g. fitted on the full set while the experts see a subset
+    with pytest.raises(ValueError, match="zca_eps"):
+        train_experts(digits, 1, 1, tmp_path / "x", arch="mlp", progress=False, zca_eps=0.5, whitening=whitening)
+
+
+def test_benchmark_grid_trains_whitened_experts_for_whitened_mtt_cells():
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        from grid.plan import plan_cells
+        from grid.profiles import Profile
+    finally:
+        sys.path.remove(str(root / "benchmarks"))
+    profile = Profile(name="t", description="", experts={"*": {"n_experts": 1, "epochs": 2}})
+    cells = {c.ipc: c for c in plan_cells(profile, ["cifar10"], [1, 50], ["mtt"], upper_bound=False,
+                                          dataset_cache={"cifar10": (None, None)})}
+    assert cells[1].experts["zca_eps"] == 0.1 and cells[1].key["hyperparameters"]["zca"] is True
+    assert "zca_eps" not in cells[50].experts  # DC-BENCH's IPC 50 command has no --zca

@@ -110,6 +110,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="torchvision-layout folder (default $IPMCONDENSE_DATA_ROOT); digits needs none")
     p.add_argument("--download", action="store_true", help="let torchvision extract/download into --data-root")
     p.add_argument("--models", type=int, default=None, help="evaluation models per cell (default: the profile's)")
+    p.add_argument("--protocol", choices=("standard", "published"), default="standard",
+                   help="evaluation protocol: standard (VICO-UoE, every method; default) or published (each "
+                        "method's paper's; cells end in -published)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads per cell (0: torch's default)")

@@ -118,11 +118,51 @@ def published_entry(method: str, dataset: str, ipc: int | None) -> dict[str, Any
     return {"mean": mean, "std": std, "source": source, "tag": tag, "note": row["note"]}
 
 
-def _format_published(entry: dict[str, Any] | None) -> str:
+def _format_published(entry: dict[str, Any] | None, mark: str = "") -> str:
     if entry is None:
         return "–"
     value = f"{entry['mean']:.1f}" + (f" ± {entry['std']:.1f}" if entry["std"] is not None else "")
-    return f"{value} [{entry['source']}; {entry['tag']}]"
+    return f"{value} [{entry['source']}; {entry['tag']}]{mark}"
+
+
+#: Marks a published number measured with a protocol the library does not reproduce (or has not recorded).
+OTHER_PROTOCOL_MARK = " ‡"
+STANDARD = "standard"
+PUBLISHED_PROTOCOL = "published"
+
+
+def published_row_protocol(method: str, dataset: str) -> str | None:
+    """Which of our evaluation protocols the paper's numbers are comparable with.
+
+    ``"standard"`` when the method's published protocol (:mod:`ipmcondense.condensation.published`) is the
+    standard one on ``dataset``, ``"published"`` when it differs and can be reproduced, ``None`` when the
+    paper's protocol is not recorded or cannot be expressed (its numbers are then shown with
+    :data:`OTHER_PROTOCOL_MARK`).
+    """
+    if method == UPPER_BOUND:
+        return STANDARD
+    try:
+        from ipmcondense.condensation.published import is_standard_protocol, protocol_settings
+    except ImportError:  # the table still renders without the library
+        return None
+    try:
+        settings = protocol_settings(method, dataset, PUBLISHED_PROTOCOL)
+    except ValueError:
+        return None
+    return STANDARD if is_standard_protocol(settings) else PUBLISHED_PROTOCOL
+
+
+def _describe_protocol(method: str, dataset: str, protocol: str) -> str:
+    """The evaluation column: ``standard`` or ``published (epochs 300, augmentation none)``."""
+    if protocol != PUBLISHED_PROTOCOL:
+        return protocol
+    try:
+        from ipmcondense.condensation.published import protocol_settings
+
+        settings = protocol_settings(method, dataset, PUBLISHED_PROTOCOL)
+    except (ImportError, ValueError):
+        return protocol
+    return f"published ({', '.join(f'{k} {v}' for k, v in sorted(settings.items())) or 'as standard'})"
 
 
 def load_cells(results_dir: Path) -> list[dict[str, Any]]:
@@ -161,26 +201,40 @@ def _method_order(methods: set[str]) -> list[str]:
 
 
 def _accuracy_table(dataset: str, profile: str, cells: list[dict[str, Any]]) -> list[str]:
-    by_key = {(c["method"], c.get("ipc")): c for c in cells}
+    """One row per (method, evaluation protocol): a published number sits in the row evaluated like it."""
+    by_key = {(c["method"], c.get("ipc"), c.get("protocol", STANDARD)): c for c in cells}
     methods = {c["method"] for c in cells}
-    if dataset in PUBLISHED_DATASETS:
+    published_here = dataset in PUBLISHED_DATASETS
+    if published_here:
         methods |= {m for m in PUBLISHED if dataset in PUBLISHED[m]["values"]}
     ipcs = sorted({c["ipc"] for c in cells if c.get("ipc") is not None} | set(IPCS))
-    header = "| method | " + " | ".join(f"IPC {k}: ours | IPC {k}: published" for k in ipcs) + " |"
-    lines = [header, "|---|" + "---|---|" * len(ipcs)]
+    header = "| method | evaluation | " + " | ".join(f"IPC {k}: ours | IPC {k}: published" for k in ipcs) + " |"
+    lines = [header, "|---|---|" + "---|---|" * len(ipcs)]
     for method in _method_order(methods):
         if method == UPPER_BOUND:
-            cell = by_key.get((UPPER_BOUND, None))
+            cell = by_key.get((UPPER_BOUND, None, STANDARD))
             ours = _format_ours(cell)
             if cell is not None and cell.get("status") == "ok" and cell.get("eval_epochs") is not None:
                 ours += f", {cell['eval_epochs']} epoch{'' if cell['eval_epochs'] == 1 else 's'}"
             pub = _format_published(published_entry(UPPER_BOUND, dataset, None))
-            lines.append(f"| whole dataset (upper bound) | {ours} | {pub} |" + " |" * (2 * len(ipcs) - 2))
+            lines.append(f"| whole dataset (upper bound) | {STANDARD} | {ours} | {pub} |" + " |" * (2 * len(ipcs) - 2))
             continue
-        parts = []
-        for k in ipcs:
-            parts += [_format_ours(by_key.get((method, k))), _format_published(published_entry(method, dataset, k))]
-        lines.append(f"| {method} | " + " | ".join(parts) + " |")
+        has_published = published_here and dataset in PUBLISHED.get(method, {}).get("values", {})
+        home = published_row_protocol(method, dataset) if has_published else STANDARD
+        protocols = [STANDARD] + ([PUBLISHED_PROTOCOL] if home == PUBLISHED_PROTOCOL or any(
+            c["method"] == method and c.get("protocol", STANDARD) == PUBLISHED_PROTOCOL for c in cells) else [])
+        for protocol in protocols:
+            parts = []
+            for k in ipcs:
+                entry = published_entry(method, dataset, k)
+                if home is None:  # the paper's protocol is not reproduced: shown, marked, in the standard row
+                    pub = _format_published(entry, OTHER_PROTOCOL_MARK) if protocol == STANDARD else "–"
+                elif protocol == home:
+                    pub = _format_published(entry)
+                else:
+                    pub = "– (other protocol)" if entry is not None else "–"
+                parts += [_format_ours(by_key.get((method, k, protocol))), pub]
+            lines.append(f"| {method} | {_describe_protocol(method, dataset, protocol)} | " + " | ".join(parts) + " |")
     return lines
 
 
@@ -191,10 +245,11 @@ def _cost_table(cells: list[dict[str, Any]]) -> list[str]:
     lines = ["| method | IPC | iterations | condensation (s) | s / iteration | evaluation (s) | eval epochs | "
              "peak RSS (MB) | library | commit |", "|---|---|---|---|---|---|---|---|---|---|"]
     for method in _method_order({c["method"] for c in ok}):
-        for c in sorted((c for c in ok if c["method"] == method), key=lambda c: c.get("ipc") or 0):
+        for c in sorted((c for c in ok if c["method"] == method), key=lambda c: (c.get("ipc") or 0, c.get("protocol", STANDARD))):
             spi = c.get("seconds_per_iteration")
+            label = method if c.get("protocol", STANDARD) == STANDARD else f"{method} ({c['protocol']} protocol)"
             lines.append(
-                f"| {method} | {c.get('ipc') if c.get('ipc') is not None else 'all'} | {c.get('iterations', 0)} | "
+                f"| {label} | {c.get('ipc') if c.get('ipc') is not None else 'all'} | {c.get('iterations', 0)} | "
                 f"{c.get('condense_seconds', 0.0):.1f} | {f'{spi:.3f}' if spi else '–'} | "
                 f"{c.get('eval_seconds', 0.0):.0f} | {c.get('eval_epochs') if c.get('eval_epochs') is not None else 'protocol (1000)'} | "
                 f"{c.get('peak_rss_mb', 0.0):.0f} | {c.get('version', '?')} | {(c.get('git_commit') or '?')[:12]} |")
@@ -206,6 +261,8 @@ def _not_run(cells: list[dict[str, Any]]) -> list[str]:
     reasons: dict[str, list[str]] = defaultdict(list)
     for c in cells:
         name = c["method"] if c.get("ipc") is None else f"{c['method']}-ipc{c['ipc']}"
+        if c.get("protocol", STANDARD) != STANDARD:
+            name += f"-{c['protocol']}"
         if c.get("status") == "skipped":
             reasons[f"skipped: {c.get('reason', '?')}"].append(name)
         elif c.get("status") != "ok":
@@ -313,6 +370,14 @@ def render_results(results_dir: Path = RESULTS_DIR, plot: bool = True) -> str:
         "not re-verified. Several published rows use protocol deviations (ZCA, learned labels, "
         "multi-formation, other networks), noted below the tables; the digits dataset (scikit-learn 8x8) "
         "has no published numbers.",
+        "",
+        "**Like with like.** Each row says how our number was evaluated: `standard` (the VICO-UoE protocol, every "
+        "method) or `published` (the protocol of the method's paper on that dataset, "
+        "`ipmcondense.condensation.published`, e.g. DC on CIFAR without augmentation for 300 epochs; cells from "
+        "`python benchmarks/condense.py --protocol published`). A published number sits in the row evaluated like "
+        "it; `– (other protocol)` means it belongs to the other row, and ‡ marks a paper whose protocol the "
+        "library does not reproduce or has not recorded (other networks, optimisers, parameterisations), so the "
+        "two columns of that row are not comparable.",
         "",
     ]
     grouped: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)

@@ -18,7 +18,7 @@ accuracy on the full real test set. :class:`EvaluationProtocol` reproduces the V
 Deviations used by other codebases are named options: ``learned_lr`` (MTT, DATM), ``learned_schedule``
 (DD: the distilled schedule of plain gradient steps replayed instead of the epoch loop), ``soft_labels``
 (DATM, soft cross-entropy), ``zca`` (MTT/KIP/FRePo-style ZCA whitening fitted on the real training
-set, :class:`ZCAWhitening`), ``arch`` (any :func:`ipmcondense.nets.get_network` name) and ``epochs``.
+set in pixel scale, :class:`~ipmcondense.whitening.DatasetWhitening`), ``arch`` (any :func:`ipmcondense.nets.get_network` name) and ``epochs``.
 
 Model ``i`` of :func:`evaluate_synthetic` uses seed ``seed + i`` for its initialisation, its
 shuffling and its augmentation, so every accuracy is reproducible on a given device.
@@ -43,7 +43,7 @@ from ipmcondense.augment import DifferentiableSiameseAugmentation, NoAugmentatio
 from ipmcondense.ipm._validation import check_choice, check_positive, check_positive_int
 from ipmcondense.nets import NETWORK_NAMES, build_isolated, get_network
 from ipmcondense.training import train_epoch, train_on_batches
-from ipmcondense.whitening import ZCAWhitening
+from ipmcondense.whitening import DatasetWhitening, ZCAWhitening  # noqa: F401 (ZCAWhitening re-exported)
 
 __all__ = [
     "LearnedSchedule",
@@ -115,8 +115,10 @@ class EvaluationProtocol:
             (``epochs``, ``lr``, ``momentum``, ``weight_decay``, ``batch_size`` and ``augmentation`` are then unused).
         soft_labels: deviation (DATM): train with soft cross-entropy on ``(n, num_classes)`` label
             distributions instead of hard labels.
-        zca: deviation (MTT/KIP/FRePo): whiten inputs with :class:`ZCAWhitening` (``eps=0.1``) fitted
-            on the dataset's real training images; training and test images are both whitened.
+        zca: deviation (MTT/KIP/RFAD/RCIG/FRePo): whiten inputs with
+            :class:`~ipmcondense.whitening.DatasetWhitening` (``eps=0.1``) fitted on the dataset's real
+            training images in pixel scale; the test images are whitened, and the training images too
+            unless the caller says they already are (``inputs_whitened``).
         zca_eps: the ZCA regulariser (0.1 as in MTT).
         dsa_strategy: DSA strategy; ``None`` means :func:`ipmcondense.augment.dsa_strategy_for`
             the dataset (flip dropped for digit-like data).
@@ -420,15 +422,25 @@ def _train_and_test_prepared(
     return classification_accuracy(network, test_images, test_labels, protocol.test_batch_size)
 
 
-def _prepare_test_set(dataset: Any, device: torch.device, zca: ZCAWhitening | None) -> tuple[Tensor, Tensor]:
+def _prepare_test_set(dataset: Any, device: torch.device, zca: DatasetWhitening | None) -> tuple[Tensor, Tensor]:
     test_images = dataset.test_images.to(device=device, dtype=torch.float32)
     if zca is not None:
         test_images = zca.transform(test_images)
     return test_images, dataset.test_labels.to(device=device, dtype=torch.long)
 
 
-def _fit_zca(dataset: Any, protocol: EvaluationProtocol) -> ZCAWhitening | None:
-    return ZCAWhitening(protocol.zca_eps).fit(dataset.train_images) if protocol.zca else None
+def _fit_zca(dataset: Any, protocol: EvaluationProtocol, whitening: DatasetWhitening | None = None
+             ) -> DatasetWhitening | None:
+    if not protocol.zca:
+        return None
+    if whitening is not None:
+        if whitening.eps != protocol.zca_eps or whitening.dataset_name != str(dataset.name):
+            raise ValueError(
+                f"whitening was fitted on {whitening.dataset_name!r} with eps {whitening.eps}, but the protocol "
+                f"asks for {dataset.name!r} with zca_eps {protocol.zca_eps}"
+            )
+        return whitening
+    return DatasetWhitening(dataset, protocol.zca_eps)
 
 
 def train_and_test(
@@ -481,11 +493,14 @@ def evaluate_synthetic(
     device: torch.device | str | None = None,
     *,
     inputs_whitened: bool = False,
+    whitening: DatasetWhitening | None = None,
 ) -> EvaluationResult:
     """Train ``n_models`` fresh networks on a condensed set and summarise their test accuracies.
 
     Model ``i`` uses seed ``seed + i``; the data (and the ZCA transform, with ``protocol.zca``) are
-    prepared once. See :func:`train_and_test` for the arguments.
+    prepared once. See :func:`train_and_test` for the arguments; ``whitening`` is an already fitted
+    :class:`~ipmcondense.whitening.DatasetWhitening` of ``dataset`` to reuse with ``protocol.zca``
+    (it must have the protocol's ``zca_eps``).
 
     Returns:
         An :class:`EvaluationResult` (mean, population std, per-model accuracies and seeds, protocol).
@@ -494,7 +509,7 @@ def evaluate_synthetic(
     protocol = protocol if protocol is not None else EvaluationProtocol()
     device = _resolve_device(device, images)
     train_images, train_labels = _prepare_training_set(images, labels, dataset, protocol, device)
-    zca = _fit_zca(dataset, protocol)
+    zca = _fit_zca(dataset, protocol, whitening)
     if zca is not None and not inputs_whitened:
         train_images = zca.transform(train_images)
     test_images, test_labels = _prepare_test_set(dataset, device, zca)

@@ -341,7 +341,7 @@ def test_results_tables_from_fake_cells(tmp_path):
     assert "**91.2 ± 1.3** (n=3, seed 0)" in text
     assert "89.7 ± 0.6 [DM paper; M]" in text  # published DM MNIST ipc 1 beside ours
     assert "64.9 ± 3.5 [DC paper T1; M]" in text
-    assert "whole dataset (upper bound) | **98.0 ± 1.3** (n=3, seed 0), 1 epoch | 99.6 ± 0.0" in text
+    assert "whole dataset (upper bound) | standard | **98.0 ± 1.3** (n=3, seed 0), 1 epoch | 99.6 ± 0.0" in text
     assert "error: RuntimeError: boom: dc-ipc1" in text
     assert "skipped: IPC 50 is not in the cpu-small profile: dsa-ipc50" in text
     assert "| dm | 10.0 | 30.0 | **3.00** | 3 |" in text
@@ -378,3 +378,42 @@ def test_published_numbers_are_transcribed_from_methods_md():
                     continue
                 text = f"{v[0]:.1f}" + (f"±{v[1]:.1f}" if v[1] is not None else "")
                 assert re.search(re.escape(text) + r"(?![0-9])", line), (method, text)
+
+
+# ------------------------------------------------------------------------------------------ evaluation protocols
+
+
+def test_published_protocol_cells_have_their_own_key_path_and_skips():
+    profile = bench.PROFILES["cpu-small"]
+    cache = {"cifar10": (None, None)}
+    standard = bench.plan_cells(profile, ["cifar10"], [10], ["dc", "kip"], dataset_cache=cache)
+    published = bench.plan_cells(profile, ["cifar10"], [10], ["dc", "kip"], dataset_cache=cache, protocol="published")
+    assert "protocol" not in standard[0].key and published[0].key["protocol"] == "published"
+    assert published[0].name == "dc-ipc10-published" and standard[0].name == "dc-ipc10"
+    assert bench.cell_path(bench.RESULTS_DIR, "cpu-small", "cifar10", "dc", 10, "published").name == "dc-ipc10-published.json"
+    assert published[1].skip_reason is not None and "cannot express" in published[1].skip_reason
+    assert all(c.method != bench.UPPER_BOUND for c in published)
+
+
+def test_results_compare_like_with_like(tmp_path):
+    ok = dict(accuracy_mean=0.30, accuracy_std=0.01, n_models=2, accuracies=[0.29, 0.31], condense_seconds=1.0,
+              seconds_per_iteration=0.1, iterations=10, eval_seconds=1.0, peak_rss_mb=1.0)
+    _fake_cell(tmp_path, "cifar10", "dc", 1, **ok)
+    record = {"format": bench.CELL_FORMAT, "status": "ok", "profile": "cpu-small", "dataset": "cifar10", "method": "dc",
+              "ipc": 1, "seed": 0, "hardware": "FakeCPU", "version": "0.1.0", "git_commit": "abc", "eval_epochs": None,
+              "notes": [], "protocol": "published", **{**ok, "accuracy_mean": 0.25}}
+    bench.atomic_write_json(record, tmp_path / "condense" / "cpu-small" / "cifar10" / "dc-ipc1-published.json")
+    text = results.render_results(tmp_path, plot=False)
+    lines = text.split("## cifar10 — profile `cpu-small`", 1)[1].split("\n## ", 1)[0].splitlines()
+    dc_standard = next(line for line in lines if line.startswith("| dc | standard |"))
+    dc_published = next(line for line in lines if line.startswith("| dc | published ("))
+    # DC's CIFAR numbers (no augmentation, 300 epochs) sit beside our number evaluated the same way
+    assert "**30.0 ± 1.0**" in dc_standard and "28.3 ± 0.5" not in dc_standard and "– (other protocol)" in dc_standard
+    assert "**25.0 ± 1.0**" in dc_published and "28.3 ± 0.5 [VICO README, PAD T1; R,P] |" in dc_published
+    assert "augmentation none, epochs 300" in dc_published
+    # DM's paper used the standard protocol: one row; KIP's cannot be reproduced: marked
+    dm = [line for line in lines if line.startswith("| dm |")]
+    assert len(dm) == 1 and "26.0 ± 0.8 [DM paper via PAD T1; P] |" in dm[0]
+    kip = next(line for line in lines if line.startswith("| kip | standard |"))
+    assert "49.9 ± 0.2 [KIP -> NN via MTT T1; P] ‡" in kip
+    assert any(line.startswith("| dc (published protocol) | 1 |") for line in lines)

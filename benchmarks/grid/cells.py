@@ -1,8 +1,9 @@
 """Benchmark cells: the planned cell, its JSON path, its key, and the cache check.
 
-A cell is one (profile, dataset, method, IPC); its result lives in
-``benchmarks/results/condense/<profile>/<dataset>/<method>-ipc<k>.json`` (``whole-dataset.json`` for
-the upper bound), written atomically. A cached result counts when its JSON has ``status == "ok"``
+A cell is one (profile, dataset, method, IPC, evaluation protocol); its result lives in
+``benchmarks/results/condense/<profile>/<dataset>/<method>-ipc<k>.json`` (``-published`` before ``.json``
+when evaluated with the method's published protocol; ``whole-dataset.json`` for the upper bound),
+written atomically. A cached result counts when its JSON has ``status == "ok"``
 and a key that describes the same computation as the planned cell (:func:`keys_match`).
 """
 
@@ -23,6 +24,7 @@ __all__ = [
     "CELL_FORMAT",
     "UPPER_BOUND",
     "Cell",
+    "cell_name",
     "cell_path",
     "cell_key",
     "key_hash",
@@ -54,16 +56,24 @@ class Cell:
     key: dict[str, Any]
     skip_reason: str | None = None
     experts: dict[str, Any] | None = None
+    protocol: str = "standard"
 
     @property
     def name(self) -> str:
-        return UPPER_BOUND if self.method == UPPER_BOUND else f"{self.method}-ipc{self.ipc}"
+        return cell_name(self.method, self.ipc, self.protocol)
 
 
-def cell_path(results_dir: Path, profile: str, dataset: str, method: str, ipc: int | None) -> Path:
-    """``<results_dir>/<profile>/<dataset>/<method>-ipc<k>.json`` (``whole-dataset.json`` for the bound)."""
+def cell_name(method: str, ipc: int | None, protocol: str = "standard") -> str:
+    """``<method>-ipc<k>``, plus ``-<protocol>`` for an evaluation protocol other than the standard one."""
     name = UPPER_BOUND if method == UPPER_BOUND else f"{method}-ipc{ipc}"
-    return Path(results_dir) / profile / dataset / f"{name}.json"
+    return name if protocol == "standard" else f"{name}-{protocol}"
+
+
+def cell_path(results_dir: Path, profile: str, dataset: str, method: str, ipc: int | None,
+              protocol: str = "standard") -> Path:
+    """``<results_dir>/<profile>/<dataset>/<method>-ipc<k>[-<protocol>].json`` (``whole-dataset.json`` for the
+    bound); cells evaluated with the method's published protocol end in ``-published``."""
+    return Path(results_dir) / profile / dataset / f"{cell_name(method, ipc, protocol)}.json"
 
 
 def _plain(value: Any) -> Any:
@@ -79,13 +89,20 @@ def _plain(value: Any) -> Any:
 def cell_key(
     *, profile: str, dataset: str, method: str, ipc: int | None, seed: int, models: int,
     eval_epochs: int | None, hyperparameters: dict[str, Any], experts: dict[str, Any] | None = None,
+    protocol: str = "standard",
 ) -> dict[str, Any]:
-    """What identifies a cell's result: if any of it changes, the cached number is stale."""
-    return _plain({
+    """What identifies a cell's result: if any of it changes, the cached number is stale.
+
+    The evaluation ``protocol`` enters the key only when it is not ``"standard"`` (the keys of the cells
+    cached before protocols could be chosen stay valid)."""
+    key = {
         "profile": profile, "dataset": dataset, "method": method, "ipc": ipc, "seed": seed,
         "models": models, "eval_epochs": eval_epochs, "hyperparameters": hyperparameters,
         "experts": experts,
-    })
+    }
+    if protocol != "standard":
+        key["protocol"] = protocol
+    return _plain(key)
 
 
 def key_hash(key: dict[str, Any]) -> str:

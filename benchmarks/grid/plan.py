@@ -57,12 +57,17 @@ def _hyperparameters(profile: Profile, dataset: str, method: str, extra: dict[st
 def plan_cells(
     profile: Profile, datasets: list[str], ipcs: list[int], methods: list[str] | None, *, seed: int = 0,
     models: int | None = None, data_root: str | None = None, download: bool = False,
-    upper_bound: bool = True, dataset_cache: dict | None = None,
+    upper_bound: bool = True, dataset_cache: dict | None = None, protocol: str = "standard",
 ) -> list[Cell]:
     """Every cell of the grid, in run order (cheap IPCs first), with a skip reason where it cannot run.
 
     ``methods=None`` means the profile's methods for each dataset (every registry row if it names none).
+    ``protocol`` is the evaluation protocol (``"standard"`` or ``"published"``,
+    :mod:`ipmcondense.condensation.published`); with ``"published"`` a method without an expressible
+    published protocol is skipped with the reason, and the whole-dataset bound is not planned.
     """
+    from ipmcondense.condensation.published import protocol_settings
+
     from ipmcondense.condensation.recipes import METHOD_NAMES, get_recipe
 
     cache = dataset_cache if dataset_cache is not None else {}
@@ -84,9 +89,17 @@ def plan_cells(
                     experts = dict(profile.experts.get(dataset, profile.experts.get("*", {}))) or None
                     if experts is not None:
                         experts["arch"] = resolved["arch"]
+                        if resolved.get("zca"):  # experts trained on the whitened data (MTT buffer.py --zca)
+                            experts["zca_eps"] = resolved["zca_eps"]
                 key = cell_key(profile=profile.name, dataset=dataset, method=method, ipc=ipc, seed=seed,
-                               models=n_models, eval_epochs=epochs, hyperparameters=resolved, experts=experts)
+                               models=n_models, eval_epochs=epochs, hyperparameters=resolved, experts=experts,
+                               protocol=protocol)
                 reason = missing
+                if reason is None:
+                    try:
+                        protocol_settings(method, dataset, protocol)
+                    except ValueError as err:
+                        reason = str(err)
                 if reason is None and profile.ipcs.get(dataset) is not None and ipc not in profile.ipcs[dataset]:
                     reason = f"IPC {ipc} is not in the {profile.name} profile for {dataset} (runs {list(profile.ipcs[dataset])})"
                 if reason is None and not explicit and dataset in profile.methods and method not in profile.methods[dataset]:
@@ -98,8 +111,8 @@ def plan_cells(
                     if ipc > smallest:
                         reason = f"IPC {ipc} exceeds the smallest class ({smallest} training images)"
                 cells.append(Cell(profile.name, dataset, method, ipc, seed, n_models, epochs, overrides, key,
-                                  reason, experts))
-        if upper_bound and (not explicit or UPPER_BOUND in names):
+                                  reason, experts, protocol))
+        if upper_bound and protocol == "standard" and (not explicit or UPPER_BOUND in names):
             spec = profile.upper_bound.get(dataset)
             n_models = models or (spec or {}).get("models", 1)
             epochs = (spec or {}).get("epochs")

@@ -49,9 +49,15 @@ def _expert_buffer(spec: dict[str, Any], ds: Any) -> tuple[str, float]:
 
     experts = spec["experts"]
     fraction = float(experts.get("train_fraction", 1.0))
+    zca_eps = experts.get("zca_eps")
     folder = Path(spec["runs_dir"]) / "experts" / (
         f"{spec['dataset']}-{experts['arch']}-n{experts['n_experts']}-e{experts['epochs']}-f{fraction:g}"
-        f"-s{int(spec['seed'])}")
+        f"-s{int(spec['seed'])}" + ("" if zca_eps is None else f"-zca{zca_eps:g}"))
+    whitening = None
+    if zca_eps is not None:  # fitted on the full training set, as the condensation run fits it
+        from ipmcondense.whitening import DatasetWhitening
+
+        whitening = DatasetWhitening(ds, float(zca_eps))
     train = ds
     if fraction < 1.0:
         generator = torch.Generator().manual_seed(int(spec["seed"]))
@@ -64,7 +70,8 @@ def _expert_buffer(spec: dict[str, Any], ds: Any) -> tuple[str, float]:
         train = dataclasses.replace(ds, train_images=ds.train_images[index], train_labels=ds.train_labels[index])
     start = time.perf_counter()
     train_experts(train, n_experts=int(experts["n_experts"]), epochs=int(experts["epochs"]), out_dir=folder,
-                  arch=experts["arch"], seed=int(spec["seed"]), progress=False, device=spec.get("device"))
+                  arch=experts["arch"], seed=int(spec["seed"]), progress=False, device=spec.get("device"),
+                  whitening=whitening)
     return str(folder), time.perf_counter() - start
 
 
@@ -113,7 +120,7 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     start = time.perf_counter()
     report = evaluate(run_dir, ds, models=int(spec["models"]), epochs=spec["eval_epochs"], seed=int(spec["seed"]),
-                      device=device)
+                      device=device, protocol=spec.get("protocol", "standard"))
     out.update(
         accuracy_mean=report["accuracy_mean"], accuracy_std=report["accuracy_std"], accuracies=report["accuracies"],
         eval_seeds=report["seeds"], n_models=report["n_models"], eval_protocol=report["protocol"],
@@ -149,6 +156,7 @@ def _base_record(cell: Cell, args: argparse.Namespace) -> dict[str, Any]:
     return {
         "format": CELL_FORMAT, "profile": cell.profile, "dataset": cell.dataset, "method": cell.method,
         "ipc": cell.ipc, "seed": cell.seed, "models_requested": cell.models, "eval_epochs": cell.eval_epochs,
+        "protocol": cell.protocol,
         "key": cell.key, "key_hash": key_hash(cell.key), "version": __version__, "git_commit": git_commit(),
         "hardware": hardware_string(args.device), "device": args.device,
         "load_average_1min_at_end": os.getloadavg()[0],
@@ -158,13 +166,14 @@ def _base_record(cell: Cell, args: argparse.Namespace) -> dict[str, Any]:
 
 def run_cell(cell: Cell, args: argparse.Namespace) -> dict[str, Any]:
     """Run ``cell`` in a subprocess with a timeout; return the record (also written to its JSON)."""
-    path = cell_path(args.results_dir, cell.profile, cell.dataset, cell.method, cell.ipc)
+    path = cell_path(args.results_dir, cell.profile, cell.dataset, cell.method, cell.ipc, cell.protocol)
     run_dir = Path(args.runs_dir) / cell.profile / cell.dataset / cell.name
     with tempfile.TemporaryDirectory(prefix="ipmcondense-bench-") as tmp:
         spec = {
             "profile": cell.profile, "dataset": cell.dataset, "method": cell.method, "ipc": cell.ipc,
             "seed": cell.seed, "models": cell.models, "eval_epochs": cell.eval_epochs, "overrides": cell.overrides,
             "experts": cell.experts, "data_root": args.data_root, "download": args.download, "device": args.device,
+            "protocol": cell.protocol,
             "threads": args.threads,
             "run_dir": str(run_dir), "runs_dir": str(args.runs_dir), "result_file": str(Path(tmp) / "result.json"),
         }
@@ -211,13 +220,13 @@ def run_grid(args: argparse.Namespace) -> int:
     cache: dict = {}
     cells = plan_cells(profile, args.datasets, args.ipc, args.methods, seed=args.seed, models=args.models,
                        data_root=args.data_root, download=args.download, upper_bound=not args.no_upper_bound,
-                       dataset_cache=cache)
+                       dataset_cache=cache, protocol=getattr(args, "protocol", "standard"))
     totals: dict[str, float] = {}
     skipped: dict[str, int] = {}
     todo: list[Cell] = []
     print(f"profile {profile.name}: {profile.description}")
     for cell in cells:
-        path = cell_path(args.results_dir, cell.profile, cell.dataset, cell.method, cell.ipc)
+        path = cell_path(args.results_dir, cell.profile, cell.dataset, cell.method, cell.ipc, cell.protocol)
         label = f"{cell.dataset:14s} {cell.name:24s}"
         if cell.skip_reason is not None:
             reason = cell.skip_reason if len(cell.skip_reason) <= 100 else cell.skip_reason[:97] + "..."
@@ -251,7 +260,7 @@ def run_grid(args: argparse.Namespace) -> int:
         todo = todo[: args.max_cells]
     failures = 0
     for i, cell in enumerate(todo, 1):
-        path = cell_path(args.results_dir, cell.profile, cell.dataset, cell.method, cell.ipc)
+        path = cell_path(args.results_dir, cell.profile, cell.dataset, cell.method, cell.ipc, cell.protocol)
         if not args.force and cached_cell(path, cell.key, COMMON_DEFAULTS) is not None:
             # another grid process sharing the results folder finished it meanwhile
             print(f"[{i}/{len(todo)}] {cell.profile}/{cell.dataset}/{cell.name}: cached meanwhile", flush=True)

@@ -99,7 +99,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--data-root", default=None)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", default=None)
-    e.add_argument("--augmentation", choices=("dsa", "none"), default="dsa")
+    e.add_argument("--augmentation", choices=("dsa", "none"), default=None,
+                   help="training augmentation (default: the protocol's; dsa for the standard protocol)")
+    e.add_argument("--protocol", choices=("standard", "published"), default="standard",
+                   help="standard: the VICO-UoE protocol for every method (default); published: the protocol of "
+                        "the method's paper on this dataset (e.g. DC on CIFAR: no augmentation, 300 epochs)")
     e.add_argument("--no-learned-lr", action="store_true",
                    help="ignore a learning rate learned during condensation (MTT) and use the protocol's")
     e.set_defaults(func=run_evaluate)
@@ -144,7 +148,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     report = evaluate(
         args.path, dataset=args.dataset, models=args.models, arch=args.arch, epochs=args.epochs,
         data_root=args.data_root, seed=args.seed, device=args.device, augmentation=args.augmentation,
-        learned_lr=not args.no_learned_lr, image_size=args.image_size,
+        learned_lr=not args.no_learned_lr, image_size=args.image_size, protocol=args.protocol,
     )
     print(json.dumps(report, indent=2))
     return 0

@@ -39,6 +39,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--lr", type=float, default=0.01, help="SGD step size, no momentum/weight decay (default 0.01)")
     p.add_argument("--batch-size", type=int, default=256, help="real mini-batch size (default 256)")
     p.add_argument("--no-augment", action="store_true", help="train without DSA augmentation")
+    p.add_argument("--zca", action="store_true",
+                   help="train on ZCA-whitened data (MTT buffer.py --zca; for MTT runs with zca=true)")
+    p.add_argument("--zca-eps", type=float, default=0.1, help="ZCA regulariser with --zca (default 0.1)")
     p.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
     p.add_argument("--data-root", default=None, help="folder holding the torchvision datasets")
     p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
@@ -66,6 +69,7 @@ def run_experts(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.no_progress,
         device=args.device,
+        zca_eps=args.zca_eps if args.zca else None,
     )
     summary = report.to_dict()
     summary["seconds"] = round(summary["seconds"], 3)

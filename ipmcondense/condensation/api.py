@@ -59,7 +59,8 @@ class CondensationResult:
     """What :func:`condense` returns (and writes to ``out``).
 
     Attributes:
-        images: ``(num_classes * k, C, H, W)`` decoded synthetic images (normalised space, CPU), class-blocked;
+        images: ``(num_classes * k, C, H, W)`` decoded synthetic images (normalised space, or the ZCA-whitened
+            space when ``config["zca"]``; CPU), class-blocked;
             ``k = ipc`` for ``pixels``, ``ipc * factor**2`` for ``multiformation`` (``synthetic.pt`` also holds the
             stored parameters under ``"stored"``).
         labels: ``(num_classes * k,)`` labels.
@@ -279,6 +280,9 @@ def condense(
         config["init"] = recipe.selection
         config["iterations"] = 0
     _check_config(config, recipe, ds, ipc)
+    # ZCA (MTT/KIP/RFAD/RCIG): every step, the initial images and the synthetic set live in the whitened space
+    whitening = _whitening(config, ds)
+    raw_ds, ds = ds, (ds if whitening is None else whitening.whitened_dataset(ds))
     objective = None if recipe.is_selection else get_objective_class(recipe.objective)
     if objective is not None:
         config = objective.prepare_config(config, ds)
@@ -308,9 +312,10 @@ def condense(
         out_path.mkdir(parents=True, exist_ok=True)
     try:
         history, schedule = _optimise(recipe, full_config, ds, synthetic_set, seed, dev, out_path, progress,
-                                      checkpoint)
+                                      checkpoint, raw_ds, whitening)
+        pixels = ds.denormalise if whitening is None else whitening.to_pixels
         return _finish(recipe, full_config, ds, synthetic_set, history, out_path, time.perf_counter() - start, dev,
-                       schedule)
+                       pixels, schedule)
     except BaseException:
         # a run that failed before its first checkpoint leaves no folder behind
         if created and out_path.exists() and not any(out_path.iterdir()):
@@ -327,31 +332,46 @@ def _build_network_factory(config: dict[str, Any], ds: Any):
     return build
 
 
+def _whitening(config: dict[str, Any], ds: Any):
+    """The :class:`~ipmcondense.whitening.DatasetWhitening` of ``ds`` when ``config["zca"]``, else ``None``."""
+    if not isinstance(config["zca"], bool):
+        raise TypeError(f"zca must be True or False, got {config['zca']!r}")
+    check_positive_number(config["zca_eps"], "zca_eps")
+    if not config["zca"]:
+        return None
+    from ipmcondense.whitening import DatasetWhitening
+
+    return DatasetWhitening(ds, float(config["zca_eps"]))
+
+
 def _evaluation_fn(config: dict[str, Any], ds: Any, seed: int, dev: torch.device, synthetic: Any = None,
-                   learned_schedule: Any = None):
-    """Periodic evaluation; ``learned_schedule()`` gives the objective's current schedule (DD) or ``None``."""
+                   whitening: Any = None, learned_schedule: Any = None):
+    """In-run evaluation on the raw dataset ``ds``: with ``zca`` the protocol is told the images are whitened;
+    ``learned_schedule()`` gives the objective's current schedule (DD) or ``None``."""
     from ipmcondense.evaluation import EvaluationProtocol, evaluate_synthetic
 
     def run(images: Tensor, labels: Tensor) -> dict[str, Any]:
         learned_lr = None if synthetic is None else synthetic.learned_learning_rate()
         protocol = EvaluationProtocol(arch=config["arch"], epochs=config["eval_epochs"], learned_lr=learned_lr,
                                       learned_schedule=None if learned_schedule is None else learned_schedule(),
-                                      soft_labels=labels.dim() == 2)
+                                      soft_labels=labels.dim() == 2, zca=bool(config["zca"]),
+                                      zca_eps=float(config["zca_eps"]))
         result = evaluate_synthetic(images, labels, ds, protocol, n_models=int(config["eval_models"]),
-                                    seed=seed, device=dev)
+                                    seed=seed, device=dev, inputs_whitened=bool(config["zca"]), whitening=whitening)
         return {"accuracy_mean": result.accuracy_mean, "accuracy_std": result.accuracy_std,
                 "accuracies": list(result.accuracies)}
 
     return run
 
 
-def _optimise(recipe, config, ds, synthetic, seed, dev, out_path, progress, checkpoint):
+def _optimise(recipe, config, ds, synthetic, seed, dev, out_path, progress, checkpoint, raw_ds, whitening):
     if recipe.is_selection:
         return None, None
     engine = CondensationEngine(
         recipe, config, ds, synthetic, _build_network_factory(config, ds), seed=seed, device=dev,
         out=out_path, progress=progress,
-        evaluate=_evaluation_fn(config, ds, seed, dev, synthetic, lambda: engine.objective.learned_schedule()),
+        evaluate=_evaluation_fn(config, raw_ds, seed, dev, synthetic, whitening,
+                                lambda: engine.objective.learned_schedule()),
     )
     if checkpoint is not None:
         try:
@@ -363,7 +383,9 @@ def _optimise(recipe, config, ds, synthetic, seed, dev, out_path, progress, chec
     return engine.run(), engine.objective.learned_schedule()
 
 
-def _finish(recipe, config, ds, synthetic, history, out_path, seconds, dev, schedule=None) -> CondensationResult:
+def _finish(
+    recipe, config, ds, synthetic, history, out_path, seconds, dev, pixels, schedule=None
+) -> CondensationResult:
     images = synthetic.images().detach().cpu().clone()
     labels = synthetic.labels.detach().cpu().clone()
     training_labels = synthetic.training_labels().detach().cpu().clone()
@@ -397,7 +419,7 @@ def _finish(recipe, config, ds, synthetic, history, out_path, seconds, dev, sche
             out_path / SYNTHETIC_FILE,
         )
         atomic_write_json({**metrics, "config": config}, out_path / METRICS_FILE)
-        save_image_grid(images, synthetic.images_per_class, out_path / GRID_FILE, ds.denormalise)
+        save_image_grid(images, synthetic.images_per_class, out_path / GRID_FILE, pixels)
     return CondensationResult(images, labels, config, metrics, out_path, recipe, lr, training_labels, schedule)
 
 
@@ -411,10 +433,11 @@ def evaluate(
     data_root: str | os.PathLike | None = None,
     seed: int = 0,
     device: str | torch.device | None = None,
-    augmentation: str = "dsa",
+    augmentation: str | None = None,
     save: bool = True,
     learned_lr: bool = True,
     image_size: int | tuple[int, int] | None = None,
+    protocol: str = "standard",
 ) -> dict[str, Any]:
     """Train ``models`` fresh networks on a condensed set and report their test accuracy.
 
@@ -434,21 +457,28 @@ def evaluate(
         epochs: training epochs (default: the protocol's).
         data_root: where torchvision datasets live (default: the one recorded at condensation).
         device: training device (default CPU).
-        augmentation: ``"dsa"`` or ``"none"``.
+        augmentation: ``"dsa"`` or ``"none"`` (default: the protocol's; ``"dsa"`` for ``"standard"``).
         save: write ``evaluation.json`` next to the synthetic set.
         learned_lr: train with what was learned during condensation when the set has it: MTT's learning
             rate (the protocol's ``learned_lr`` option) or DD's schedule, replayed instead of the epoch loop
             (the protocol's ``learned_schedule``); ``False`` uses the standard protocol.
         image_size: resize the dataset's images (see :func:`ipmcondense.data.load_dataset`); default:
             the synthetic images' size when the recorded dataset is reloaded, none for a given ``dataset``.
+        protocol: ``"standard"`` (the VICO-UoE protocol for every method) or ``"published"`` (the protocol of
+            the method's paper on this dataset, :mod:`ipmcondense.condensation.published`, e.g. DC on CIFAR
+            without augmentation for 300 epochs); ``arch``, ``epochs`` and ``augmentation`` given explicitly
+            override it. ZCA, the learned rate and soft labels come from the set under both.
 
     Returns:
-        ``{"accuracy_mean", "accuracy_std", "n_models", "accuracies", "seeds", "protocol", ...}``
-        (accuracies in ``[0, 1]``).
+        ``{"accuracy_mean", "accuracy_std", "n_models", "accuracies", "seeds", "protocol", "protocol_name",
+        ...}`` (accuracies in ``[0, 1]``; ``protocol_name`` is ``protocol``, ``"protocol"`` the settings used).
     """
     from ipmcondense.evaluation import EvaluationProtocol, LearnedSchedule, evaluate_synthetic
 
+    from .published import PROTOCOL_NAMES, protocol_settings
+
     models = check_positive_int(models, "models")
+    check_choice(protocol, PROTOCOL_NAMES, "protocol")
     if isinstance(path_or_result, CondensationResult):
         images, labels, config = path_or_result.images, path_or_result.training_labels, path_or_result.config
         lr, folder = path_or_result.learning_rate, path_or_result.out
@@ -477,10 +507,19 @@ def evaluate(
     dev = _resolve_device(device)
     if not learned_lr:
         lr = schedule = None
-    protocol = EvaluationProtocol(arch=arch or config.get("arch", "convnet"), epochs=epochs,
-                                  augmentation=augmentation, learned_lr=lr, learned_schedule=schedule,
-                                  soft_labels=labels.dim() == 2)
-    result = evaluate_synthetic(images.to(dev), labels.to(dev), ds, protocol, n_models=models, seed=seed, device=dev)
+    # a set condensed in the ZCA space (config "zca") is evaluated there: the test set is whitened with the
+    # same transform (fitted again on the full training set) and the synthetic images are left as they are
+    whitened = bool(config.get("zca", False))
+    settings = protocol_settings(str(config.get("method")), ds.name, protocol)
+    settings.setdefault("arch", config.get("arch", "convnet"))
+    settings.setdefault("augmentation", "dsa")
+    explicit = {"arch": arch, "epochs": epochs, "augmentation": augmentation}
+    settings.update({k: v for k, v in explicit.items() if v is not None})
+    settings.update(learned_lr=lr, learned_schedule=schedule, soft_labels=labels.dim() == 2, zca=whitened,
+                    zca_eps=float(config.get("zca_eps", 0.1)))
+    evaluation_protocol = EvaluationProtocol(**settings)
+    result = evaluate_synthetic(images.to(dev), labels.to(dev), ds, evaluation_protocol, n_models=models, seed=seed,
+                                device=dev, inputs_whitened=whitened)
     report = {
         "accuracy_mean": result.accuracy_mean,
         "accuracy_std": result.accuracy_std,
@@ -488,6 +527,7 @@ def evaluate(
         "accuracies": list(result.accuracies),
         "seeds": list(result.seeds),
         "protocol": result.protocol,
+        "protocol_name": protocol,
         "dataset": ds.name,
         "method": config.get("method"),
         "ipc": config.get("ipc"),

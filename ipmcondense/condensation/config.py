@@ -47,6 +47,9 @@ class EngineOptions:
     eval_epochs: int | None = option(None, "None: the protocol default (1000 with DSA)")
     optimizer_images: str = option("sgd", "sgd (momentum_images) or adam (KIP, DD, RCIG)")
     adam_betas: tuple[float, ...] = option((0.9, 0.999), "torch's Adam default; the dd row sets ssnl's (0.5, 0.999)")
+    zca: bool = option(False, "MTT/KIP/RFAD/RCIG on CIFAR: condense (and evaluate) in the ZCA-whitened space of "
+                              "the full training set (MTT utils.py get_dataset --zca)")
+    zca_eps: float = option(0.1, "MTT utils.py: K.enhance.ZCAWhitening(eps=0.1); RFAD get_zca_matrix reg_coef=0.1")
 
 
 #: Every registry whose components contribute options to the flat table, by axis.

@@ -18,8 +18,8 @@ from ipmcondense.components import Component, Registry, option
 from .discrepancies import class_means
 from .samplers import running_accuracy_percent
 
-__all__ = ["ExtraTerm", "SyntheticCrossEntropy", "PrototypeDiscrimination", "EXTRA_TERMS", "EXTRA_TERM_NAMES",
-           "get_extra_term"]
+__all__ = ["ExtraTerm", "SyntheticCrossEntropy", "PrototypeDiscrimination", "ClassNormStatistics", "TeacherCrossEntropy",
+           "class_norm_statistics", "EXTRA_TERMS", "EXTRA_TERM_NAMES", "get_extra_term"]
 
 
 
@@ -111,9 +111,95 @@ class PrototypeDiscrimination(ExtraTerm):
         return self.weight * F.cross_entropy(logits[keep], targets[keep], reduction="sum")
 
 
+#: Layers whose input statistics :class:`ClassNormStatistics` matches (BatchNorm's own; the input of the
+#: ConvNet's instance norm, GroupNorm(C, C), is the same per-channel quantity).
+NORM_LAYERS = (nn.BatchNorm2d, nn.GroupNorm, nn.InstanceNorm2d)
+
+
+def class_norm_statistics(net: nn.Module, images: Tensor, segments: Sequence[slice]) -> list[list[tuple[Tensor, Tensor]]]:
+    r"""Per normalisation layer, per class segment: the per-channel mean and biased variance of the layer input.
+
+    For an input :math:`z \in \mathbb R^{N_c \times C \times H \times W}` of class :math:`c`:
+    :math:`\mu_c = \frac{1}{N_c H W}\sum_{n,h,w} z`, :math:`\sigma^2_c = \frac{1}{N_c H W}\sum (z - \mu_c)^2`
+    (BatchNorm's statistics restricted to the class). Differentiable in ``images``; one forward pass.
+    """
+    inputs: list[Tensor] = []
+    hooks = [m.register_forward_pre_hook(lambda _m, args: inputs.append(args[0]))
+             for m in net.modules() if isinstance(m, NORM_LAYERS)]
+    try:
+        net(images)
+    finally:
+        for h in hooks:
+            h.remove()
+    if not inputs:
+        raise ValueError(
+            f"the per-class normalisation-statistics term needs a network with BatchNorm or instance/group "
+            f"normalisation layers; {type(net).__name__} has none (use an arch such as convnet or convnet-bn)"
+        )
+    dims = lambda z: [0] + list(range(2, z.dim()))  # noqa: E731 - every axis but the channel
+    return [[(z[s].mean(dim=dims(z)), z[s].var(dim=dims(z), unbiased=False)) for s in segments] for z in inputs]
+
+
+class ClassNormStatistics(ExtraTerm):
+    r"""WMDD's per-class BatchNorm-statistics loss.
+
+    .. math::
+        w \sum_l \frac1C \sum_c \Big(\|\mu^l_c(S) - \mu^l_c(T)\|_2 + \|\sigma^{2,l}_c(S) - \sigma^{2,l}_c(T)\|_2\Big)
+
+    over the normalisation layers :math:`l` of the network (:func:`class_norm_statistics`): the per-channel
+    mean and variance of each layer's input over the class's images, synthetic against real (WMDD
+    ``utils.py: BNFeatureHook_new``: ``torch.norm(diff_var, dim=1).mean() + torch.norm(diff_mean, dim=1).mean()``,
+    summed over layers, times ``--r-bn``). WMDD takes the real statistics from all of the class's
+    training images (per-class running statistics of the teacher); here from the real batch of the step.
+    Zero when the statistics agree. Not an IPM (a moment-matching penalty). Cost: one forward pass per
+    side.
+    """
+
+    name = "class_norm_statistics"
+
+    @dataclass(frozen=True)
+    class Options:
+        bn_weight: float = option(0.01, "WMDD run.sh: R_BN 0.01 (ImageNette; 1.0 for Tiny-ImageNet)")
+
+    @classmethod
+    def from_options(cls, options, **context):
+        return cls(options.bn_weight)
+
+    def __call__(self, net, real_images, real_labels, synthetic_images, synthetic_labels, real_segments, synthetic_segments):
+        with torch.no_grad():
+            real = class_norm_statistics(net, real_images, real_segments)
+        synthetic = class_norm_statistics(net, synthetic_images, synthetic_segments)
+        total = synthetic_images.new_zeros(())
+        for layer_real, layer_syn in zip(real, synthetic):
+            per_class = [(ms - mr).norm() + (vs - vr).norm() for (mr, vr), (ms, vs) in zip(layer_real, layer_syn)]
+            total = total + torch.stack(per_class).mean()
+        return self.weight * total
+
+
+class TeacherCrossEntropy(ExtraTerm):
+    r"""WMDD's classification term :math:`w \cdot \text{CE}(f_\theta(S), y)` (mean over the synthetic batch).
+
+    The trained network's cross-entropy on the synthetic images (WMDD ``data_synthesis_new.py``:
+    ``criterion(outputs, targets) * args.r_wb``). Not an IPM. Cost: one forward pass.
+    """
+
+    name = "teacher_ce"
+
+    @dataclass(frozen=True)
+    class Options:
+        teacher_ce_weight: float = option(1.0, "WMDD data_synthesis_new.py: --r-wb 1 (run.sh R_WB=1)")
+
+    @classmethod
+    def from_options(cls, options, **context):
+        return cls(options.teacher_ce_weight)
+
+    def __call__(self, net, real_images, real_labels, synthetic_images, synthetic_labels, real_segments, synthetic_segments):
+        return self.weight * F.cross_entropy(net(synthetic_images), synthetic_labels)
+
+
 #: The registered extra terms by name.
 EXTRA_TERMS: Registry = Registry("extra term")
-for _cls in (SyntheticCrossEntropy, PrototypeDiscrimination):
+for _cls in (SyntheticCrossEntropy, PrototypeDiscrimination, ClassNormStatistics, TeacherCrossEntropy):
     EXTRA_TERMS.register(_cls)
 EXTRA_TERM_NAMES = EXTRA_TERMS.names
 

@@ -235,6 +235,25 @@ _ROWS = (
                    defaults={**_DM, "sinkhorn_p": 1},
                    source="W1 matching of random-network embeddings (the seed's Wasserstein method); DM defaults. "
                           "WMDD (Liu et al.) is a different algorithm (W2 barycentres of trained features), not this row"),
+    MatchingRecipe(name="wmdd", feature_map="embedding", discrepancy="w2_barycenter", sampler="pretrained",
+                   augmentation="dsa", extra_terms=("class_norm_statistics", "teacher_ce"), relation_to_ipm=APPROXIMATE,
+                   why="per class sqrt(ipc) W_2 between the synthetic embeddings and the ipc-atom W_2 barycenter of the "
+                       "real ones, in one trained network's feature space, plus per-class BatchNorm-statistics and "
+                       "cross-entropy penalties: W_2 is not an IPM (W_1 <= W_2 only bounds the Lipschitz IPM).",
+                   defaults={"iterations": 2000, "lr_images": 0.25, "optimizer_images": "adam", "init": "noise",
+                             "batch_real": 256},
+                   source="Liu et al. ICCV'25 (arXiv 2311.18531), Liu-Hy/WMDD recover/data_synthesis_new.py, "
+                          "recover/barycenter.py, utils.py BNFeatureHook_new, run.sh: loss r_wb CE + ||f(x) - "
+                          "bary|| + r_bn sum_l mean_c(||var|| + ||mean||), r_wb 1, r_bn 0.01, Adam lr 0.25, 2000 "
+                          "iterations, noise init, teacher pretrained 50 epochs (SGD 0.025 cosine, wd 1e-4). "
+                          "Deviations: ConvNet teacher trained pretrain_steps class-balanced SGD steps instead of a "
+                          "ResNet-18; the barycenter of each step's (siamese-augmented) real batch of batch_real per "
+                          "class, matched by optimal assignment, instead of once on all un-augmented class images "
+                          "with atoms paired by index; real statistics from the batch, not the class's running "
+                          "statistics; statistics at the input of the ConvNet's instance norm where there is no "
+                          "BatchNorm; Adam betas (0.9, 0.999) not (0.5, 0.9), no cosine image-lr schedule, DSA "
+                          "instead of random-resized-crop/flip/jitter; no FKD soft relabelling (the standard protocol "
+                          "evaluates on hard labels)"),
     MatchingRecipe(name="dc", feature_map="gradients", discrepancy="gradient_cosine", sampler="fresh_inner",
                    augmentation="none", relation_to_ipm=NORMALISED,
                    why="per output row r of each layer, 1 - cos(a_r, b_r) = (IPM_r^2 - (|a_r| - |b_r|)^2) / "
@@ -280,11 +299,17 @@ _ROWS = (
                    source="Sajedi et al. ICCV'23, main_DataDAM.py"),
     MatchingRecipe(name="lcmat", feature_map="gradients", discrepancy="gradient_cosine", sampler="fresh_inner",
                    augmentation="dsa", relation_to_ipm=APPROXIMATE,
-                   why="gradient-matching IPM (DSA, normalised) plus the loss-curvature regulariser "
-                       "lcmat_weight*(GM(theta + rho g/|g|) - GM(theta)) (worst case over a rho-ball, one ascent "
-                       "step): not an IPM as a whole.",
+                   why="sharpness-aware gradient matching: DSA's normalised gradient-matching IPM plus "
+                       "lcmat_weight*(GM(theta + rho g/|g|) - GM(theta)), gradient matching again at LCMat's "
+                       "first-order worst-case perturbation of the loss gap |l_T - l_S| (one normalised ascent step "
+                       "in a rho-ball): not an IPM as a whole.",
                    defaults={**_DC, "init": "real", "lcmat_weight": 0.5, "lcmat_rho": 0.05},
-                   source="Shin et al. AISTATS'23 (LCMat-C code unreleased: DSA defaults)"),
+                   source="Shin et al. AISTATS'23; LCMat-C (condensation) code unreleased (SJShin-AI/LCMat ships the "
+                          "selection variant only), so this row is NOT LCMat's stated regulariser (the worst-case "
+                          "loss gap max_{|eps|<=rho} |l_T(theta+eps) - l_S(theta+eps)|, bounded with rho and a "
+                          "max-eigenvalue term of the Hessian difference): it applies LCMat's worst-case parameter "
+                          "perturbation to the gradient-matching loss (a sharpness-aware variant of DSA); DSA "
+                          "defaults, lcmat_weight 0.5 and lcmat_rho 0.05 are the library's, not the paper's"),
     MatchingRecipe(name="idm", feature_map="embedding", discrepancy="mean_embedding", sampler="pool",
                    augmentation="dsa", extra_terms=("synthetic_ce",), relation_to_ipm=APPROXIMATE,
                    why="linear-kernel IPM^2 of the embeddings of one network drawn from a pool of networks partly "
@@ -328,7 +353,10 @@ _ROWS = (
                         "along the expert trajectory.",
                     defaults={"iterations": 5000, "lr_images": 100.0, "init": "real", "syn_steps": 20,
                               "expert_epochs": 2, "max_start_epoch": 20, "lr_lr": 1e-5},
-                    source="Cazenavette et al. CVPR'22, distill.py (DC-BENCH table)"),
+                    source="Cazenavette et al. CVPR'22, distill.py (DC-BENCH table); the per-IPC CIFAR-10/100 settings "
+                           "(syn_steps, expert_epochs, max_start_epoch, lr_img, lr_lr, lr_teacher, batch_syn, ZCA) of the "
+                           "authors' commands in DC-BENCH methods/tm/readme.md are rows of configs/cifar10.toml and "
+                           "cifar100.toml; with zca the experts must be trained whitened (experts --zca)"),
     ObjectiveRecipe(name="kip", objective="kip", relation_to_ipm=NOT_AN_IPM,
                     why="not an IPM: KRR regression loss of the predictor fitted on S; its witness class is the "
                         "RKHS of the (NTK) kernel, the MMD with that kernel is the IPM counterpart.",

@@ -22,6 +22,7 @@ pool           a pool of networks partly trained on real data after each image s
                refreshed over time (IDM)
 fresh_watched  fresh network; image steps and epochs of training it on S alternate until its
                real-data accuracy stops changing / has changed enough (CAFE)
+pretrained     one network trained on the real data once, frozen for every iteration (WMDD's teacher)
 none           no networks: the objective provides its own parameters (MTT's expert buffer,
                closed-form kernels)
 =============  ===========================================================================
@@ -55,6 +56,7 @@ __all__ = [
     "AccuracyMeter",
     "running_accuracy_percent",
     "ACCURACY_METER_ATTRIBUTE",
+    "PretrainedSampler",
     "NoNetworkSampler",
     "SAMPLERS",
     "SAMPLER_NAMES",
@@ -527,6 +529,60 @@ def real_accuracy_per_class(net: nn.Module, ctx: SamplerContext, n_per_class: in
     correct = (net(images).argmax(dim=1) == labels).float()
     classes = torch.unique(labels)
     return torch.stack([correct[labels == c].mean() for c in classes])
+class PretrainedSampler(ParameterSampler):
+    r"""One network trained on the real data once, then used frozen for every iteration (WMDD's teacher).
+
+    At the first draw a fresh network (seed from the run's generator) is trained for ``pretrain_steps``
+    SGD steps (momentum 0.9, weight decay 1e-4, cosine decay of ``lr_pretrain`` to 0 over the steps, as
+    WMDD's ``pretrain.py --opt sgd --lr-scheduler cosine --wd 1e-4``) on class-balanced real batches of
+    ``batch_pretrain`` images per class with per-sample augmentation; it is then put in eval mode, frozen
+    and returned by every draw. Its parameters are checkpointed. Cost: ``pretrain_steps`` training steps
+    once; nothing per iteration.
+    """
+
+    name = "pretrained"
+
+    @dataclass(frozen=True)
+    class Options:
+        pretrain_steps: int = option(
+            3000, "WMDD run.sh: 50 pretraining epochs (ImageNette, batch 32); here SGD steps on class-balanced batches")
+        lr_pretrain: float = option(0.025, "WMDD run.sh pretrain.py: --lr 0.025 --lr-scheduler cosine")
+        batch_pretrain: int = option(3, "WMDD run.sh pretrain.py: --batch-size 32 (about 3 per class for 10 classes)")
+
+    def __init__(self, pretrain_steps: int = 3000, lr_pretrain: float = 0.025, batch_pretrain: int = 3) -> None:
+        for name, value in (("pretrain_steps", pretrain_steps), ("batch_pretrain", batch_pretrain)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "pretrain_steps" else 1):
+                raise ValueError(f"{name} must be a {'non-negative' if name == 'pretrain_steps' else 'positive'} "
+                                 f"integer, got {value!r}")
+        if not isinstance(lr_pretrain, (int, float)) or isinstance(lr_pretrain, bool) or not lr_pretrain > 0:
+            raise ValueError(f"lr_pretrain must be a positive number, got {lr_pretrain!r}")
+        self.pretrain_steps, self.lr_pretrain, self.batch_pretrain = pretrain_steps, float(lr_pretrain), batch_pretrain
+        self.network: nn.Module | None = None
+
+    def _train(self, ctx: SamplerContext) -> nn.Module:
+        net = fresh_network(ctx)
+        optimizer = torch.optim.SGD(net.parameters(), lr=self.lr_pretrain, momentum=0.9, weight_decay=1e-4)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(self.pretrain_steps, 1))
+        draw_real = getattr(ctx.real_batches, "sample_for_training", ctx.real_batches.sample)
+        net.requires_grad_(True)
+        net.train()
+        for _ in range(self.pretrain_steps):
+            train_on_batches(net, optimizer, [draw_real(self.batch_pretrain)], augmentation=ctx.augmentation,
+                             generator=ctx.generator)
+            schedule.step()
+        return net
+
+    def draw(self, ctx):
+        if self.network is None:
+            self.network = self._train(ctx)
+        self.network.eval()
+        return [_freeze(self.network, ctx)]
+
+    def state_dict(self):
+        return {"network": None if self.network is None else copy.deepcopy(self.network.state_dict())}
+
+    def load_state_dict(self, state, ctx):
+        self.network = None if state.get("network") is None else fresh_network_from_state(ctx, state["network"])
 
 
 class NoNetworkSampler(ParameterSampler):
@@ -544,7 +600,8 @@ class NoNetworkSampler(ParameterSampler):
 
 #: The registered parameter samplers by name.
 SAMPLERS: Registry = Registry("sampler")
-for _cls in (FreshSampler, FreshInnerSampler, PoolSampler, AccuracyWatchedSampler, NoNetworkSampler):
+for _cls in (FreshSampler, FreshInnerSampler, PoolSampler, AccuracyWatchedSampler, PretrainedSampler,
+             NoNetworkSampler):
     SAMPLERS.register(_cls)
 SAMPLER_NAMES = SAMPLERS.names
 

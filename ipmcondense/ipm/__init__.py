@@ -33,6 +33,7 @@ from .neural_kernels import (
 from .sinkhorn import sinkhorn_divergence, sinkhorn_witness
 from .two_sample import TwoSampleTestResult, two_sample_test
 from .wasserstein import (
+    free_support_barycenter,
     max_sliced_wasserstein,
     sliced_wasserstein,
     transport_plan,
@@ -65,6 +66,7 @@ __all__ = [
     "energy_distance",
     "wasserstein",
     "wasserstein_1d",
+    "free_support_barycenter",
     "sliced_wasserstein",
     "max_sliced_wasserstein",
     "transport_plan",

@@ -80,11 +80,13 @@ _SETTING_KEYS = (
     "augment",
     "dsa_strategy",
     "seed",
+    "zca_eps",
 )
 
 
 def _settings(
-    dataset: Any, arch: str, epochs: int, lr: float, batch_size: int, augment: bool, seed: int, num_params: int
+    dataset: Any, arch: str, epochs: int, lr: float, batch_size: int, augment: bool, seed: int, num_params: int,
+    zca_eps: float | None = None,
 ) -> dict[str, Any]:
     return {
         "dataset": dataset.name,
@@ -99,6 +101,7 @@ def _settings(
         "augment": bool(augment),
         "dsa_strategy": dsa_strategy_for(dataset) if augment else None,
         "seed": int(seed),
+        "zca_eps": None if zca_eps is None else float(zca_eps),
     }
 
 
@@ -235,6 +238,12 @@ class ExpertBuffer:
     def arch(self) -> str:
         """Network name."""
         return str(self.metadata["arch"])
+
+    @property
+    def zca_eps(self) -> float | None:
+        """The ZCA regulariser of the whitened data the experts were trained on; ``None``: not whitened."""
+        value = self.metadata.get("zca_eps")
+        return None if value is None else float(value)
 
     @property
     def dataset_name(self) -> str:

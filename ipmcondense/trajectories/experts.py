@@ -151,6 +151,8 @@ def train_experts(
     seed: int = 0,
     progress: bool = True,
     device: torch.device | str | None = None,
+    zca_eps: float | None = None,
+    whitening: Any = None,
 ) -> ExpertTrainingReport:
     r"""Train ``n_experts`` networks on the real training set and store their trajectories (MTT buffer).
 
@@ -181,6 +183,13 @@ def train_experts(
         seed: base seed (initialisation, shuffling, augmentation of every expert).
         progress: tqdm progress bar on stderr.
         device: where to train (default: the dataset's device).
+        zca_eps: train on the ZCA-whitened data (:class:`~ipmcondense.whitening.DatasetWhitening` fitted on
+            the full training set with this regulariser; MTT ``buffer.py --zca``, eps 0.1); the test
+            accuracy is measured on the whitened test set. ``None`` (default): no whitening. Recorded in
+            the buffer's settings, so a whitened buffer is never mixed with a plain one.
+        whitening: an already fitted :class:`~ipmcondense.whitening.DatasetWhitening` to use instead of fitting
+            one on ``dataset`` (e.g. fitted on the full training set when ``dataset`` is a subset); its
+            ``eps`` is recorded as ``zca_eps``.
 
     Returns:
         An :class:`ExpertTrainingReport`.
@@ -209,8 +218,19 @@ def train_experts(
         raise TypeError(f"arch must be a network name, got {type(arch).__name__}")
     arch = arch.lower().strip()
     device = torch.device(device) if device is not None else dataset.train_images.device
+    if whitening is not None:
+        if zca_eps is not None and float(zca_eps) != whitening.eps:
+            raise ValueError(f"zca_eps ({zca_eps}) differs from the given whitening's eps ({whitening.eps})")
+        zca_eps = whitening.eps
+    elif zca_eps is not None:
+        from ipmcondense.whitening import DatasetWhitening
+
+        whitening = DatasetWhitening(dataset, zca_eps)
+    if whitening is not None:
+        dataset = whitening.whitened_dataset(dataset)
     template = _expert_network(arch, dataset, 0)
-    settings = _settings(dataset, arch, epochs, lr, batch_size, augment, int(seed), FlatParameters(template).numel)
+    settings = _settings(dataset, arch, epochs, lr, batch_size, augment, int(seed), FlatParameters(template).numel,
+                         zca_eps)
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():

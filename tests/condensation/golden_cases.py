@@ -18,7 +18,8 @@ real batches, as uitrbn/IDM), ``dd`` and ``dd-fixed`` (issue 11 item 5: every un
 class-balanced synthetic batch, dd_epochs 3 passes with one learned step size per step, Adam betas
 (0.5, 0.999), as SsnL/dataset-distillation), ``cafe`` (issue 11 item 6: the accuracy-watched loops of
 kaiwang960112/CAFE, here with a window of 2 and caps of 3 image steps and 2 epochs so the case stays cheap,
-and the pooled embedding matched twice, embedding_weight 2).
+and the pooled embedding matched twice, embedding_weight 2). New case: ``wmdd`` (the WMDD
+row, issue 11 item 7).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "m3d": ("m3d", {**_TINY}),
     "wasserstein": ("wasserstein", {**_TINY}),
     "wasserstein-sliced": ("wasserstein", {**_TINY, "discrepancy": "sliced"}),
+    "wmdd": ("wmdd", {**_TINY, "pretrain_steps": 5}),
     "dc": ("dc", {**_TINY}),
     "dc-mse": ("dc", {**_TINY, "discrepancy": "gradient_mse"}),
     "dsa": ("dsa", {**_TINY}),

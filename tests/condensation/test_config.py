@@ -33,7 +33,10 @@ def test_known_keys_and_values_of_the_reference_table():
     # (loss_networks, initial_pool, pool_train_after_step, pool_augment, accuracy_reset_interval: IDM's schedule)
     # + 2 of DD (dd_epochs, adam_betas); + 6 of CAFE's fresh_watched sampler (watch_window, outer_stop_spread,
     # inner_stop_spread, watch_batch, max_steps_per_network, max_inner_epochs)
-    assert len(COMMON_DEFAULTS) == 62 + 5 + 5 + 2 + 6 and COMMON_DEFAULTS["factor"] == 2
+    # + 2: zca, zca_eps (engine: ZCA whitening, issue 11 item 4)
+    # + 6: pretrain_steps, lr_pretrain, batch_pretrain (sampler 'pretrained'), barycenter_iterations (w2_barycenter),
+    # bn_weight, teacher_ce_weight (WMDD's extra terms; issue 11 item 7)
+    assert len(COMMON_DEFAULTS) == 62 + 5 + 5 + 2 + 6 + 2 + 6 and COMMON_DEFAULTS["factor"] == 2
     assert (COMMON_DEFAULTS["dream_interval"], COMMON_DEFAULTS["dream_max_iter"]) == (10, 100)
     assert (COMMON_DEFAULTS["sinkhorn_p"], COMMON_DEFAULTS["steps_per_network"]) == (2, 1)
 

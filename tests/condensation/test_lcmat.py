@@ -1,4 +1,6 @@
-"""LCMat: gradient matching plus the loss-curvature regulariser (a row and an option on dc/dsa)."""
+"""The lcmat row: sharpness-aware gradient matching, i.e. gradient matching plus the same matching at LCMat's
+first-order worst-case perturbation of the loss gap (a row and an option on dc/dsa; not LCMat's own regulariser,
+whose condensation code is unreleased)."""
 
 import copy
 
@@ -83,7 +85,9 @@ def test_lcmat_row_and_option(digits):
     assert (row.feature_map, row.discrepancy, row.sampler, row.objective) == (
         "gradients", "gradient_cosine", "fresh_inner", "matching")
     assert row.defaults["lcmat_weight"] > 0 and row.relation_to_ipm != FIRST_ORDER
-    assert "curvature" in row.why
+    # the row says what it is: sharpness-aware gradient matching, not LCMat's own (unreleased) regulariser
+    assert row.why.startswith("sharpness-aware gradient matching") and "worst-case perturbation" in row.why
+    assert "NOT LCMat's stated regulariser" in row.source
     tiny = {"batch_real": 8, "outer_loop": 2, "inner_loop": 1, "lr_images": 0.001}
     plain = condense("dsa", "digits", ipc=1, iterations=2, progress=False, seed=0, **tiny)
     option = condense("dsa", "digits", ipc=1, iterations=2, progress=False, seed=0, lcmat_weight=0.5, **tiny)

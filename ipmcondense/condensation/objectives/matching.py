@@ -56,13 +56,16 @@ class MatchingObjective(Objective):
     class, :func:`~ipmcondense.condensation.matching.matching_loss` on every network of the draw
     (exactly the engine's behaviour before objectives existed).
 
-    **LCMat** (``lcmat_weight`` :math:`\lambda > 0`, gradient feature maps): the loss on each network
-    becomes :math:`GM(\theta) + \lambda\, (GM(\theta + \rho\hat g) - GM(\theta))`, with
-    :math:`\theta + \rho\hat g` from :func:`lcmat_perturbation` (``lcmat_rho``): the gap between
-    gradient matching at the estimated worst point of the parameter ball and at its centre, a
-    curvature (second-order) penalty; for :math:`\lambda \le 1` the loss is the convex combination
+    **Sharpness-aware gradient matching** (the ``lcmat`` row; ``lcmat_weight`` :math:`\lambda > 0`, gradient
+    feature maps): the loss on each network becomes
+    :math:`GM(\theta) + \lambda\, (GM(\theta + \rho\hat g) - GM(\theta))`, with
+    :math:`\theta + \rho\hat g` from :func:`lcmat_perturbation` (``lcmat_rho``), LCMat's first-order worst
+    case of the loss gap in the :math:`\rho`-ball: the gap between gradient matching at that point and at the
+    centre, a curvature (second-order) penalty; for :math:`\lambda \le 1` the loss is the convex combination
     :math:`(1-\lambda) GM(\theta) + \lambda GM(\theta + \rho\hat g)`, so it never rewards a mismatch.
-    Cost: about twice the plain matching loss.
+    It is not LCMat's stated regulariser (the worst-case loss gap itself, bounded with a max-eigenvalue
+    term of the Hessian difference; the condensation code is unreleased). Cost: about twice the plain
+    matching loss.
     """
 
     name = "matching"

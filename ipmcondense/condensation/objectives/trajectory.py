@@ -323,4 +323,15 @@ def _open_buffer(config: dict[str, Any], dataset: Any):
         )
     if not isinstance(path, (str, bytes)) and not hasattr(path, "__fspath__"):
         raise TypeError(f"experts must be a directory path, got {type(path).__name__}")
-    return ExpertBuffer(path, dataset=dataset, arch=config["arch"])
+    buffer = ExpertBuffer(path, dataset=dataset, arch=config["arch"])
+    wanted = float(config["zca_eps"]) if config.get("zca") else None
+    if buffer.zca_eps != wanted:
+        have = "plain data" if buffer.zca_eps is None else f"ZCA-whitened data (eps {buffer.zca_eps})"
+        need = "plain data (zca false)" if wanted is None else f"ZCA-whitened data (zca true, zca_eps {wanted})"
+        flag = "" if wanted is None else f" --zca --zca-eps {wanted}"
+        raise ValueError(
+            f"the expert buffer at {str(path)!r} was trained on {have}, but this run condenses {need}: the student "
+            f"must see the experts' inputs. Make a matching buffer with: ipmcondense experts --dataset "
+            f"{dataset.name} --arch {config['arch']}{flag} --n-experts K --epochs E --out DIR"
+        )
+    return buffer

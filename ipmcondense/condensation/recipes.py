@@ -298,6 +298,20 @@ _ROWS = (
                           "CutMix; the siamese augmentation is DSA's, not IDC's color_crop_cutout DiffAug; all "
                           "decoded images are used (no batch_syn_max=128 subsample); no [0,1] clamping of the "
                           "stored pixels; a factor must divide the image size (IDC pads)"),
+    MatchingRecipe(name="channel_efficient", feature_map="gradients", discrepancy="gradient_cosine",
+                   sampler="fresh_inner", augmentation="dsa", synthetic="channelwise", relation_to_ipm=NORMALISED,
+                   why="DSA's normalised gradient-matching IPM (layer-wise cosine of the class-mean loss gradients) "
+                       "of the channel-wise decoded set: the decoder composes with the gradient feature map, so the "
+                       "witnesses are f o decode read on the stored tensors.",
+                   defaults={**_DC, "init": "real", "factor": 2},
+                   source="Channel-efficient multi-formation (Zhou et al. 2024, as described in the issue): no paper "
+                          "or code could be identified (shared/reference/methods.md), so the row is built from the "
+                          "definition f_c: R^n -> R^{4n}: one stored tensor of one image's size holds factor**2 "
+                          "low-resolution images in its channels, each upsampled bilinearly; gradient matching is "
+                          "DSA's (Zhao & Bilen ICML'21 main.py --method DSA, its defaults). Choices: the decoder is "
+                          "IDC's parameter-free bilinear upsampler, the start IDC's init mix (nearest shrink); with "
+                          "them the decoded family equals multiformation's up to a re-indexing of the stored numbers "
+                          "(tested)"),
     # ------------------------------------------------------------------ other objectives
     ObjectiveRecipe(name="mtt", objective="mtt", augmentation="dsa", real_batches=None, relation_to_ipm=FIRST_ORDER,
                     why="first-order approximation: as the synthetic lr eta -> 0 the student's displacement after N "

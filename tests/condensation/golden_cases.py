@@ -43,6 +43,7 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "datadam": ("datadam", {**_TINY}),
     "lcmat": ("lcmat", {**_TINY}),
     "idm": ("idm", {**_TINY}),
+    "channel_efficient": ("channel_efficient", {**_TINY}),
     "mtt": ("mtt", {**_MTT}),
     "mtt-soft": ("mtt", {**_MTT, "soft_labels": True}),
     "kip": ("kip", {"batch_real": 8}),

@@ -321,6 +321,26 @@ _ROWS = (
                     defaults={"iterations": 5000, "lr_images": 100.0, "init": "real", "syn_steps": 20,
                               "expert_epochs": 2, "max_start_epoch": 20, "lr_lr": 1e-5},
                     source="Cazenavette et al. CVPR'22, distill.py (DC-BENCH table)"),
+    ObjectiveRecipe(name="haba", objective="mtt", augmentation="dsa", real_batches=None, synthetic="haba",
+                    relation_to_ipm=APPROXIMATE,
+                    why="MTT (first order: accumulated gradient matching along the expert trajectory) of the "
+                        "hallucinated set h_j(b_i), the IPM of the pushed-forward set, plus HaBa's club term on the "
+                        "hallucinators (cosine of an adversarially trained extractor's embeddings), not an IPM.",
+                    defaults={"iterations": 15000, "lr_images": 100.0, "momentum_images": 0.95, "init": "real",
+                              "syn_steps": 30, "expert_epochs": 2, "max_start_epoch": 20, "lr_lr": 1e-5,
+                              "n_hallucinators": 5},
+                    source="Liu et al. NeurIPS'22, Huage001/DatasetFactorization distill_fac.py, utils.py "
+                           "(StyleTranslator), contrastive_loss.py (SupConLoss, Extractor), "
+                           "run_cifar10_ipc10_style5.sh (syn_steps 30, expert_epochs 2, max_start_epoch 20, lr_img = "
+                           "lr_style 100, SGD momentum 0.95 on bases and hallucinators, lr_lr 1e-5, 5 hallucinators, "
+                           "lambdas club 0.1 / cls 1 / likelihood 0.1 / contrast 0.1, extractor SGD 0.001 momentum "
+                           "0.9, Iteration 15000). Deviations: every student step unrolls on the whole decoded set "
+                           "(or batch_syn decoded images mixing hallucinators) instead of one random hallucinator "
+                           "applied to a batch of bases; the contrastive pairs use every basis, not the next "
+                           "batch_syn chunk; the evaluation trains on all n_hallucinators x ipc decoded images "
+                           "instead of one random hallucination per basis per epoch; the learned lr uses MTT's "
+                           "momentum 0.5 (HaBa 0.9) and is not clipped at 0.001; the extractor is a ConvNet of the "
+                           "row's arch (HaBa: ConvNet-3 width 128); no ZCA on digits/MNIST (as mtt)"),
     ObjectiveRecipe(name="kip", objective="kip", relation_to_ipm=NOT_AN_IPM,
                     why="not an IPM: KRR regression loss of the predictor fitted on S; its witness class is the "
                         "RKHS of the (NTK) kernel, the MMD with that kernel is the IPM counterpart.",

@@ -37,10 +37,12 @@ from ipmcondense.ipm._validation import check_choice
 __all__ = [
     "SyntheticSet",
     "SyntheticExtras",
+    "SyntheticTraining",
     "PixelSet",
     "MultiFormationSet",
     "ChannelwiseSet",
     "decode_channelwise",
+    "HaBaSet",
     "SYNTHETIC_SETS",
     "SYNTHETIC_NAMES",
     "build_synthetic_set",
@@ -72,6 +74,30 @@ class SyntheticExtras:
     lr_labels: float = 1.0
 
 
+class SyntheticTraining(ABC):
+    """What a parameterisation with helpers of its own adds to every image step (HaBa's hallucinator losses).
+
+    Built by :meth:`SyntheticSet.decoder_training` on the engine's objective context. The engine adds
+    :meth:`loss` to the objective's loss (its gradient reaches the synthetic set's parameters only), takes the
+    optimiser step, then calls :meth:`after_step` (which may train the decoder's own adversary with its own
+    optimiser), and checkpoints :meth:`state_dict`.
+    """
+
+    @abstractmethod
+    def loss(self) -> Tensor:
+        """A differentiable scalar added to the step's loss."""
+
+    def after_step(self) -> None:
+        """Update the helpers after the image step (default: nothing)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """State for checkpoints (default: none)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+
+
 class SyntheticSet(Component, nn.Module, ABC):
     """A learnable synthetic dataset: stored parameters decoded into class-blocked training images.
 
@@ -86,6 +112,8 @@ class SyntheticSet(Component, nn.Module, ABC):
     """
 
     kind = "synthetic set"
+    #: whether :meth:`from_images` takes a ``generator`` (a parameterisation with random initial weights)
+    uses_generator: bool = False
 
     def __init__(self, labels: Tensor, num_classes: int, ipc: int, extras: SyntheticExtras | None = None) -> None:
         nn.Module.__init__(self)
@@ -124,6 +152,13 @@ class SyntheticSet(Component, nn.Module, ABC):
     @abstractmethod
     def image_parameters(self) -> list[nn.Parameter]:
         """The stored parameters that encode the images (optimised with the recipe's ``lr_images``)."""
+
+    def decoder_training(self, ctx: Any) -> SyntheticTraining | None:
+        """The losses and helper updates this parameterisation adds to every step (``None``: none; HaBa: some).
+
+        ``ctx`` is the engine's :class:`~ipmcondense.condensation.objectives.ObjectiveContext`.
+        """
+        return None
 
     def class_slice(self, c: int) -> slice:
         """Rows of class ``c`` in :meth:`images` and ``labels``."""
@@ -475,15 +510,25 @@ SYNTHETIC_SETS: Registry = Registry("synthetic set")
 SYNTHETIC_SETS.register(PixelSet)
 SYNTHETIC_SETS.register(MultiFormationSet)
 SYNTHETIC_SETS.register(ChannelwiseSet)
+from .haba import HaBaSet  # noqa: E402  (haba builds on the classes above)
+
+SYNTHETIC_SETS.register(HaBaSet)
 SYNTHETIC_NAMES = SYNTHETIC_SETS.names
 
 
 def build_synthetic_set(
     name: str, images: Tensor, labels: Tensor, num_classes: int, config: dict[str, Any],
     extras: SyntheticExtras | None = None,
+    generator: torch.Generator | None = None,
 ) -> SyntheticSet:
-    """The ``name`` parameterisation (:data:`SYNTHETIC_NAMES`) started from ``images``, options from ``config``."""
+    """The ``name`` parameterisation (:data:`SYNTHETIC_NAMES`) started from ``images``, options from ``config``.
+
+    ``generator`` seeds the random initial weights of a parameterisation that has some (HaBa's hallucinators;
+    ``None``: a fixed seed); the others ignore it.
+    """
     cls = SYNTHETIC_SETS.get(name)
+    if cls.uses_generator:
+        return cls.from_images(images, labels, num_classes, cls.options_from(config), extras, generator=generator)
     return cls.from_images(images, labels, num_classes, cls.options_from(config), extras)
 
 

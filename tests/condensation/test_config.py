@@ -29,8 +29,10 @@ def test_known_keys_and_values_of_the_reference_table():
     assert COMMON_DEFAULTS["bandwidth"] == "median" and COMMON_DEFAULTS["syn_steps"] == 20
     # the table the benchmark cells were keyed with (62 keys), plus the options added since at their defaults,
     # which cached cells accept (benchmarks/grid/cells.py keys_match): sinkhorn_p (sinkhorn), steps_per_network
-    # (fresh), factor (multiformation), dream_interval and dream_max_iter (dream)
-    assert len(COMMON_DEFAULTS) == 62 + 5 and COMMON_DEFAULTS["factor"] == 2
+    # (fresh), factor (multiformation), dream_interval and dream_max_iter (dream); + 10 of the haba synthetic set
+    # (n_hallucinators, hallucinator_kernel, basis_channels, lr_hallucinators, 4 loss weights, temperature,
+    # lr_extractor)
+    assert len(COMMON_DEFAULTS) == 62 + 5 + 10 and COMMON_DEFAULTS["factor"] == 2
     assert (COMMON_DEFAULTS["dream_interval"], COMMON_DEFAULTS["dream_max_iter"]) == (10, 100)
     assert (COMMON_DEFAULTS["sinkhorn_p"], COMMON_DEFAULTS["steps_per_network"]) == (2, 1)
 

@@ -361,6 +361,18 @@ _ROWS = (
                     defaults={"iterations": 1000, "lr_images": 0.01, "optimizer_images": "adam", "init": "real",
                               "batch_real": 100, "dd_steps": 10, "dd_lr_init": 0.02},
                     source="Wang et al. 2018, ssnl/dataset-distillation (unknown_init)"),
+    ObjectiveRecipe(name="esp", objective="esp", relation_to_ipm=NOT_AN_IPM,
+                    why="not an IPM: DD's bilevel objective (real-data loss after unrolled SGD on S) with the inner "
+                        "parameters projected onto the span of the expert trajectories, a restriction of the inner "
+                        "hypothesis class, not a witness class.",
+                    defaults={"iterations": 1000, "lr_images": 0.01, "optimizer_images": "adam", "init": "real",
+                              "batch_real": 100, "dd_steps": 10, "dd_lr_init": 0.02},
+                    source="Ma et al., Sensors 23(19):8148, 2023 (Expert Subspace Projection): no code is public and "
+                           "only the abstract could be read, so the row follows issue 12's definition: DD "
+                           "(ssnl/dataset-distillation, its defaults, as the dd row) with projected inner steps "
+                           "theta <- P_V(theta - eta grad), V = span of every snapshot of every expert in the buffer, "
+                           "starting at an expert's initialisation. Deviation: the abstract says ESP avoids "
+                           "unrolling (its loss is unknown here); this row unrolls"),
     ObjectiveRecipe(name="rcig", objective="rcig", sampler="fresh", relation_to_ipm=NOT_AN_IPM,
                     why="not an IPM: bilevel objective, convex last-layer inner problem, implicit gradient (CG or "
                         "Neumann inverse-Hessian-vector products).",

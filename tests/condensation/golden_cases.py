@@ -29,7 +29,7 @@ _TINY = {"batch_real": 8, "outer_loop": 2, "inner_loop": 2, "train_steps": 1, "b
 _MTT = {"arch": EXPERT_ARCH, "max_start_epoch": 2, "expert_epochs": 1, "syn_steps": 3, "lr_images": 10.0}
 
 #: the methods that read the expert buffer
-EXPERT_METHODS = ("mtt", "haba")
+EXPERT_METHODS = ("mtt", "haba", "esp")
 
 # name -> (method, keyword arguments of condense)
 CASES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -56,6 +56,7 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "rfad": ("rfad", {"batch_real": 8, "rf_width": 16, "n_models": 2}),
     "dd": ("dd", {"batch_real": 8, "dd_steps": 3}),
     "dd-fixed": ("dd", {"batch_real": 8, "dd_steps": 3, "dd_init": "fixed"}),
+    "esp": ("esp", {"arch": EXPERT_ARCH, "batch_real": 8, "dd_steps": 3}),
     "rcig": ("rcig", {"batch_real": 8, "rcig_inner_steps": 10, "rcig_hinv_steps": 5}),
     "rcig-neumann": ("rcig", {"batch_real": 8, "rcig_inner_steps": 10, "rcig_hinv_steps": 5,
                               "rcig_solver": "neumann"}),

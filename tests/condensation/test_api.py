@@ -192,4 +192,4 @@ def test_evaluate_missing_path(tmp_path):
 
 def test_registry_lists_every_method():
     assert set(METHOD_NAMES) == {"dm", "m3d", "wasserstein", "dc", "dsa", "cafe", "datadam", "lcmat", "idm", "idc", "dcc",
-                                 "channel_efficient", "mtt", "haba", "kip", "rfad", "dd", "rcig", "random", "herding", "kcenter"}
+                                 "channel_efficient", "mtt", "haba", "esp", "kip", "rfad", "dd", "rcig", "random", "herding", "kcenter"}

@@ -31,8 +31,8 @@ def test_known_keys_and_values_of_the_reference_table():
     # which cached cells accept (benchmarks/grid/cells.py keys_match): sinkhorn_p (sinkhorn), steps_per_network
     # (fresh), factor (multiformation), dream_interval and dream_max_iter (dream); + 10 of the haba synthetic set
     # (n_hallucinators, hallucinator_kernel, basis_channels, lr_hallucinators, 4 loss weights, temperature,
-    # lr_extractor)
-    assert len(COMMON_DEFAULTS) == 62 + 5 + 10 and COMMON_DEFAULTS["factor"] == 2
+    # lr_extractor); + 1 of the esp objective (esp_rank)
+    assert len(COMMON_DEFAULTS) == 62 + 5 + 10 + 1 and COMMON_DEFAULTS["factor"] == 2
     assert (COMMON_DEFAULTS["dream_interval"], COMMON_DEFAULTS["dream_max_iter"]) == (10, 100)
     assert (COMMON_DEFAULTS["sinkhorn_p"], COMMON_DEFAULTS["steps_per_network"]) == (2, 1)
 

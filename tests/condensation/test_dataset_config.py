@@ -42,7 +42,7 @@ def _typed(value):
 
 
 #: Rows added after the freeze (their budgets are new entries, not changes of the frozen ones).
-ADDED_METHODS = {"idc", "dcc", "channel_efficient", "haba"}
+ADDED_METHODS = {"idc", "dcc", "channel_efficient", "haba", "esp"}
 
 
 def _frozen_rows(table):
@@ -77,7 +77,9 @@ ADDED_OPTIONS = {"sinkhorn_p": 2, "steps_per_network": 1,
                  # the haba synthetic set (HaBa's scripts)
                  "n_hallucinators": 5, "hallucinator_kernel": 3, "basis_channels": None, "lr_hallucinators": None,
                  "haba_club_weight": 0.1, "haba_cls_weight": 1.0, "haba_likelihood_weight": 0.1,
-                 "haba_contrast_weight": 0.1, "haba_temperature": 0.07, "lr_extractor": 0.001}
+                 "haba_contrast_weight": 0.1, "haba_temperature": 0.07, "lr_extractor": 0.001,
+                 # the esp objective
+                 "esp_rank": None}
 ROW_CHANGES = {"wasserstein": {"sinkhorn_p": 1}}  # W_1 (issue "each row is the paper's algorithm", item 7)
 
 

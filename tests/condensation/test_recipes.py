@@ -91,7 +91,7 @@ def test_rows_are_a_tagged_union():
     kinds = {name: type(row) for name, row in RECIPES.items()}
     assert {n for n, k in kinds.items() if k is MatchingRecipe} == {
         "dm", "m3d", "wasserstein", "dc", "dsa", "cafe", "datadam", "lcmat", "idm", "idc", "dcc", "channel_efficient"}
-    assert {n for n, k in kinds.items() if k is ObjectiveRecipe} == {"mtt", "haba", "kip", "rfad", "dd", "rcig"}
+    assert {n for n, k in kinds.items() if k is ObjectiveRecipe} == {"mtt", "haba", "kip", "rfad", "dd", "esp", "rcig"}
     assert {n for n, k in kinds.items() if k is SelectionRecipe} == {"random", "herding", "kcenter"}
     assert not hasattr(get_recipe("kip"), "feature_map") and get_recipe("kip").sampler == "none"
     assert get_recipe("dd").sampler == "fresh" and get_recipe("mtt").real_batches is None

@@ -373,3 +373,10 @@ def test_published_numbers_are_transcribed_from_methods_md():
                     continue
                 text = f"{v[0]:.1f}" + (f"±{v[1]:.1f}" if v[1] is not None else "")
                 assert re.search(re.escape(text) + r"(?![0-9])", line), (method, text)
+
+
+def test_the_rows_that_read_an_expert_buffer_get_the_profiles_experts():
+    profile = bench.PROFILES["cpu-hour"]
+    cache = {"mnist": (None, None)}
+    cells = bench.plan_cells(profile, ["mnist"], [1], ["mtt", "haba", "esp"], dataset_cache=cache)
+    assert all(c.experts and c.experts["n_experts"] == 2 for c in cells)

@@ -16,7 +16,12 @@ with its own step). For the ``"matching"`` objective one step is:
    plus the recipe's extra terms.
 
 Other objectives: trajectory matching against an expert buffer (MTT), kernel ridge regression
-(KIP, RFAD), unrolled (DD) and implicit (RCIG) bilevel objectives.
+(KIP, RFAD), unrolled (DD, ESP) and implicit (RCIG) bilevel objectives.
+
+A parameterisation with losses of its own (HaBa's hallucinators:
+:meth:`~ipmcondense.condensation.synthetic.SyntheticSet.decoder_training`) adds its loss to every step's
+loss (gradient on the learnable tensors above) and updates its helpers after the optimiser step; their
+state is checkpointed with the rest.
 
 Non-finite values: a non-finite loss or gradient raises :class:`FloatingPointError` *before* the
 step (nothing changed in memory; the last checkpoint on disk is kept); so does a learned quantity

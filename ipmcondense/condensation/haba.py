@@ -28,6 +28,7 @@ Sources: ``Huage001/DatasetFactorization`` ``distill_fac.py`` (losses, weights, 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,7 +132,7 @@ class HaBaSet(SyntheticSet):
         haba_temperature: float = option(0.07, "HaBa contrastive_loss.py: SupConLoss(temperature=0.07)")
         lr_extractor: float = option(0.001, "HaBa distill_fac.py: SGD(sim_content_net, lr=0.001, momentum=0.9)")
 
-    def __init__(self, bases: Tensor, num_classes: int, hallucinators: nn.ModuleList, options: Any,
+    def __init__(self, bases: Tensor, num_classes: int, hallucinators: Sequence[StyleHallucinator], options: Any,
                  extras: SyntheticExtras | None = None) -> None:
         if bases.dim() != 4 or bases.shape[0] % num_classes:
             raise ValueError(
@@ -142,7 +143,7 @@ class HaBaSet(SyntheticSet):
         super().__init__(torch.arange(num_classes).repeat_interleave(ipc * n_h), num_classes, ipc, extras)
         self.options = options
         self.bases = nn.Parameter(bases.detach().clone().float())
-        self.hallucinators = hallucinators
+        self.hallucinators = nn.ModuleList(hallucinators)
         self._register_extras()
 
     @staticmethod
@@ -184,11 +185,11 @@ class HaBaSet(SyntheticSet):
             )
         size = (int(images.shape[2]), int(images.shape[3]))
         generator = generator if generator is not None else torch.Generator().manual_seed(0)
-        hallucinators = nn.ModuleList(
+        hallucinators = [
             build_isolated(lambda: StyleHallucinator(basis_channels, channels, size, options.hallucinator_kernel),
                            draw_seed(generator))
             for _ in range(options.n_hallucinators)
-        )
+        ]
         return cls(bases, num_classes, hallucinators, options, extras)
 
     def images(self) -> Tensor:

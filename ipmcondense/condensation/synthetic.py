@@ -42,7 +42,6 @@ __all__ = [
     "MultiFormationSet",
     "ChannelwiseSet",
     "decode_channelwise",
-    "HaBaSet",
     "SYNTHETIC_SETS",
     "SYNTHETIC_NAMES",
     "build_synthetic_set",

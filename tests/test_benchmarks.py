@@ -417,3 +417,10 @@ def test_results_compare_like_with_like(tmp_path):
     kip = next(line for line in lines if line.startswith("| kip | standard |"))
     assert "49.9 ± 0.2 [KIP -> NN via MTT T1; P] ‡" in kip
     assert any(line.startswith("| dc (published protocol) | 1 |") for line in lines)
+
+
+def test_the_rows_that_read_an_expert_buffer_get_the_profiles_experts():
+    profile = bench.PROFILES["cpu-hour"]
+    cache = {"mnist": (None, None)}
+    cells = bench.plan_cells(profile, ["mnist"], [1], ["mtt", "haba", "esp"], dataset_cache=cache)
+    assert all(c.experts and c.experts["n_experts"] == 2 for c in cells)

@@ -17,6 +17,9 @@ from .profiles import Profile
 __all__ = ["plan_cells", "estimate_cell_seconds", "dataset_arch"]
 
 
+#: the objectives that read an expert buffer (the profile's ``experts`` spec is built and passed to them)
+EXPERT_OBJECTIVES = ("mtt", "esp")
+
 def _dataset_status(name: str, data_root: str | None, download: bool, cache: dict) -> tuple[Any, str | None]:
     """(LabelledImages or None, reason it is unavailable)."""
     if name not in cache:
@@ -85,7 +88,7 @@ def plan_cells(
                 epochs = profile.eval_epochs_for(dataset, ipc)
                 overrides, resolved = _hyperparameters(profile, dataset, method, {}, ipc)
                 experts = None
-                if getattr(get_recipe(method), "objective", None) == "mtt":
+                if getattr(get_recipe(method), "objective", None) in EXPERT_OBJECTIVES:
                     experts = dict(profile.experts.get(dataset, profile.experts.get("*", {}))) or None
                     if experts is not None:
                         experts["arch"] = resolved["arch"]
@@ -104,7 +107,7 @@ def plan_cells(
                     reason = f"IPC {ipc} is not in the {profile.name} profile for {dataset} (runs {list(profile.ipcs[dataset])})"
                 if reason is None and not explicit and dataset in profile.methods and method not in profile.methods[dataset]:
                     reason = (f"not in the {profile.name} method list for {dataset} (name it with --methods to run it)")
-                if reason is None and getattr(get_recipe(method), "objective", None) == "mtt" and not experts:
+                if reason is None and getattr(get_recipe(method), "objective", None) in EXPERT_OBJECTIVES and not experts:
                     reason = f"the {profile.name} profile defines no expert buffer for {dataset}"
                 if reason is None and ds is not None:
                     smallest = int(ds.train_labels.bincount(minlength=ds.num_classes).min())
@@ -181,7 +184,7 @@ def estimate_cell_seconds(cell: Cell, num_classes: int = 10, train_size: int = 5
     elif recipe.objective in ("kip", "rfad"):
         per = (h.get("batch_real", 256) + syn) * unit * (h.get("n_models", 1) if recipe.objective == "rfad" else 0.1)
         condense = iterations * (per + _STEP_OVERHEAD)
-    elif recipe.objective == "dd":
+    elif recipe.objective in ("dd", "esp"):
         condense = iterations * (3 * h.get("dd_steps", 10) * syn + h.get("batch_real", 100) * n) * unit
     else:  # rcig and any new objective: inner steps on S plus a real batch
         condense = iterations * (h.get("rcig_inner_steps", 10) * syn / 3 + h.get("batch_real", 100) * n) * unit

@@ -301,7 +301,8 @@ def condense(
     images, labels = initial_images(ds, _initial_per_class(recipe, config, ds, ipc), config["init"], init_generator,
                                     seed=seed, arch=config["arch"])
     extras = None if objective is None else objective.synthetic_extras(images, labels, ds, config)
-    synthetic_set = build_synthetic_set(recipe.synthetic, images, labels, ds.num_classes, config, extras).to(dev)
+    synthetic_set = build_synthetic_set(recipe.synthetic, images, labels, ds.num_classes, config, extras,
+                                        generator=init_generator).to(dev)
 
     created = out_path is not None and not out_path.exists()
     if out_path is not None:

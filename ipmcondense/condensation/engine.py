@@ -16,7 +16,12 @@ with its own step). For the ``"matching"`` objective one step is:
    plus the recipe's extra terms.
 
 Other objectives: trajectory matching against an expert buffer (MTT), kernel ridge regression
-(KIP, RFAD), unrolled (DD) and implicit (RCIG) bilevel objectives.
+(KIP, RFAD), unrolled (DD, ESP) and implicit (RCIG) bilevel objectives.
+
+A parameterisation with losses of its own (HaBa's hallucinators:
+:meth:`~ipmcondense.condensation.synthetic.SyntheticSet.decoder_training`) adds its loss to every step's
+loss (gradient on the learnable tensors above) and updates its helpers after the optimiser step; their
+state is checkpointed with the rest.
 
 Non-finite values: a non-finite loss or gradient raises :class:`FloatingPointError` *before* the
 step (nothing changed in memory; the last checkpoint on disk is kept); so does a learned quantity
@@ -168,11 +173,14 @@ class CondensationEngine:
         self.sampler = build_sampler(recipe, config, synthetic.ipc)
         self.augmentation = build_augmentation(recipe, dataset)
         self.real_batches = build_real_batch_selector(recipe, config, dataset, self.generator, device)
-        self.objective = build_objective(ObjectiveContext(
+        objective_context = ObjectiveContext(
             recipe=recipe, config=config, dataset=dataset, synthetic=synthetic, generator=self.generator,
             device=device, real_batches=self.real_batches, augmentation=self.augmentation,
             build_network=build_network,
-        ))
+        )
+        self.objective = build_objective(objective_context)
+        # the parameterisation's own losses and helpers (HaBa's hallucinator terms), or None
+        self.decoder_training = synthetic.decoder_training(objective_context)
         # the matching objective's feature map / discrepancy / extra terms (None for other objectives)
         self.feature_map = getattr(self.objective, "feature_map", None)
         self.discrepancy = getattr(self.objective, "discrepancy", None)
@@ -199,6 +207,11 @@ class CondensationEngine:
         """One image step on ``networks`` (see the module docstring); returns the loss value."""
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         total, grads = self.objective.loss_and_gradients(networks, params)
+        if self.decoder_training is not None:
+            decoder_loss = self.decoder_training.loss()
+            decoder_grads = torch.autograd.grad(decoder_loss, params, allow_unused=True)
+            grads = [b if a is None else (a if b is None else a + b) for a, b in zip(grads, decoder_grads)]
+            total = total.detach() + decoder_loss.detach()
         if not bool(torch.isfinite(total.detach())):
             raise FloatingPointError(
                 f"the {self.recipe.name} loss became {float(total)} at iteration {self.iteration}; "
@@ -213,6 +226,8 @@ class CondensationEngine:
             p.grad = torch.zeros_like(p) if g is None else g
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.decoder_training is not None:
+            self.decoder_training.after_step()
         try:
             self.objective.check_after_step(self.iteration)
         except FloatingPointError as err:
@@ -261,6 +276,7 @@ class CondensationEngine:
             "sampler": self.sampler.state_dict(),
             "real_batches": self.real_batches.state_dict(),
             "objective": self.objective.state_dict(),
+            "decoder_training": {} if self.decoder_training is None else self.decoder_training.state_dict(),
             "history": self.history.state_dict(),
             "config": dict(self.config),
             "recipe": self.recipe.axes(),
@@ -273,6 +289,8 @@ class CondensationEngine:
         self.sampler.load_state_dict(state["sampler"], self.context)
         self.real_batches.load_state_dict(state.get("real_batches", {}))
         self.objective.load_state_dict(state.get("objective", {}))
+        if self.decoder_training is not None:
+            self.decoder_training.load_state_dict(state.get("decoder_training", {}))
         self.history = EngineHistory.from_state(state["history"])
         self.iteration = int(state["iteration"])
 

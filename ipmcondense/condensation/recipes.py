@@ -345,6 +345,20 @@ _ROWS = (
                           "CutMix; the siamese augmentation is DSA's, not IDC's color_crop_cutout DiffAug; all "
                           "decoded images are used (no batch_syn_max=128 subsample); no [0,1] clamping of the "
                           "stored pixels; a factor must divide the image size (IDC pads)"),
+    MatchingRecipe(name="channel_efficient", feature_map="gradients", discrepancy="gradient_cosine",
+                   sampler="fresh_inner", augmentation="dsa", synthetic="channelwise", relation_to_ipm=NORMALISED,
+                   why="DSA's normalised gradient-matching IPM (layer-wise cosine of the class-mean loss gradients) "
+                       "of the channel-wise decoded set: the decoder composes with the gradient feature map, so the "
+                       "witnesses are f o decode read on the stored tensors.",
+                   defaults={**_DC, "init": "real", "factor": 2},
+                   source="Channel-efficient multi-formation (Zhou et al. 2024, as described in the issue): no paper "
+                          "or code could be identified (shared/reference/methods.md), so the row is built from the "
+                          "definition f_c: R^n -> R^{4n}: one stored tensor of one image's size holds factor**2 "
+                          "low-resolution images in its channels, each upsampled bilinearly; gradient matching is "
+                          "DSA's (Zhao & Bilen ICML'21 main.py --method DSA, its defaults). Choices: the decoder is "
+                          "IDC's parameter-free bilinear upsampler, the start IDC's init mix (nearest shrink); with "
+                          "them the decoded family equals multiformation's up to a re-indexing of the stored numbers "
+                          "(tested)"),
     # ------------------------------------------------------------------ other objectives
     ObjectiveRecipe(name="mtt", objective="mtt", augmentation="dsa", real_batches=None, relation_to_ipm=FIRST_ORDER,
                     why="first-order approximation: as the synthetic lr eta -> 0 the student's displacement after N "
@@ -357,6 +371,26 @@ _ROWS = (
                            "(syn_steps, expert_epochs, max_start_epoch, lr_img, lr_lr, lr_teacher, batch_syn, ZCA) of the "
                            "authors' commands in DC-BENCH methods/tm/readme.md are rows of configs/cifar10.toml and "
                            "cifar100.toml; with zca the experts must be trained whitened (experts --zca)"),
+    ObjectiveRecipe(name="haba", objective="mtt", augmentation="dsa", real_batches=None, synthetic="haba",
+                    relation_to_ipm=APPROXIMATE,
+                    why="MTT (first order: accumulated gradient matching along the expert trajectory) of the "
+                        "hallucinated set h_j(b_i), the IPM of the pushed-forward set, plus HaBa's club term on the "
+                        "hallucinators (cosine of an adversarially trained extractor's embeddings), not an IPM.",
+                    defaults={"iterations": 15000, "lr_images": 100.0, "momentum_images": 0.95, "init": "real",
+                              "syn_steps": 30, "expert_epochs": 2, "max_start_epoch": 20, "lr_lr": 1e-5,
+                              "n_hallucinators": 5},
+                    source="Liu et al. NeurIPS'22, Huage001/DatasetFactorization distill_fac.py, utils.py "
+                           "(StyleTranslator), contrastive_loss.py (SupConLoss, Extractor), "
+                           "run_cifar10_ipc10_style5.sh (syn_steps 30, expert_epochs 2, max_start_epoch 20, lr_img = "
+                           "lr_style 100, SGD momentum 0.95 on bases and hallucinators, lr_lr 1e-5, 5 hallucinators, "
+                           "lambdas club 0.1 / cls 1 / likelihood 0.1 / contrast 0.1, extractor SGD 0.001 momentum "
+                           "0.9, Iteration 15000). Deviations: every student step unrolls on the whole decoded set "
+                           "(or batch_syn decoded images mixing hallucinators) instead of one random hallucinator "
+                           "applied to a batch of bases; the contrastive pairs use every basis, not the next "
+                           "batch_syn chunk; the evaluation trains on all n_hallucinators x ipc decoded images "
+                           "instead of one random hallucination per basis per epoch; the learned lr uses MTT's "
+                           "momentum 0.5 (HaBa 0.9) and is not clipped at 0.001; the extractor is a ConvNet of the "
+                           "row's arch (HaBa: ConvNet-3 width 128); no ZCA on digits/MNIST (as mtt)"),
     ObjectiveRecipe(name="kip", objective="kip", relation_to_ipm=NOT_AN_IPM,
                     why="not an IPM: KRR regression loss of the predictor fitted on S; its witness class is the "
                         "RKHS of the (NTK) kernel, the MMD with that kernel is the IPM counterpart.",
@@ -386,6 +420,18 @@ _ROWS = (
                            "steps reuse them); a class-balanced real batch (batch_real per class) instead of 1024 "
                            "uniform; no StepLR decay of the Adam step (decay_epochs 40, factor 0.5); init 'real' "
                            "(the reference starts from noise)"),
+    ObjectiveRecipe(name="esp", objective="esp", relation_to_ipm=NOT_AN_IPM,
+                    why="not an IPM: DD's bilevel objective (real-data loss after unrolled SGD on S) with the inner "
+                        "parameters projected onto the span of the expert trajectories, a restriction of the inner "
+                        "hypothesis class, not a witness class.",
+                    defaults={"iterations": 1000, "lr_images": 0.01, "optimizer_images": "adam", "init": "real",
+                              "batch_real": 100, "dd_steps": 10, "dd_lr_init": 0.02},
+                    source="Ma et al., Sensors 23(19):8148, 2023 (Expert Subspace Projection): no code is public and "
+                           "only the abstract could be read, so the row follows issue 12's definition: DD "
+                           "(ssnl/dataset-distillation, its defaults, as the dd row) with projected inner steps "
+                           "theta <- P_V(theta - eta grad), V = span of every snapshot of every expert in the buffer, "
+                           "starting at an expert's initialisation. Deviation: the abstract says ESP avoids "
+                           "unrolling (its loss is unknown here); this row unrolls"),
     ObjectiveRecipe(name="rcig", objective="rcig", sampler="fresh", relation_to_ipm=NOT_AN_IPM,
                     why="not an IPM: bilevel objective, convex last-layer inner problem, implicit gradient (CG or "
                         "Neumann inverse-Hessian-vector products).",

@@ -7,8 +7,10 @@ are stored: evaluation reads the decoded images only (``synthetic.pt`` holds the
 parameters). Decoding composes with the feature map, so every matching recipe over a parameterised set
 is the IPM of the *pushed-forward* set: :math:`d_F(\mathrm{decode}_\#\,\nu_S, \mu_T)`.
 
-Registered parameterisations (:data:`SYNTHETIC_SETS`): ``pixels`` (every image a free tensor) and
-``multiformation`` (IDC: every stored image decoded into ``factor**2`` upsampled tiles). A new
+Registered parameterisations (:data:`SYNTHETIC_SETS`): ``pixels`` (every image a free tensor),
+``multiformation`` (IDC: every stored image decoded into ``factor**2`` upsampled tiles), ``channelwise``
+(channel-efficient multi-formation: ``factor**2`` low-resolution images stored in the channels of one
+stored tensor) and ``haba`` (HaBa: bases decoded by learnable hallucinators, :mod:`.haba`). A new
 one is a subclass with a ``name``, an ``Options`` dataclass, :meth:`~SyntheticSet.images` and
 :meth:`~SyntheticSet.from_images` (how to start from real or noise images), plus a registry entry.
 
@@ -35,8 +37,11 @@ from ipmcondense.ipm._validation import check_choice
 __all__ = [
     "SyntheticSet",
     "SyntheticExtras",
+    "SyntheticTraining",
     "PixelSet",
     "MultiFormationSet",
+    "ChannelwiseSet",
+    "decode_channelwise",
     "SYNTHETIC_SETS",
     "SYNTHETIC_NAMES",
     "build_synthetic_set",
@@ -68,6 +73,30 @@ class SyntheticExtras:
     lr_labels: float = 1.0
 
 
+class SyntheticTraining(ABC):
+    """What a parameterisation with helpers of its own adds to every image step (HaBa's hallucinator losses).
+
+    Built by :meth:`SyntheticSet.decoder_training` on the engine's objective context. The engine adds
+    :meth:`loss` to the objective's loss (its gradient reaches the synthetic set's parameters only), takes the
+    optimiser step, then calls :meth:`after_step` (which may train the decoder's own adversary with its own
+    optimiser), and checkpoints :meth:`state_dict`.
+    """
+
+    @abstractmethod
+    def loss(self) -> Tensor:
+        """A differentiable scalar added to the step's loss."""
+
+    def after_step(self) -> None:
+        """Update the helpers after the image step (default: nothing)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """State for checkpoints (default: none)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+
+
 class SyntheticSet(Component, nn.Module, ABC):
     """A learnable synthetic dataset: stored parameters decoded into class-blocked training images.
 
@@ -82,6 +111,8 @@ class SyntheticSet(Component, nn.Module, ABC):
     """
 
     kind = "synthetic set"
+    #: whether :meth:`from_images` takes a ``generator`` (a parameterisation with random initial weights)
+    uses_generator: bool = False
 
     def __init__(self, labels: Tensor, num_classes: int, ipc: int, extras: SyntheticExtras | None = None) -> None:
         nn.Module.__init__(self)
@@ -120,6 +151,13 @@ class SyntheticSet(Component, nn.Module, ABC):
     @abstractmethod
     def image_parameters(self) -> list[nn.Parameter]:
         """The stored parameters that encode the images (optimised with the recipe's ``lr_images``)."""
+
+    def decoder_training(self, ctx: Any) -> SyntheticTraining | None:
+        """The losses and helper updates this parameterisation adds to every step (``None``: none; HaBa: some).
+
+        ``ctx`` is the engine's :class:`~ipmcondense.condensation.objectives.ObjectiveContext`.
+        """
+        return None
 
     def class_slice(self, c: int) -> slice:
         """Rows of class ``c`` in :meth:`images` and ``labels``."""
@@ -316,6 +354,141 @@ class MultiFormationSet(SyntheticSet):
         return [self.stored]
 
 
+def decode_channelwise(stored: Tensor, factor: int, image_channels: int) -> Tensor:
+    r"""Channel-efficient multi-formation decoder :math:`f_c: R^n \to R^{f^2 n}` (a pure function).
+
+    ``stored``: ``(m, f**2 * image_channels, h, w)``; channel group :math:`g` (channels
+    ``[g C, (g + 1) C)``, :math:`C` = ``image_channels``) of stored tensor :math:`r` is one image of size
+    :math:`h \times w`, upsampled bilinearly (``align_corners=False``) to :math:`f h \times f w`. Returns
+    ``(m * f**2, C, f h, f w)`` in group-major order (all ``m`` images of group 0, then group 1, ...), the
+    order :class:`ChannelwiseSet` lays out per class. Factor 1 returns ``stored`` itself.
+    Cost: one interpolation, ``O(m f^2 C h w f^2)``.
+
+    Raises:
+        ValueError: ``stored`` is not 4-D, or its channel count is not ``factor**2 * image_channels``.
+    """
+    factor = _check_channelwise_stored(stored, factor, image_channels)
+    f2 = factor * factor
+    if factor == 1:
+        return stored
+    m, _, h, w = stored.shape
+    groups = stored.reshape(m, f2, image_channels, h, w).transpose(0, 1).reshape(m * f2, image_channels, h, w)
+    return F.interpolate(groups, size=(h * factor, w * factor), mode="bilinear", align_corners=False)
+
+
+class ChannelwiseSet(SyntheticSet):
+    r"""``channelwise``: channel-efficient multi-formation; ``factor**2`` images live in the channels of one tensor.
+
+    One stored tensor has the storage of one image, :math:`n = C H W` numbers, laid out as
+    ``(factor**2 * C, H / factor, W / factor)``: channel group :math:`g` holds a :math:`C`-channel image at
+    :math:`1/f` resolution, decoded by bilinear upsampling (:func:`decode_channelwise`), so
+    :math:`f_c: R^n \to R^{f^2 n}` (for 1-channel data and factor 2: a 4-channel half-resolution tensor
+    decoded into four full images). Labels are replicated; a class holds ``ipc * factor**2`` decoded images,
+    group-major (group 0 of all ``ipc`` stored tensors of the class, then group 1, ...).
+
+    Design choices (no official code is known; implemented from the definition
+    :math:`f_c: R^n \to R^{4n}`, see ``docs/guides/condensation.md``): the low-resolution images go into the
+    *channel* axis at reduced resolution, so the storage is exactly one image's and the decoder is the
+    parameter-free bilinear upsampler of IDC (a learned decoder would add storage); the start is IDC's
+    ``init='mix'`` (``factor**2`` real images per stored tensor, shrunk by nearest-neighbour). With these
+    choices the set of decoded images is the same as ``multiformation``'s: the channel layout is a fixed
+    re-indexing (pixel-unshuffle of each tile into a channel group) of IDC's tile layout, and every
+    optimiser of the library acts coordinate-wise, so the two parameterisations take the same steps
+    (tested). What differs is the stored tensor (a ``factor**2 * C``-channel low-resolution tensor, what
+    ``synthetic.pt`` holds under ``"stored"``) and the checks on it.
+
+    Decoding is a pure, differentiable (linear) function of ``stored``; factor 1 is ``pixels``.
+
+    Args:
+        stored: ``(num_classes * ipc, factor**2 * image_channels, H / factor, W / factor)``, class-blocked.
+        num_classes: number of classes.
+        factor: resolution divisor (``factor**2`` decoded images per stored tensor).
+        image_channels: channels :math:`C` of the data (and of each decoded image).
+        extras: learnable extras sized to the *decoded* set, or ``None``.
+    """
+
+    name = "channelwise"
+
+    @dataclass(frozen=True)
+    class Options:
+        factor: int = option(2, "channel-efficient multi-formation: f_c R^n -> R^{4n}, four images per stored one")
+
+    def __init__(self, stored: Tensor, num_classes: int, factor: int = 2, image_channels: int = 1,
+                 extras: SyntheticExtras | None = None) -> None:
+        factor = _check_channelwise_stored(stored, factor, image_channels)
+        if stored.shape[0] % num_classes:
+            raise ValueError(
+                f"stored must hold the same number of tensors for each of {num_classes} classes, "
+                f"got {stored.shape[0]}"
+            )
+        ipc = stored.shape[0] // num_classes
+        labels = torch.arange(num_classes).repeat_interleave(ipc * factor * factor)
+        super().__init__(labels, num_classes, ipc, extras)
+        self.factor, self.image_channels = factor, int(image_channels)
+        self.stored = nn.Parameter(stored.detach().clone().float())
+        self._register_extras()
+
+    @classmethod
+    def initial_images_per_class(cls, ipc: int, options: Any) -> int:
+        factor = _check_factor(options.factor)
+        return int(ipc) * factor * factor
+
+    @classmethod
+    def from_images(cls, images, labels, num_classes, options, extras=None):
+        """Per class, ``factor**2`` groups of ``ipc`` images; group ``g`` is shrunk (nearest) into channel group ``g``.
+
+        ``images``: ``(num_classes * ipc * factor**2, C, H, W)`` class-blocked (a factor must divide H and W);
+        decoding the result gives back (a blurred copy of) ``images`` in the same order.
+        """
+        factor = _check_factor(options.factor, tuple(images.shape))
+        f2 = factor * factor
+        n = images.shape[0]
+        if n % (num_classes * f2):
+            raise ValueError(
+                f"channelwise with factor {factor} starts from factor**2 = {f2} initial images per stored tensor: "
+                f"{n} images for {num_classes} classes is not a multiple of {num_classes * f2}"
+            )
+        expected = torch.arange(num_classes).repeat_interleave(n // num_classes)
+        if labels.shape != (n,) or not torch.equal(labels.cpu().to(torch.int64), expected):
+            raise ValueError(f"labels must be {n // num_classes} class-blocked labels per class, in order 0..C-1")
+        ipc = n // (num_classes * f2)
+        _, ch, h, w = images.shape
+        small = F.interpolate(images.detach().float(), size=(h // factor, w // factor), mode="nearest")
+        # (C, f2, ipc, ch, h', w') -> (C, ipc, f2 * ch, h', w'): group g of stored tensor r
+        small = small.reshape(num_classes, f2, ipc, ch, h // factor, w // factor).transpose(1, 2)
+        stored = small.reshape(num_classes * ipc, f2 * ch, h // factor, w // factor)
+        return cls(stored, num_classes, factor, ch, extras)
+
+    def images(self) -> Tensor:
+        f2 = self.factor * self.factor
+        decoded = decode_channelwise(self.stored, self.factor, self.image_channels)
+        if self.factor == 1:
+            return decoded
+        # decode_channelwise is group-major over all stored tensors; regroup per class (class-blocked)
+        per = decoded.reshape(f2, self.num_classes, self.ipc, *decoded.shape[1:]).transpose(0, 1)
+        return per.reshape(-1, *decoded.shape[1:])
+
+    def image_parameters(self) -> list[nn.Parameter]:
+        return [self.stored]
+
+
+def _check_channelwise_stored(stored: Tensor, factor: Any, image_channels: Any) -> int:
+    factor = _check_factor(factor)
+    if isinstance(image_channels, bool) or not isinstance(image_channels, int) or image_channels < 1:
+        raise ValueError(f"image_channels must be a positive integer, got {image_channels!r}")
+    if not isinstance(stored, Tensor) or stored.dim() != 4:
+        raise ValueError(f"stored must be a tensor of shape (N, factor**2 * channels, h, w), got "
+                         f"{tuple(getattr(stored, 'shape', ()))}")
+    f2 = factor * factor
+    if stored.shape[1] != f2 * image_channels:
+        raise ValueError(
+            f"channelwise with factor {factor} stores factor**2 * image_channels = {f2} x {image_channels} = "
+            f"{f2 * image_channels} channels per stored tensor (one image of {image_channels} channel(s) per channel "
+            f"group), got {stored.shape[1]}: the stored set does not fit data with {image_channels} channel(s)"
+        )
+    return factor
+
+
 def _check_factor(factor: Any, shape: tuple[int, ...] | None = None) -> int:
     if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
         raise ValueError(f"factor must be a positive integer (tiles per side), got {factor!r}")
@@ -335,15 +508,26 @@ def _check_factor(factor: Any, shape: tuple[int, ...] | None = None) -> int:
 SYNTHETIC_SETS: Registry = Registry("synthetic set")
 SYNTHETIC_SETS.register(PixelSet)
 SYNTHETIC_SETS.register(MultiFormationSet)
+SYNTHETIC_SETS.register(ChannelwiseSet)
+from .haba import HaBaSet  # noqa: E402  (haba builds on the classes above)
+
+SYNTHETIC_SETS.register(HaBaSet)
 SYNTHETIC_NAMES = SYNTHETIC_SETS.names
 
 
 def build_synthetic_set(
     name: str, images: Tensor, labels: Tensor, num_classes: int, config: dict[str, Any],
     extras: SyntheticExtras | None = None,
+    generator: torch.Generator | None = None,
 ) -> SyntheticSet:
-    """The ``name`` parameterisation (:data:`SYNTHETIC_NAMES`) started from ``images``, options from ``config``."""
+    """The ``name`` parameterisation (:data:`SYNTHETIC_NAMES`) started from ``images``, options from ``config``.
+
+    ``generator`` seeds the random initial weights of a parameterisation that has some (HaBa's hallucinators;
+    ``None``: a fixed seed); the others ignore it.
+    """
     cls = SYNTHETIC_SETS.get(name)
+    if cls.uses_generator:
+        return cls.from_images(images, labels, num_classes, cls.options_from(config), extras, generator=generator)
     return cls.from_images(images, labels, num_classes, cls.options_from(config), extras)
 
 

@@ -25,3 +25,17 @@ def class_batch(digits):
         return torch.cat(xs), torch.cat(ys)
 
     return draw
+
+
+#: the network of the small expert buffer below (narrow, so the buffer trains in seconds)
+EXPERT_ARCH = "convnet-w32"
+
+
+@pytest.fixture(scope="session")
+def small_expert_buffer(tmp_path_factory, digits):
+    """Two digits experts of ``convnet-w32``, two epochs each (HaBa and ESP tests)."""
+    from ipmcondense.trajectories import train_experts
+
+    out = tmp_path_factory.mktemp("small-experts")
+    train_experts(digits, 2, 2, out, arch=EXPERT_ARCH, progress=False, seed=0)
+    return out

@@ -36,6 +36,9 @@ EXPERT_ARCH = "convnet-w32"
 _TINY = {"batch_real": 8, "outer_loop": 2, "inner_loop": 2, "train_steps": 1, "batch_pool": 4, "pool_size": 3}
 _MTT = {"arch": EXPERT_ARCH, "max_start_epoch": 2, "expert_epochs": 1, "syn_steps": 3, "lr_images": 10.0}
 
+#: the methods that read the expert buffer
+EXPERT_METHODS = ("mtt", "haba", "esp")
+
 # name -> (method, keyword arguments of condense)
 CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "dm": ("dm", {**_TINY}),
@@ -53,14 +56,17 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "datadam": ("datadam", {**_TINY}),
     "lcmat": ("lcmat", {**_TINY}),
     "idm": ("idm", {**_TINY}),
+    "channel_efficient": ("channel_efficient", {**_TINY}),
     "mtt": ("mtt", {**_MTT}),
     "mtt-soft": ("mtt", {**_MTT, "soft_labels": True}),
+    "haba": ("haba", {**_MTT, "n_hallucinators": 2}),
     "kip": ("kip", {"batch_real": 8}),
     "kip-labels": ("kip", {"batch_real": 8, "learn_labels": True}),
     "kip-nngp": ("kip", {"batch_real": 8, "kernel": "fc_nngp"}),
     "rfad": ("rfad", {"batch_real": 8, "rf_width": 16, "n_models": 2}),
     "dd": ("dd", {"batch_real": 8, "dd_steps": 3}),
     "dd-fixed": ("dd", {"batch_real": 8, "dd_steps": 3, "dd_init": "fixed"}),
+    "esp": ("esp", {"arch": EXPERT_ARCH, "batch_real": 8, "dd_steps": 3}),
     "rcig": ("rcig", {"batch_real": 8, "rcig_inner_steps": 10, "rcig_hinv_steps": 5}),
     "rcig-neumann": ("rcig", {"batch_real": 8, "rcig_inner_steps": 10, "rcig_hinv_steps": 5,
                               "rcig_solver": "neumann"}),
@@ -84,7 +90,7 @@ def run_case(name: str, buffer_dir: Path | None, iterations: int = 3) -> dict[st
     from ipmcondense.condensation.api import condense
 
     method, kwargs = CASES[name]
-    if method == "mtt":
+    if method in EXPERT_METHODS:
         kwargs = {**kwargs, "experts": str(buffer_dir)}
     torch.manual_seed(0)
     result = condense(method, "digits", ipc=2, iterations=iterations, seed=5, progress=False, **kwargs)

@@ -42,7 +42,7 @@ def _typed(value):
 
 
 #: Rows added after the freeze (their budgets are new entries, not changes of the frozen ones).
-ADDED_METHODS = {"idc", "dcc", "wmdd"}
+ADDED_METHODS = {"idc", "dcc", "wmdd", "channel_efficient", "haba", "esp"}
 
 
 def _frozen_rows(table):
@@ -84,7 +84,13 @@ ADDED_OPTIONS = {"sinkhorn_p": 2, "steps_per_network": 1,
                  "max_steps_per_network": 100, "max_inner_epochs": 100,
                  # ZCA (issue 11 item 4) and WMDD's teacher and terms (issue 11 item 7)
                  "zca": False, "zca_eps": 0.1, "pretrain_steps": 3000, "lr_pretrain": 0.025, "batch_pretrain": 3,
-                 "barycenter_iterations": 100, "bn_weight": 0.01, "teacher_ce_weight": 1.0}
+                 "barycenter_iterations": 100, "bn_weight": 0.01, "teacher_ce_weight": 1.0,
+                 # the haba synthetic set (HaBa's scripts)
+                 "n_hallucinators": 5, "hallucinator_kernel": 3, "basis_channels": None, "lr_hallucinators": None,
+                 "haba_club_weight": 0.1, "haba_cls_weight": 1.0, "haba_likelihood_weight": 0.1,
+                 "haba_contrast_weight": 0.1, "haba_temperature": 0.07, "lr_extractor": 0.001,
+                 # the esp objective
+                 "esp_rank": None}
 ROW_CHANGES = {"wasserstein": {"sinkhorn_p": 1},  # W_1 (issue "each row is the paper's algorithm", item 7)
                # IDM's pool: 3 initial networks, trained after the image step on plain real batches (issue 11 item 1)
                "idm": {"initial_pool": 3, "pool_train_after_step": True, "pool_augment": False},

@@ -67,6 +67,10 @@ def test_compose_recipe():
         get_recipe("mtt-but-not-yet")
 
 
+#: Rows whose synthetic set is not plain pixels.
+SYNTHETIC_OF = {"idc": "multiformation", "channel_efficient": "channelwise", "haba": "haba"}
+
+
 def test_the_two_data_axes_compose_and_unknown_names_list_the_choices():
     same = compose_recipe("dm", synthetic="pixels", real_batches="random")
     assert same is get_recipe("dm")
@@ -80,14 +84,15 @@ def test_the_two_data_axes_compose_and_unknown_names_list_the_choices():
         compose_recipe("kip", feature_map="embedding")
     for row in RECIPES.values():
         axes = row.axes()
-        assert axes["synthetic"] == ("multiformation" if row.name == "idc" else "pixels") and "real_batches" in axes
+        assert axes["synthetic"] == SYNTHETIC_OF.get(row.name, "pixels") and "real_batches" in axes
 
 
 def test_rows_are_a_tagged_union():
     kinds = {name: type(row) for name, row in RECIPES.items()}
     assert {n for n, k in kinds.items() if k is MatchingRecipe} == {
-        "dm", "m3d", "wasserstein", "wmdd", "dc", "dsa", "cafe", "datadam", "lcmat", "idm", "idc", "dcc"}
-    assert {n for n, k in kinds.items() if k is ObjectiveRecipe} == {"mtt", "kip", "rfad", "dd", "rcig"}
+        "dm", "m3d", "wasserstein", "wmdd", "dc", "dsa", "cafe", "datadam", "lcmat", "idm", "idc", "dcc",
+        "channel_efficient"}
+    assert {n for n, k in kinds.items() if k is ObjectiveRecipe} == {"mtt", "haba", "kip", "rfad", "dd", "esp", "rcig"}
     assert {n for n, k in kinds.items() if k is SelectionRecipe} == {"random", "herding", "kcenter"}
     assert not hasattr(get_recipe("kip"), "feature_map") and get_recipe("kip").sampler == "none"
     assert get_recipe("dd").sampler == "fresh" and get_recipe("mtt").real_batches is None

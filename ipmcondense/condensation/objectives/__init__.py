@@ -15,6 +15,8 @@ loop, checkpoints, resume, outputs, evaluation) is shared.
 * ``rfad``: the Platt-scaled cross-entropy of the KRR predictions with a random-feature NNGP; not an IPM (as KIP).
 * ``dd``: :math:`\mathrm{CE}(f_{\theta_N(S)}(X_T), Y_T)` after N unrolled SGD steps on S with learnable step
   sizes; not an IPM (bilevel).
+* ``esp``: DD's loss after N *projected* SGD steps on S, the inner parameters kept in the span of the expert
+  trajectories (:math:`\theta_{i+1} = P_V(\theta_i - \eta_i \nabla \ell_S)`); not an IPM (bilevel).
 * ``rcig``: :math:`\mathrm{CE}(X_T W^*(S), Y_T)` with :math:`W^* = \arg\min_W` a convex inner loss on S, gradient
   by implicit differentiation; not an IPM (bilevel).
 
@@ -36,6 +38,7 @@ from .bilevel import (
 )
 from .kernel import KERNEL_NAMES, KernelInducingPointsObjective, RandomFeatureKRRObjective, build_kernel
 from .matching import MatchingObjective, lcmat_perturbation
+from .subspace import SubspaceBilevelObjective, expert_subspace, project_onto_subspace, projected_unrolled_sgd
 from .trajectory import (
     TrajectoryMatchingGradients,
     TrajectoryMatchingObjective,
@@ -52,6 +55,10 @@ __all__ = [
     "RandomFeatureKRRObjective",
     "UnrolledBilevelObjective",
     "ImplicitBilevelObjective",
+    "SubspaceBilevelObjective",
+    "expert_subspace",
+    "project_onto_subspace",
+    "projected_unrolled_sgd",
     "OBJECTIVES",
     "OBJECTIVE_NAMES",
     "KERNEL_NAMES",
@@ -71,7 +78,7 @@ __all__ = [
 #: The registered objectives by name, the ``objective`` of a recipe row.
 OBJECTIVES: Registry = Registry("objective")
 for _cls in (MatchingObjective, TrajectoryMatchingObjective, KernelInducingPointsObjective, RandomFeatureKRRObjective,
-             UnrolledBilevelObjective, ImplicitBilevelObjective):
+             UnrolledBilevelObjective, ImplicitBilevelObjective, SubspaceBilevelObjective):
     OBJECTIVES.register(_cls)
 OBJECTIVE_NAMES = OBJECTIVES.names
 

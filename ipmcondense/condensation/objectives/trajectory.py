@@ -312,13 +312,13 @@ class TrajectoryMatchingObjective(Objective):
             )
 
 
-def _open_buffer(config: dict[str, Any], dataset: Any):
+def _open_buffer(config: dict[str, Any], dataset: Any, method: str = "mtt"):
     from ipmcondense.trajectories import ExpertBuffer
 
     path = config.get("experts")
     if path is None:
         raise ValueError(
-            "method 'mtt' needs an expert buffer: pass --experts DIR (Python: experts=DIR). Make one with: "
+            f"method {method!r} needs an expert buffer: pass --experts DIR (Python: experts=DIR). Make one with: "
             f"ipmcondense experts --dataset {dataset.name} --arch {config['arch']} --n-experts K --epochs E --out DIR"
         )
     if not isinstance(path, (str, bytes)) and not hasattr(path, "__fspath__"):

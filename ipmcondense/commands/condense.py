@@ -79,6 +79,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--arch", default=None, help="network of the feature map (default convnet)")
     p.add_argument("--experts", default=None, metavar="DIR",
                    help="expert-trajectory buffer for --method mtt (make one with `ipmcondense experts`)")
+    p.add_argument("--generator", default=None, metavar="DIR",
+                   help="generator run directory for --synthetic latent (GLaD, IT-GAN; make one with "
+                        "`ipmcondense generator`)")
     p.add_argument("--set", dest="overrides", type=_override, action="append", default=[], metavar="KEY=VALUE",
                    help="any other hyperparameter, e.g. --set inner_loop=5 --set bandwidth=2.0")
     p.set_defaults(func=run_condense)
@@ -113,7 +116,7 @@ def run_condense(args: argparse.Namespace) -> int:
     from ipmcondense.condensation.api import condense
 
     overrides = dict(args.overrides)
-    for key in ("lr_images", "batch_real", "init", "arch", "experts", "checkpoint_every"):
+    for key in ("lr_images", "batch_real", "init", "arch", "experts", "checkpoint_every", "generator"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     result = condense(

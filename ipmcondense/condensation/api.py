@@ -243,7 +243,9 @@ def condense(
         eval_every: evaluate every N iterations (``eval_models`` models, ``eval_epochs`` epochs).
         feature_map, discrepancy, sampler, augmentation: replace axes of ``method`` (free composition).
         synthetic: the parameterisation of S (:data:`~ipmcondense.condensation.synthetic.SYNTHETIC_NAMES`,
-            default the row's, ``"pixels"``).
+            default the row's, ``"pixels"``). ``"latent"`` (GLaD, IT-GAN) also needs ``generator=``: a generator
+            run directory (:func:`ipmcondense.generators.train_generator`) or an ``nn.Module`` with an integer
+            ``latent_dim`` mapping ``(latents, labels)`` to normalised images.
         real_batches: how real images are drawn per step
             (:data:`~ipmcondense.condensation.real_batches.REAL_BATCH_NAMES`, default the row's, ``"random"``).
         image_size: resize and centre-crop the dataset's images to ``S x S`` (or ``(H, W)``) when it is
@@ -258,6 +260,7 @@ def condense(
         ValueError / TypeError / FileNotFoundError: any bad input, before ``out`` is created.
     """
     start = time.perf_counter()
+    generator_module = _generator_override(overrides)
     if not isinstance(method, str):
         raise TypeError(f"method must be a recipe name, got {type(method).__name__}")
     recipe = compose_recipe(method.lower().strip(), feature_map=feature_map, discrepancy=discrepancy,
@@ -292,7 +295,10 @@ def condense(
     images, labels = initial_images(ds, _initial_per_class(recipe, config, ds, ipc), config["init"], init_generator,
                                     seed=seed, arch=config["arch"])
     extras = None if objective is None else objective.synthetic_extras(images, labels, ds, config)
-    synthetic_set = build_synthetic_set(recipe.synthetic, images, labels, ds.num_classes, config, extras).to(dev)
+    if generator_module is not None and recipe.synthetic != "latent":
+        raise ValueError(f"generator is used by synthetic 'latent' only; method {recipe.name!r} uses {recipe.synthetic!r}")
+    synthetic_set = build_synthetic_set(recipe.synthetic, images, labels, ds.num_classes, config, extras,
+                                        generator=generator_module, rng=init_generator).to(dev)
 
     created = out_path is not None and not out_path.exists()
     if out_path is not None:
@@ -309,6 +315,27 @@ def condense(
         if created and out_path.exists() and not any(out_path.iterdir()):
             out_path.rmdir()
         raise
+
+
+def _generator_override(overrides: dict[str, Any]) -> Any:
+    """Turn a ``generator=`` override into its config string; return the ``nn.Module`` if one was given.
+
+    A path (``str`` / ``PathLike``: a generator run directory) stays in the configuration as a string; an
+    ``nn.Module`` is kept out of it (the configuration is saved as JSON) and recorded as
+    ``"<module ClassName>"``.
+    """
+    from torch import nn
+
+    value = overrides.get("generator")
+    if value is None:
+        return None
+    if isinstance(value, nn.Module):
+        overrides["generator"] = f"<module {type(value).__name__}>"
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        overrides["generator"] = str(value)
+        return None
+    raise TypeError(f"generator must be a generator run directory or an nn.Module, got {type(value).__name__}")
 
 
 def _build_network_factory(config: dict[str, Any], ds: Any):

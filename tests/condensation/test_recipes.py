@@ -80,13 +80,13 @@ def test_the_two_data_axes_compose_and_unknown_names_list_the_choices():
         compose_recipe("kip", feature_map="embedding")
     for row in RECIPES.values():
         axes = row.axes()
-        assert axes["synthetic"] == ("multiformation" if row.name == "idc" else "pixels") and "real_batches" in axes
+        assert axes["synthetic"] == {"idc": "multiformation", "glad": "latent", "itgan": "latent"}.get(row.name, "pixels") and "real_batches" in axes
 
 
 def test_rows_are_a_tagged_union():
     kinds = {name: type(row) for name, row in RECIPES.items()}
     assert {n for n, k in kinds.items() if k is MatchingRecipe} == {
-        "dm", "m3d", "wasserstein", "dc", "dsa", "cafe", "datadam", "lcmat", "idm", "idc", "dcc"}
+        "dm", "m3d", "wasserstein", "dc", "dsa", "cafe", "datadam", "lcmat", "idm", "idc", "dcc", "glad", "itgan"}
     assert {n for n, k in kinds.items() if k is ObjectiveRecipe} == {"mtt", "kip", "rfad", "dd", "rcig"}
     assert {n for n, k in kinds.items() if k is SelectionRecipe} == {"random", "herding", "kcenter"}
     assert not hasattr(get_recipe("kip"), "feature_map") and get_recipe("kip").sampler == "none"

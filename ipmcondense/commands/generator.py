@@ -38,7 +38,7 @@ def register(subparsers: Any) -> None:
                    help="dataset name (digits, mnist, fashion-mnist, cifar10, ...), imagefolder:PATH or a .npz/.pt file")
     p.add_argument("--out", required=True, help="run directory (created)")
     p.add_argument("--epochs", type=int, default=None,
-                   help="training epochs (default: 200 for digits, 10 for mnist / fashion-mnist, 50 otherwise)")
+                   help="training epochs (default: 50 for digits, 5 for mnist / fashion-mnist, 50 otherwise)")
     p.add_argument("--data-root", default=None, help="folder holding the torchvision datasets")
     p.add_argument("--image-size", type=int, default=None, metavar="N",
                    help="resize and centre-crop the dataset's images to NxN")

@@ -63,7 +63,7 @@ _CHECKPOINT_FORMAT = "ipmcondense-generator-checkpoint-v1"
 _RESUMABLE = ("epochs",)
 
 #: Default epochs per dataset (2-core CPU budgets measured in docs/guides/generative.md).
-DEFAULT_EPOCHS = {"digits": 200, "mnist": 10, "fashion-mnist": 10}
+DEFAULT_EPOCHS = {"digits": 50, "mnist": 5, "fashion-mnist": 5}
 
 
 @dataclass

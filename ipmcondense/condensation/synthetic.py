@@ -392,7 +392,7 @@ class LatentSet(SyntheticSet):
         generator.eval()
         generator.requires_grad_(False)
         self.decoder = generator
-        self.latents = nn.Parameter(latents.detach().clone().float())
+        self.latents = nn.Parameter(latents.detach().clone() if latents.is_floating_point() else latents.float())
         self.register_buffer("anchors", None if anchors is None else anchors.detach().clone().float())
         self._register_extras()
 

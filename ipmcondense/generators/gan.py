@@ -112,7 +112,7 @@ class ConditionalDiscriminator(nn.Module):
         widths = [width] + [min(4 * width, width * 2 ** (i + 1)) for i in range(k)]
         layers: list[nn.Module] = [spectral_norm(nn.Conv2d(channels, widths[0], 3, padding=1)), nn.LeakyReLU(0.2)]
         for i in range(k):
-            layers += [spectral_norm(nn.Conv2d(widths[i], widths[i + 1], 4, stride=2, padding=1)), nn.LeakyReLU(0.2)]
+            layers += [spectral_norm(nn.Conv2d(widths[i], widths[i + 1], 3, stride=2, padding=1)), nn.LeakyReLU(0.2)]
         self.features = nn.Sequential(*layers)
         self.linear = spectral_norm(nn.Linear(widths[-1], 1))
         self.embedding = spectral_norm(nn.Embedding(num_classes, widths[-1]))

@@ -422,6 +422,7 @@ class LatentSet(SyntheticSet):
         return cls(z, labels, num_classes, generator, anchors=images, extras=extras)
 
     def train(self, mode: bool = True) -> LatentSet:
+        """Set the module's mode; the fixed generator always stays in ``eval()`` mode (pure decoding)."""
         super().train(mode)
         self.decoder.eval()  # the generator is fixed: running batch-norm statistics, always
         return self

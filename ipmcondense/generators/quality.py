@@ -2,7 +2,7 @@ r"""An FID-like sample-quality score computed with the library's own IPM: a KID-
 
 :func:`random_convnet_mmd2` embeds both image sets with ONE fixed, seeded, *untrained* ConvNet-3
 (:func:`ipmcondense.nets.get_network` ``"convnet"``: width 128, instance norm, average pooling; built with
-:func:`ipmcondense.nets.build_isolated` from ``seed``, 0 by default, so every run and every machine use the
+``ipmcondense.nets.build_isolated`` from ``seed``, 0 by default, so every run and every machine use the
 same network) and returns the unbiased Gaussian-kernel :math:`\mathrm{MMD}^2` (U-statistic, median-heuristic
 bandwidth of the pooled embeddings) between the two embedded sets (:func:`ipmcondense.ipm.mmd2`):
 

@@ -141,3 +141,49 @@ def test_quality_score_equals_an_independent_numpy_mmd():
     assert abs(random_convnet_mmd2(digits[:100], digits[100:200], 10)) < 0.1 * noise_score
     with pytest.raises(ValueError, match="same image shape"):
         random_convnet_mmd2(a, torch.randn(5, 1, 4, 4), 10)
+
+
+# ------------------------------------------------------------------------------------------- DiM
+
+
+def test_logit_matching_is_dims_mean_squared_log_softmax_gap():
+    a, b = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+
+    def log_softmax(v):
+        v = v.numpy()
+        return v - np.log(np.exp(v).sum(1, keepdims=True))
+
+    expected = 0.01 * np.mean((log_softmax(a) - log_softmax(b)) ** 2)
+    from ipmcondense.generators import logit_matching_loss
+
+    assert float(logit_matching_loss(a, b)) == pytest.approx(expected, rel=1e-12)
+    assert float(logit_matching_loss(a, a + 3.0)) == pytest.approx(0.0, abs=1e-12)  # shift-invariant, like softmax
+
+
+def test_dim_fine_tunes_resumes_and_any_ipc_is_sampled(small_digits, tmp_path, capsys):
+    from ipmcondense.cli import main
+    from ipmcondense.condensation.api import evaluate
+    from ipmcondense.generators import distill_into_generator
+
+    train_generator(small_digits, tmp_path / "gan", epochs=1, **TINY)
+    kw = {"match_train_steps": 1, "lr": 1e-3, "progress": False, "pool_archs": ("convnet-w32",)}
+    straight = distill_into_generator(small_digits, tmp_path / "gan", tmp_path / "dim", epochs=2, **kw)
+    assert straight.metrics["distilled"] == "dim" and len(straight.metrics["history"]["loss_match"]) == 2
+    distill_into_generator(small_digits, tmp_path / "gan", tmp_path / "half", epochs=1, **kw)
+    resumed = distill_into_generator(small_digits, tmp_path / "gan", tmp_path / "half", epochs=2, resume=True, **kw)
+    for (k, v), v2 in zip(straight.generator.state_dict().items(), resumed.generator.state_dict().values()):
+        assert torch.equal(v, v2), k
+    assert not torch.equal(straight.generator.fc.weight, load_generator(tmp_path / "gan").fc.weight)
+    assert all(v > 0 for v in straight.metrics["history"]["loss_match"])
+    # the sample count is free: any ipc is drawn from the distilled generator
+    sizes = [evaluate(tmp_path / "dim", dataset=small_digits, models=1, epochs=1, ipc=k, save=False)["train_size"]
+             for k in (1, 7)]
+    assert sizes == [10, 70]
+    with pytest.raises(ValueError, match="pass ipc"):
+        evaluate(tmp_path / "dim", dataset=small_digits, models=1, epochs=1)
+    with pytest.raises(ValueError, match="has no checkpoint.pt"):
+        (tmp_path / "bare").mkdir()
+        (tmp_path / "bare" / "generator.pt").write_bytes((tmp_path / "gan" / "generator.pt").read_bytes())
+        distill_into_generator(small_digits, tmp_path / "bare", None, epochs=1, **kw)
+    assert main(["evaluate", str(tmp_path / "dim"), "--ipc", "2", "--models", "1", "--epochs", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["train_size"] == 20

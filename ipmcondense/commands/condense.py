@@ -103,6 +103,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", default=None)
     e.add_argument("--augmentation", choices=("dsa", "none"), default="dsa")
+    e.add_argument("--ipc", type=int, default=None,
+                   help="for a generator run directory (ipmcondense generator / dim): images per class to sample")
     e.add_argument("--no-learned-lr", action="store_true",
                    help="ignore a learning rate learned during condensation (MTT) and use the protocol's")
     e.set_defaults(func=run_evaluate)
@@ -147,7 +149,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     report = evaluate(
         args.path, dataset=args.dataset, models=args.models, arch=args.arch, epochs=args.epochs,
         data_root=args.data_root, seed=args.seed, device=args.device, augmentation=args.augmentation,
-        learned_lr=not args.no_learned_lr, image_size=args.image_size,
+        learned_lr=not args.no_learned_lr, image_size=args.image_size, ipc=args.ipc,
     )
     print(json.dumps(report, indent=2))
     return 0

@@ -416,6 +416,39 @@ def _finish(recipe, config, ds, synthetic, history, out_path, seconds, dev) -> C
     return CondensationResult(images, labels, config, metrics, out_path, recipe, lr, training_labels)
 
 
+def _generator_run_dir(path: Any) -> Path | None:
+    """``path`` as a generator run directory (holds ``generator.pt`` and no ``synthetic.pt``), else ``None``."""
+    from ipmcondense.generators import GENERATOR_FILE
+
+    if isinstance(path, (str, os.PathLike)):
+        p = Path(path)
+        if p.is_dir() and (p / GENERATOR_FILE).exists() and not (p / SYNTHETIC_FILE).exists():
+            return p
+    return None
+
+
+def _sample_generator(run: Path, ipc: Any, seed: int) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    """``ipc`` class-blocked samples per class of the generator in ``run`` and the config they evaluate with."""
+    from ipmcondense.data.files import torch_load_weights_only
+    from ipmcondense.generators import GENERATOR_FILE, load_generator
+
+    if ipc is None:
+        raise ValueError(f"{str(run)!r} is a generator run directory: pass ipc (--ipc), the images per class to sample")
+    ipc = check_positive_int(ipc, "ipc")
+    generator = load_generator(run)
+    meta = torch_load_weights_only(run / GENERATOR_FILE, "generator")
+    labels = torch.arange(generator.num_classes).repeat_interleave(ipc)
+    z = torch.randn(labels.shape[0], generator.latent_dim, generator=torch.Generator().manual_seed(int(seed)))
+    with torch.no_grad():
+        images = generator(z, labels)
+    from .recipes import DATASET_DEFAULTS
+
+    dataset = meta.get("dataset")
+    config = {"dataset": dataset, "method": f"generator:{run.name}", "ipc": ipc,
+              "arch": DATASET_DEFAULTS.get(dataset, {}).get("arch", "convnet")}
+    return images, labels, config
+
+
 def evaluate(
     path_or_result: str | os.PathLike | CondensationResult,
     dataset: Any = None,
@@ -430,8 +463,14 @@ def evaluate(
     save: bool = True,
     learned_lr: bool = True,
     image_size: int | tuple[int, int] | None = None,
+    ipc: int | None = None,
 ) -> dict[str, Any]:
     """Train ``models`` fresh networks on a condensed set and report their test accuracy.
+
+    ``path_or_result`` may also be a *generator run directory* (``ipmcondense generator``, or DiM's
+    :func:`ipmcondense.generators.distill_into_generator`): then ``ipc`` images per class are sampled from it,
+    :math:`x = G(z, y)` with :math:`z \\sim N(0, I)` drawn from a generator seeded with ``seed``, and evaluated
+    as a condensed set (any ``ipc``: the sample count is free).
 
     The estimate is the mean (and population std) of the test accuracies of the ``models`` networks,
     each trained from scratch on the synthetic set alone with the protocol of
@@ -455,6 +494,8 @@ def evaluate(
             (the protocol's ``learned_lr`` option); ``False`` uses the protocol's ``lr``.
         image_size: resize the dataset's images (see :func:`ipmcondense.data.load_dataset`); default:
             the synthetic images' size when the recorded dataset is reloaded, none for a given ``dataset``.
+        ipc: images per class to sample when ``path_or_result`` is a generator run directory (required there,
+            refused otherwise).
 
     Returns:
         ``{"accuracy_mean", "accuracy_std", "n_models", "accuracies", "seeds", "protocol", ...}``
@@ -463,7 +504,13 @@ def evaluate(
     from ipmcondense.evaluation import EvaluationProtocol, evaluate_synthetic
 
     models = check_positive_int(models, "models")
-    if isinstance(path_or_result, CondensationResult):
+    generator_run = _generator_run_dir(path_or_result)
+    if generator_run is None and ipc is not None:
+        raise ValueError("ipc applies to a generator run directory (a condensed set has its own ipc); leave it out")
+    if generator_run is not None:
+        images, labels, config = _sample_generator(generator_run, ipc, seed)
+        lr, folder = None, generator_run
+    elif isinstance(path_or_result, CondensationResult):
         images, labels, config = path_or_result.images, path_or_result.training_labels, path_or_result.config
         lr, folder = path_or_result.learning_rate, path_or_result.out
         if labels is None:

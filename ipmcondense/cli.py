@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from . import __version__
 
-_COMMAND_MODULES = ("distance", "condense", "experts")
+_COMMAND_MODULES = ("distance", "condense", "experts", "generator")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -38,6 +38,7 @@ _LAYER_OF_PREFIX = {
     "ipmcondense.selection": "models",
     "ipmcondense.whitening": "models",
     "ipmcondense.trajectories": "models",
+    "ipmcondense.generators": "models",
     "ipmcondense.condensation": "engine",
     "ipmcondense.commands": "app",
     "ipmcondense.cli": "app",

@@ -79,6 +79,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--arch", default=None, help="network of the feature map (default convnet)")
     p.add_argument("--experts", default=None, metavar="DIR",
                    help="expert-trajectory buffer for --method mtt (make one with `ipmcondense experts`)")
+    p.add_argument("--generator", default=None, metavar="DIR",
+                   help="generator run directory for --synthetic latent (GLaD, IT-GAN; make one with "
+                        "`ipmcondense generator`)")
     p.add_argument("--set", dest="overrides", type=_override, action="append", default=[], metavar="KEY=VALUE",
                    help="any other hyperparameter, e.g. --set inner_loop=5 --set bandwidth=2.0")
     p.set_defaults(func=run_condense)
@@ -104,6 +107,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--protocol", choices=("standard", "published"), default="standard",
                    help="standard: the VICO-UoE protocol for every method (default); published: the protocol of "
                         "the method's paper on this dataset (e.g. DC on CIFAR: no augmentation, 300 epochs)")
+    e.add_argument("--ipc", type=int, default=None,
+                   help="for a generator run directory (ipmcondense generator / dim): images per class to sample")
     e.add_argument("--no-learned-lr", action="store_true",
                    help="ignore a learning rate learned during condensation (MTT) and use the protocol's")
     e.set_defaults(func=run_evaluate)
@@ -117,7 +122,7 @@ def run_condense(args: argparse.Namespace) -> int:
     from ipmcondense.condensation.api import condense
 
     overrides = dict(args.overrides)
-    for key in ("lr_images", "batch_real", "init", "arch", "experts", "checkpoint_every"):
+    for key in ("lr_images", "batch_real", "init", "arch", "experts", "checkpoint_every", "generator"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     result = condense(
@@ -149,6 +154,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         args.path, dataset=args.dataset, models=args.models, arch=args.arch, epochs=args.epochs,
         data_root=args.data_root, seed=args.seed, device=args.device, augmentation=args.augmentation,
         learned_lr=not args.no_learned_lr, image_size=args.image_size, protocol=args.protocol,
+        ipc=args.ipc,
     )
     print(json.dumps(report, indent=2))
     return 0

@@ -249,7 +249,9 @@ def condense(
         eval_every: evaluate every N iterations (``eval_models`` models, ``eval_epochs`` epochs).
         feature_map, discrepancy, sampler, augmentation: replace axes of ``method`` (free composition).
         synthetic: the parameterisation of S (:data:`~ipmcondense.condensation.synthetic.SYNTHETIC_NAMES`,
-            default the row's, ``"pixels"``).
+            default the row's, ``"pixels"``). ``"latent"`` (GLaD, IT-GAN) also needs ``generator=``: a generator
+            run directory (:func:`ipmcondense.generators.train_generator`) or an ``nn.Module`` with an integer
+            ``latent_dim`` mapping ``(latents, labels)`` to normalised images.
         real_batches: how real images are drawn per step
             (:data:`~ipmcondense.condensation.real_batches.REAL_BATCH_NAMES`, default the row's, ``"random"``).
         image_size: resize and centre-crop the dataset's images to ``S x S`` (or ``(H, W)``) when it is
@@ -264,6 +266,7 @@ def condense(
         ValueError / TypeError / FileNotFoundError: any bad input, before ``out`` is created.
     """
     start = time.perf_counter()
+    generator_module = _generator_override(overrides)
     if not isinstance(method, str):
         raise TypeError(f"method must be a recipe name, got {type(method).__name__}")
     recipe = compose_recipe(method.lower().strip(), feature_map=feature_map, discrepancy=discrepancy,
@@ -301,8 +304,10 @@ def condense(
     images, labels = initial_images(ds, _initial_per_class(recipe, config, ds, ipc), config["init"], init_generator,
                                     seed=seed, arch=config["arch"])
     extras = None if objective is None else objective.synthetic_extras(images, labels, ds, config)
+    if generator_module is not None and recipe.synthetic != "latent":
+        raise ValueError(f"generator is used by synthetic 'latent' only; method {recipe.name!r} uses {recipe.synthetic!r}")
     synthetic_set = build_synthetic_set(recipe.synthetic, images, labels, ds.num_classes, config, extras,
-                                        generator=init_generator).to(dev)
+                                        generator=generator_module, rng=init_generator).to(dev)
 
     created = out_path is not None and not out_path.exists()
     if out_path is not None:
@@ -322,6 +327,27 @@ def condense(
         if created and out_path.exists() and not any(out_path.iterdir()):
             out_path.rmdir()
         raise
+
+
+def _generator_override(overrides: dict[str, Any]) -> Any:
+    """Turn a ``generator=`` override into its config string; return the ``nn.Module`` if one was given.
+
+    A path (``str`` / ``PathLike``: a generator run directory) stays in the configuration as a string; an
+    ``nn.Module`` is kept out of it (the configuration is saved as JSON) and recorded as
+    ``"<module ClassName>"``.
+    """
+    from torch import nn
+
+    value = overrides.get("generator")
+    if value is None:
+        return None
+    if isinstance(value, nn.Module):
+        overrides["generator"] = f"<module {type(value).__name__}>"
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        overrides["generator"] = str(value)
+        return None
+    raise TypeError(f"generator must be a generator run directory or an nn.Module, got {type(value).__name__}")
 
 
 def _build_network_factory(config: dict[str, Any], ds: Any):
@@ -424,6 +450,39 @@ def _finish(
     return CondensationResult(images, labels, config, metrics, out_path, recipe, lr, training_labels, schedule)
 
 
+def _generator_run_dir(path: Any) -> Path | None:
+    """``path`` as a generator run directory (holds ``generator.pt`` and no ``synthetic.pt``), else ``None``."""
+    from ipmcondense.generators import GENERATOR_FILE
+
+    if isinstance(path, (str, os.PathLike)):
+        p = Path(path)
+        if p.is_dir() and (p / GENERATOR_FILE).exists() and not (p / SYNTHETIC_FILE).exists():
+            return p
+    return None
+
+
+def _sample_generator(run: Path, ipc: Any, seed: int) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    """``ipc`` class-blocked samples per class of the generator in ``run`` and the config they evaluate with."""
+    from ipmcondense.data.files import torch_load_weights_only
+    from ipmcondense.generators import GENERATOR_FILE, load_generator
+
+    if ipc is None:
+        raise ValueError(f"{str(run)!r} is a generator run directory: pass ipc (--ipc), the images per class to sample")
+    ipc = check_positive_int(ipc, "ipc")
+    generator = load_generator(run)
+    meta = torch_load_weights_only(run / GENERATOR_FILE, "generator")
+    labels = torch.arange(generator.num_classes).repeat_interleave(ipc)
+    z = torch.randn(labels.shape[0], generator.latent_dim, generator=torch.Generator().manual_seed(int(seed)))
+    with torch.no_grad():
+        images = generator(z, labels)
+    from .recipes import DATASET_DEFAULTS
+
+    dataset = meta.get("dataset")
+    config = {"dataset": dataset, "method": f"generator:{run.name}", "ipc": ipc,
+              "arch": DATASET_DEFAULTS.get(dataset, {}).get("arch", "convnet")}
+    return images, labels, config
+
+
 def evaluate(
     path_or_result: str | os.PathLike | CondensationResult,
     dataset: Any = None,
@@ -439,8 +498,14 @@ def evaluate(
     learned_lr: bool = True,
     image_size: int | tuple[int, int] | None = None,
     protocol: str = "standard",
+    ipc: int | None = None,
 ) -> dict[str, Any]:
     """Train ``models`` fresh networks on a condensed set and report their test accuracy.
+
+    ``path_or_result`` may also be a *generator run directory* (``ipmcondense generator``, or DiM's
+    :func:`ipmcondense.generators.distill_into_generator`): then ``ipc`` images per class are sampled from it,
+    :math:`x = G(z, y)` with :math:`z \\sim N(0, I)` drawn from a generator seeded with ``seed``, and evaluated
+    as a condensed set (any ``ipc``: the sample count is free).
 
     The estimate is the mean (and population std) of the test accuracies of the ``models`` networks,
     each trained from scratch on the synthetic set alone with the protocol of
@@ -469,6 +534,8 @@ def evaluate(
             the method's paper on this dataset, :mod:`ipmcondense.condensation.published`, e.g. DC on CIFAR
             without augmentation for 300 epochs); ``arch``, ``epochs`` and ``augmentation`` given explicitly
             override it. ZCA, the learned rate and soft labels come from the set under both.
+        ipc: images per class to sample when ``path_or_result`` is a generator run directory (required there,
+            refused otherwise).
 
     Returns:
         ``{"accuracy_mean", "accuracy_std", "n_models", "accuracies", "seeds", "protocol", "protocol_name",
@@ -480,7 +547,13 @@ def evaluate(
 
     models = check_positive_int(models, "models")
     check_choice(protocol, PROTOCOL_NAMES, "protocol")
-    if isinstance(path_or_result, CondensationResult):
+    generator_run = _generator_run_dir(path_or_result)
+    if generator_run is None and ipc is not None:
+        raise ValueError("ipc applies to a generator run directory (a condensed set has its own ipc); leave it out")
+    if generator_run is not None:
+        images, labels, config = _sample_generator(generator_run, ipc, seed)
+        lr, schedule, folder = None, None, generator_run
+    elif isinstance(path_or_result, CondensationResult):
         images, labels, config = path_or_result.images, path_or_result.training_labels, path_or_result.config
         lr, folder = path_or_result.learning_rate, path_or_result.out
         schedule = path_or_result.learned_schedule

@@ -19,7 +19,7 @@ from .discrepancies import class_means
 from .samplers import running_accuracy_percent
 
 __all__ = ["ExtraTerm", "SyntheticCrossEntropy", "PrototypeDiscrimination", "ClassNormStatistics", "TeacherCrossEntropy",
-           "class_norm_statistics", "EXTRA_TERMS", "EXTRA_TERM_NAMES", "get_extra_term"]
+           "AnchorFeatureDistance", "class_norm_statistics", "EXTRA_TERMS", "EXTRA_TERM_NAMES", "get_extra_term"]
 
 
 
@@ -33,6 +33,10 @@ class ExtraTerm(Component, ABC):
 
     def __init__(self, weight: float) -> None:
         self.weight = float(weight)
+
+    def bind(self, synthetic: nn.Module) -> None:
+        """Called once by the objective with the run's synthetic set (a term that needs more than the decoded,
+        augmented batch keeps what it needs; default: nothing)."""
 
     @abstractmethod
     def __call__(
@@ -197,9 +201,46 @@ class TeacherCrossEntropy(ExtraTerm):
         return self.weight * F.cross_entropy(net(synthetic_images), synthetic_labels)
 
 
+class AnchorFeatureDistance(ExtraTerm):
+    r"""IT-GAN's regulariser: :math:`w \cdot \frac1n \sum_i \|\psi_\theta(G(z_i, y_i)) - \psi_\theta(x_i)\|^2`.
+
+    :math:`x_i` is the real image latent :math:`z_i` was inverted from (the ``anchors`` of a ``latent`` synthetic
+    set) and :math:`\psi_\theta` the embedding (``net.embed``) of the step's network: each synthetic image is kept
+    close, in feature space, to its real counterpart while the matching term moves the set as a whole. Both
+    sides are taken without augmentation. Not an IPM (a sum of pairwise distances). Cost: one generator and
+    two embedding forward passes on ``n`` images.
+    """
+
+    name = "anchor_features"
+
+    @dataclass(frozen=True)
+    class Options:
+        anchor_weight: float = option(0.01, "IT-GAN (Zhao & Bilen 2022) feature regulariser; its training code is "
+                                            "unreleased, the weight is this library's choice")
+
+    @classmethod
+    def from_options(cls, options, **context):
+        return cls(options.anchor_weight)
+
+    def bind(self, synthetic):
+        if getattr(synthetic, "anchors", None) is None:
+            raise ValueError(
+                "extra term 'anchor_features' (IT-GAN) needs a synthetic set that keeps the images its latents "
+                f"were inverted from: use synthetic 'latent', got {getattr(synthetic, 'name', type(synthetic).__name__)!r}"
+            )
+        self.synthetic = synthetic
+
+    def __call__(self, net, real_images, real_labels, synthetic_images, synthetic_labels, real_segments, synthetic_segments):
+        with torch.no_grad():
+            anchor = net.embed(self.synthetic.anchors)
+        decoded = net.embed(self.synthetic.images())
+        return self.weight * (decoded - anchor).pow(2).sum(dim=1).mean()
+
+
 #: The registered extra terms by name.
 EXTRA_TERMS: Registry = Registry("extra term")
-for _cls in (SyntheticCrossEntropy, PrototypeDiscrimination, ClassNormStatistics, TeacherCrossEntropy):
+for _cls in (SyntheticCrossEntropy, PrototypeDiscrimination, ClassNormStatistics, TeacherCrossEntropy,
+             AnchorFeatureDistance):
     EXTRA_TERMS.register(_cls)
 EXTRA_TERM_NAMES = EXTRA_TERMS.names
 

@@ -359,6 +359,35 @@ _ROWS = (
                           "IDC's parameter-free bilinear upsampler, the start IDC's init mix (nearest shrink); with "
                           "them the decoded family equals multiformation's up to a re-indexing of the stored numbers "
                           "(tested)"),
+    # ------------------------------------------------------------------ generative priors (synthetic "latent")
+    MatchingRecipe(name="glad", feature_map="embedding", discrepancy="mean_embedding", sampler="fresh",
+                   augmentation="dsa", synthetic="latent", relation_to_ipm=EXACT,
+                   why="DM's squared linear-kernel IPM of random-network embeddings between the real set and the "
+                       "push-forward G#nu_Z of the stored latents through a fixed generator: the IPM over the "
+                       "witnesses f(G(z, y)) of the latents, S restricted to the generator's range.",
+                   defaults={**_DM, "iterations": 1000, "lr_images": 0.01, "latent_init": "gaussian"},
+                   source="Cazenavette et al. CVPR'23, GeorgeCazenavette/glad (distill_dm.py, glad_utils.py "
+                          "prepare_latents / get_optimizer_img, shared_args.py): latents z ~ N(0, I), SGD momentum "
+                          "0.5 at lr_w 0.01, Iteration 1000, the host method's loss unchanged. Deviations: a small "
+                          "class-conditional DCGAN trained here (`ipmcondense generator`) instead of the pretrained "
+                          "StyleGAN-XL, latents in its z space (no w+ space, no intermediate f-latents, no "
+                          "--layer); DM is the default host: compose --method dc|dsa|mtt --synthetic latent "
+                          "--generator DIR for GLaD-DC / GLaD-MTT"),
+    MatchingRecipe(name="itgan", feature_map="embedding", discrepancy="mean_embedding", sampler="fresh",
+                   augmentation="dsa", synthetic="latent", extra_terms=("anchor_features",),
+                   relation_to_ipm=APPROXIMATE,
+                   why="DM's linear-kernel IPM^2 of the push-forward G#nu_Z against the real set plus a pairwise "
+                       "feature distance of each G(z_i) to the real image z_i was inverted from (not an IPM).",
+                   defaults={**_DM, "iterations": 5000, "lr_images": 0.001, "latent_init": "inversion"},
+                   source="Zhao & Bilen, NeurIPS'22 workshop (arXiv 2204.07513); VICO-UoE/IT-GAN releases only "
+                          "evaluation and z-concatenation scripts (its training code is on Google Drive, "
+                          "'neither re-organized nor validated'): latents from GAN inversion (lr_z 0.1), then "
+                          "optimised at lr_z 0.001 for 5000 iterations (names of the released z files). "
+                          "Deviations: a small class-conditional DCGAN trained here instead of BigGAN; latents only "
+                          "for the condensed set (IT-GAN learns one per real image); inversion 200 Adam steps "
+                          "(5000 in IT-GAN); the regulariser weight anchor_weight 0.01 and fresh random networks "
+                          "are this library's reading of the paper (the file names mention fixed networks of "
+                          "accuracy 0.4-1.0: try --sampler pool); SGD momentum 0.5 as DM"),
     # ------------------------------------------------------------------ other objectives
     ObjectiveRecipe(name="mtt", objective="mtt", augmentation="dsa", real_batches=None, relation_to_ipm=FIRST_ORDER,
                     why="first-order approximation: as the synthetic lr eta -> 0 the student's displacement after N "

@@ -10,7 +10,8 @@ is the IPM of the *pushed-forward* set: :math:`d_F(\mathrm{decode}_\#\,\nu_S, \m
 Registered parameterisations (:data:`SYNTHETIC_SETS`): ``pixels`` (every image a free tensor),
 ``multiformation`` (IDC: every stored image decoded into ``factor**2`` upsampled tiles), ``channelwise``
 (channel-efficient multi-formation: ``factor**2`` low-resolution images stored in the channels of one
-stored tensor) and ``haba`` (HaBa: bases decoded by learnable hallucinators, :mod:`.haba`). A new
+stored tensor), ``haba`` (HaBa: bases decoded by learnable hallucinators, :mod:`.haba`) and ``latent``
+(GLaD, IT-GAN: latent vectors decoded by a fixed generator, :math:`S = G_\#\,\nu_Z`). A new
 one is a subclass with a ``name``, an ``Options`` dataclass, :meth:`~SyntheticSet.images` and
 :meth:`~SyntheticSet.from_images` (how to start from real or noise images), plus a registry entry.
 
@@ -42,6 +43,8 @@ __all__ = [
     "MultiFormationSet",
     "ChannelwiseSet",
     "decode_channelwise",
+    "LatentSet",
+    "LATENT_INITS",
     "SYNTHETIC_SETS",
     "SYNTHETIC_NAMES",
     "build_synthetic_set",
@@ -504,11 +507,135 @@ def _check_factor(factor: Any, shape: tuple[int, ...] | None = None) -> int:
     return factor
 
 
+LATENT_INITS = ("gaussian", "inversion")
+
+
+class LatentSet(SyntheticSet):
+    r"""``latent``: every synthetic image is :math:`G(z_i, y_i)` for a stored latent :math:`z_i` of a *fixed* generator.
+
+    The stored parameters are the latents ``(n, d)`` (``d = G.latent_dim``) and the labels; the generator
+    ``G`` (eval mode, ``requires_grad=False``) is not optimised. Decoding, :math:`x_i = G(z_i, y_i)`, is a pure
+    function of the stored latents (batch norm uses running statistics), and the gradient of any loss
+    reaches the latents by the chain rule through ``G``: :math:`\nabla_{z_i} L = J_G(z_i)^\top \nabla_{x_i} L`.
+    Every matching recipe over this set is the IPM of the pushed-forward set,
+    :math:`d_F(G_\#\hat\nu_Z, \mu_T)`: the witness class sees only images on the generator's range
+    (GLaD, Cazenavette et al. CVPR'23; IT-GAN, Zhao & Bilen 2022).
+
+    Initialisation (``latent_init``): ``"gaussian"``, :math:`z \sim N(0, I)` drawn from the run's initial
+    generator (GLaD ``glad_utils.prepare_latents``: ``zs = torch.randn``); ``"inversion"``, GAN inversion of
+    the initial images ``x_i`` (IT-GAN): from a Gaussian draw, ``inversion_steps`` Adam steps (step
+    ``inversion_lr``) on :math:`\frac1n\sum_i \|G(z_i, y_i) - x_i\|^2`. The initial images are kept as
+    ``anchors`` (IT-GAN's regulariser compares the decoded set with them).
+
+    Storage: ``n * d`` numbers plus the generator (``state_dict`` holds its weights too, so a saved set is
+    self-contained). Cost of decoding: one generator forward pass on ``n`` latents.
+
+    Args:
+        latents: ``(num_classes * ipc, d)`` initial latents, class-blocked.
+        labels: ``(num_classes * ipc,)`` class-blocked labels.
+        num_classes: number of classes.
+        generator: an ``nn.Module`` with an integer ``latent_dim`` mapping ``(z, labels)`` to normalised images
+            (:func:`ipmcondense.generators.check_generator`).
+        anchors: the images the latents were initialised from (``None``: none kept).
+        extras: learnable extras, or ``None``.
+    """
+
+    name = "latent"
+    needs_generator = True
+
+    @dataclass(frozen=True)
+    class Options:
+        generator: str = option("", "a generator run directory (`ipmcondense generator --out DIR`); Python also "
+                                    "accepts an nn.Module")
+        latent_init: str = option("gaussian", "GLaD glad_utils.prepare_latents: zs = torch.randn (inversion: IT-GAN)")
+        inversion_steps: int = option(200, "IT-GAN inverts for 5000 iterations (its released z files); 200 here, "
+                                           "enough for the small generators trained here")
+        inversion_lr: float = option(0.1, "IT-GAN: GAN inversion lr_z 0.1 (GANInversion_final_*_lrz0.100)")
+
+    def __init__(self, latents: Tensor, labels: Tensor, num_classes: int, generator: nn.Module,
+                 anchors: Tensor | None = None, extras: SyntheticExtras | None = None) -> None:
+        if latents.dim() != 2:
+            raise ValueError(f"latents must have shape (N, latent_dim), got {tuple(latents.shape)}")
+        if labels.shape != (latents.shape[0],):
+            raise ValueError(f"labels must have shape ({latents.shape[0]},) to match latents, got {tuple(labels.shape)}")
+        latent_dim = getattr(generator, "latent_dim", None)
+        if latents.shape[1] != latent_dim:
+            raise ValueError(f"latents have dimension {latents.shape[1]} but the generator's latent_dim is {latent_dim!r}")
+        super().__init__(labels, num_classes, latents.shape[0] // num_classes, extras)
+        generator.eval()
+        generator.requires_grad_(False)
+        self.decoder = generator
+        self.latents = nn.Parameter(latents.detach().clone() if latents.is_floating_point() else latents.float())
+        self.register_buffer("anchors", None if anchors is None else anchors.detach().clone().float())
+        self._register_extras()
+
+    @classmethod
+    def from_images(cls, images, labels, num_classes, options, extras=None, *, generator=None, rng=None):
+        """Latents for the initial ``images``: Gaussian or inverted (``options.latent_init``); see the class docstring.
+
+        ``generator``: an ``nn.Module`` (used as given) or ``None`` (``options.generator``, a run directory, is
+        loaded); ``rng``: the ``torch.Generator`` of the Gaussian draw (seeded 0 if ``None``).
+        """
+        from ipmcondense.generators import check_generator, load_generator
+
+        check_choice(options.latent_init, LATENT_INITS, "latent_init")
+        if generator is None:
+            if not options.generator:
+                raise ValueError(
+                    "synthetic 'latent' needs a generator: --generator DIR (a run of `ipmcondense generator`) on the "
+                    "command line, generator=DIR or generator=<nn.Module> in Python"
+                )
+            generator = load_generator(options.generator)
+        images = images.detach().float()
+        generator = check_generator(generator, num_classes, tuple(images.shape[1:]))
+        rng = rng if rng is not None else torch.Generator().manual_seed(0)
+        z = torch.randn(images.shape[0], generator.latent_dim, generator=rng)
+        if options.latent_init == "inversion":
+            z = invert_generator(generator, images, labels, z, int(options.inversion_steps), float(options.inversion_lr))
+        return cls(z, labels, num_classes, generator, anchors=images, extras=extras)
+
+    def train(self, mode: bool = True) -> LatentSet:
+        """Set the module's mode; the fixed generator always stays in ``eval()`` mode (pure decoding)."""
+        super().train(mode)
+        self.decoder.eval()  # the generator is fixed: running batch-norm statistics, always
+        return self
+
+    def images(self) -> Tensor:
+        return self.decoder(self.latents, self.labels)
+
+    def image_parameters(self) -> list[nn.Parameter]:
+        return [self.latents]
+
+
+def invert_generator(generator: nn.Module, images: Tensor, labels: Tensor, start: Tensor, steps: int,
+                     lr: float) -> Tensor:
+    r"""GAN inversion: ``steps`` Adam steps (step ``lr``) from ``start`` on :math:`\frac1n\sum_i \|G(z_i, y_i) - x_i\|^2`.
+
+    Returns the latents ``(n, d)`` (detached). ``steps = 0`` returns ``start``. Cost: ``steps`` forward and
+    backward passes of the generator on ``n`` latents.
+    """
+    from ipmcondense.ipm._validation import check_positive_int, check_positive_number
+
+    steps = check_positive_int(steps, "inversion_steps", allow_zero=True)
+    lr = check_positive_number(lr, "inversion_lr")
+    device = images.device
+    z = start.detach().clone().to(device).requires_grad_(True)
+    optimizer = torch.optim.Adam([z], lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = (generator(z, labels.to(device)) - images).pow(2).flatten(1).sum(1).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return z.detach()
+
+
 #: The registered synthetic-set parameterisations by name, the ``synthetic`` axis.
 SYNTHETIC_SETS: Registry = Registry("synthetic set")
 SYNTHETIC_SETS.register(PixelSet)
 SYNTHETIC_SETS.register(MultiFormationSet)
 SYNTHETIC_SETS.register(ChannelwiseSet)
+SYNTHETIC_SETS.register(LatentSet)
 from .haba import HaBaSet  # noqa: E402  (haba builds on the classes above)
 
 SYNTHETIC_SETS.register(HaBaSet)
@@ -517,17 +644,22 @@ SYNTHETIC_NAMES = SYNTHETIC_SETS.names
 
 def build_synthetic_set(
     name: str, images: Tensor, labels: Tensor, num_classes: int, config: dict[str, Any],
-    extras: SyntheticExtras | None = None,
-    generator: torch.Generator | None = None,
+    extras: SyntheticExtras | None = None, *, generator: nn.Module | None = None,
+    rng: torch.Generator | None = None,
 ) -> SyntheticSet:
     """The ``name`` parameterisation (:data:`SYNTHETIC_NAMES`) started from ``images``, options from ``config``.
 
-    ``generator`` seeds the random initial weights of a parameterisation that has some (HaBa's hallucinators;
-    ``None``: a fixed seed); the others ignore it.
+    ``generator`` (an ``nn.Module``) reaches a parameterisation that decodes through a generator
+    (``latent``); ``rng`` seeds the random draws of a parameterisation that has some (the latent start,
+    HaBa's hallucinator weights; ``None``: a fixed seed); the others ignore them.
     """
     cls = SYNTHETIC_SETS.get(name)
+    if getattr(cls, "needs_generator", False):
+        return cls.from_images(images, labels, num_classes, cls.options_from(config), extras, generator=generator, rng=rng)
+    if generator is not None:
+        raise ValueError(f"generator is only used by synthetic 'latent', not {name!r}")
     if cls.uses_generator:
-        return cls.from_images(images, labels, num_classes, cls.options_from(config), extras, generator=generator)
+        return cls.from_images(images, labels, num_classes, cls.options_from(config), extras, generator=rng)
     return cls.from_images(images, labels, num_classes, cls.options_from(config), extras)
 
 

@@ -34,6 +34,9 @@ GOLDEN_DIR = Path(__file__).with_name("golden")
 EXPERT_ARCH = "convnet-w32"
 
 _TINY = {"batch_real": 8, "outer_loop": 2, "inner_loop": 2, "train_steps": 1, "batch_pool": 4, "pool_size": 3}
+#: a tiny class-conditional GAN (width 8, latent_dim 8, 2 epochs on digits) for the latent-space rows
+GENERATOR_FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "generator-digits-tiny"
+_LATENT = {"generator": str(GENERATOR_FIXTURE)}
 _MTT = {"arch": EXPERT_ARCH, "max_start_epoch": 2, "expert_epochs": 1, "syn_steps": 3, "lr_images": 10.0}
 
 #: the methods that read the expert buffer
@@ -70,6 +73,8 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "rcig": ("rcig", {"batch_real": 8, "rcig_inner_steps": 10, "rcig_hinv_steps": 5}),
     "rcig-neumann": ("rcig", {"batch_real": 8, "rcig_inner_steps": 10, "rcig_hinv_steps": 5,
                               "rcig_solver": "neumann"}),
+    "glad": ("glad", {**_TINY, **_LATENT}),
+    "itgan": ("itgan", {**_TINY, **_LATENT, "inversion_steps": 5}),
     "random": ("random", {}),
     "herding": ("herding", {}),
     "kcenter": ("kcenter", {}),

@@ -42,7 +42,7 @@ def _typed(value):
 
 
 #: Rows added after the freeze (their budgets are new entries, not changes of the frozen ones).
-ADDED_METHODS = {"idc", "dcc", "wmdd", "channel_efficient", "haba", "esp"}
+ADDED_METHODS = {"idc", "dcc", "wmdd", "channel_efficient", "haba", "esp", "glad", "itgan"}
 
 
 def _frozen_rows(table):

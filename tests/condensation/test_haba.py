@@ -29,7 +29,7 @@ def _set(classes=3, ipc=2, n_h=3, seed=0, **options):
     images = torch.randn(classes * ipc, 1, 8, 8, generator=g)
     labels = torch.arange(classes).repeat_interleave(ipc)
     config = {"n_hallucinators": n_h, **options}
-    return build_synthetic_set("haba", images, labels, classes, config, generator=torch.Generator().manual_seed(seed))
+    return build_synthetic_set("haba", images, labels, classes, config, rng=torch.Generator().manual_seed(seed))
 
 
 def test_decoded_set_is_every_hallucinator_of_every_basis_with_replicated_labels():

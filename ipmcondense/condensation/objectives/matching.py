@@ -82,6 +82,8 @@ class MatchingObjective(Objective):
         self.feature_map = build_feature_map(ctx.recipe, ctx.config)
         self.discrepancy = build_discrepancy(ctx.recipe, ctx.config)
         self.extra_terms = build_extra_terms(ctx.recipe, ctx.config)
+        for term in self.extra_terms:
+            term.bind(ctx.synthetic)
         self.lcmat_weight = float(ctx.config.get("lcmat_weight") or 0.0)
         self.lcmat_rho = float(ctx.config.get("lcmat_rho") or 0.0)
         if self.lcmat_weight > 0 and not self.feature_map.needs_parameter_gradients:

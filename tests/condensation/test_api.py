@@ -1,6 +1,7 @@
 """condense()/evaluate(): every recipe end to end, outputs, bad input leaves nothing behind."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,9 @@ OPTIMISED = [name for name, r in RECIPES.items()
 TINY = {"batch_real": 16, "outer_loop": 2, "inner_loop": 1, "train_steps": 1, "batch_pool": 8,
         # CAFE's accuracy-watched loops, kept short
         "watch_window": 2, "max_steps_per_network": 2, "max_inner_epochs": 1, "watch_batch": 8}
+# the latent rows (glad, itgan) decode through the tiny saved generator of tests/fixtures
+GENERATOR_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "generator-digits-tiny"
+LATENT = {"generator": str(GENERATOR_DIR), "inversion_steps": 5}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +53,8 @@ def _fixed_theta_loss(result, digits):
 def test_each_recipe_runs_end_to_end_and_decreases_its_loss(method, digits):
     # gradient-cosine and layer losses are very non-smooth on 8x8 digits: small steps from noise
     inner = RECIPES[method].sampler in ("fresh_inner", "fresh_watched")
-    settings = {**TINY, **({"lr_images": 0.001, "init": "noise"} if inner else {})}
+    settings = {**TINY, **({"lr_images": 0.001, "init": "noise"} if inner else {}),
+                **(LATENT if RECIPES[method].synthetic == "latent" else {})}
     iterations = 4 if inner else 6 if method == "wasserstein" else 12
     before = condense(method, "digits", ipc=2, iterations=0, progress=False, seed=1, **settings)
     after = condense(method, "digits", ipc=2, iterations=iterations, progress=False, seed=1, **settings)

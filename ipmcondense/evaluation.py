@@ -94,6 +94,7 @@ class LearnedSchedule:
         return cls(batches=tuple(tuple(b) for b in data["batches"]), step_sizes=tuple(data["step_sizes"]))
 
     def to_dict(self) -> dict[str, Any]:
+        """``{"batches": [[...], ...], "step_sizes": [...]}`` (JSON- and ``weights_only``-loadable)."""
         return {"batches": [list(b) for b in self.batches], "step_sizes": list(self.step_sizes)}
 
 

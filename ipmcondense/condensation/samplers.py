@@ -251,13 +251,16 @@ class AccuracyMeter:
     seen: int = 0
 
     def add(self, logits: Tensor, labels: Tensor) -> None:
+        """Count one batch: its top-1 hits among ``labels.shape[0]`` images."""
         self.correct += int((logits.detach().argmax(dim=1) == labels).sum())
         self.seen += int(labels.shape[0])
 
     def percent(self) -> float:
+        """``100 * correct / seen``, or 0 before any batch was counted."""
         return 100.0 * self.correct / self.seen if self.seen else 0.0
 
     def reset(self) -> None:
+        """Forget every counted batch."""
         self.correct = self.seen = 0
 
 

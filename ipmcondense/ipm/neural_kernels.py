@@ -7,6 +7,12 @@ so it also defines an MMD: ``mmd2(x, y, kernel=FullyConnectedNTK(depth=3))``.
 * :class:`FullyConnectedNNGP`, :class:`FullyConnectedNTK`: closed forms of a fully connected ReLU
   network of infinite width (arc-cosine recursions of Cho & Saul 2009, Jacot et al. 2018,
   Lee et al. 2019), in the NTK parameterisation of ``neural_tangents.stax``.
+* :class:`ConvNetNNGP`, :class:`ConvNetNTK`: closed forms of KIP's infinitely wide ConvNet
+  (Nguyen et al. 2021, "Dataset distillation with infinitely wide convolutional networks"): 3x3
+  ``SAME`` convolutions, ReLU, 2x2 average pooling and a flatten or global-average readout, computed by
+  the position-pair covariance recursion of neural-tangents' ``stax`` (Novak et al. 2019; Arora et al.
+  2019). Each pair of images carries :math:`(HW)^2` entries: time and memory :math:`O(nm(HW)^2)`,
+  computed in checkpointed blocks; practical on CPU for 8x8 images, GPU-sized beyond.
 * :func:`empirical_ntk`, :class:`EmpiricalNTK`: the finite-width tangent kernel
   :math:`\\Theta(x, x') = J_\\theta f(x) J_\\theta f(x')^\\top` of a given network (``torch.func``).
 * :class:`RandomFeatureNNGP`: :math:`\\langle \\phi(x), \\phi(x') \\rangle` with :math:`\\phi` the scaled

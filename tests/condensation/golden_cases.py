@@ -11,7 +11,8 @@ when a change of the numbers is intended and stated in the commit:
 Intended changes so far: ``wasserstein`` (its row now uses the Sinkhorn divergence with p=1, W_1;
 issue "each row is the paper's algorithm", item 7) and ``m3d`` (squared distances whose Gram expansion
 cancels are recomputed from the coordinates; synthetic points that start as copies of real ones are exactly
-such entries; issue "distances that pass their peers' own tests", defects 1-2).
+such entries; issue "distances that pass their peers' own tests", defects 1-2). New case ``kip-conv``
+(KIP with the infinite-width ConvNet NTK and learned labels; issue "each row is the paper's algorithm", item 3).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "kip": ("kip", {"batch_real": 8}),
     "kip-labels": ("kip", {"batch_real": 8, "learn_labels": True}),
     "kip-nngp": ("kip", {"batch_real": 8, "kernel": "fc_nngp"}),
+    "kip-conv": ("kip", {"batch_real": 2, "kernel": "conv_ntk", "learn_labels": True, "lr_labels": 0.01}),
     "rfad": ("rfad", {"batch_real": 8, "rf_width": 16, "n_models": 2}),
     "dd": ("dd", {"batch_real": 8, "dd_steps": 3}),
     "dd-fixed": ("dd", {"batch_real": 8, "dd_steps": 3, "dd_init": "fixed"}),

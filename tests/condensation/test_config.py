@@ -30,7 +30,8 @@ def test_known_keys_and_values_of_the_reference_table():
     # the table the benchmark cells were keyed with (62 keys), plus the options added since at their defaults,
     # which cached cells accept (benchmarks/grid/cells.py keys_match): sinkhorn_p (sinkhorn), steps_per_network
     # (fresh), factor (multiformation), dream_interval and dream_max_iter (dream)
-    assert len(COMMON_DEFAULTS) == 62 + 5 and COMMON_DEFAULTS["factor"] == 2
+    # + 2: conv_depth, conv_readout (kip's ConvNet kernel)
+    assert len(COMMON_DEFAULTS) == 62 + 5 + 2 and COMMON_DEFAULTS["factor"] == 2
     assert (COMMON_DEFAULTS["dream_interval"], COMMON_DEFAULTS["dream_max_iter"]) == (10, 100)
     assert (COMMON_DEFAULTS["sinkhorn_p"], COMMON_DEFAULTS["steps_per_network"]) == (2, 1)
 

@@ -73,7 +73,7 @@ def test_recipes_expose_the_loaded_tables():
 
 # options added after the fixture was frozen (with defaults that keep every former computation), and the rows
 # that set them on purpose
-ADDED_OPTIONS = {"sinkhorn_p": 2, "steps_per_network": 1}
+ADDED_OPTIONS = {"sinkhorn_p": 2, "steps_per_network": 1, "conv_depth": 3, "conv_readout": "flatten"}
 ROW_CHANGES = {"wasserstein": {"sinkhorn_p": 1}}  # W_1 (issue "each row is the paper's algorithm", item 7)
 
 

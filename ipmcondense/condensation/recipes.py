@@ -425,7 +425,11 @@ _ROWS = (
                         "RKHS of the (NTK) kernel, the MMD with that kernel is the IPM counterpart.",
                     defaults={"iterations": 1000, "lr_images": 0.04, "optimizer_images": "adam", "init": "real",
                               "batch_real": 500, "kernel": "fc_ntk", "krr_reg": 1e-6},
-                    source="Nguyen et al. ICLR'21, KIP.ipynb (FC kernel)"),
+                    source="Nguyen et al. ICLR'21, KIP.ipynb (FC kernel); kernel='conv_ntk': Nguyen et al. "
+                           "NeurIPS'21, the ConvNet of google-research kip/nn_training.ipynb (prepended conv + 3 x "
+                           "[conv3x3 SAME, ReLU, AvgPool2], Flatten, Dense; W_std sqrt 2, b_std 0.1, NTK "
+                           "parameterisation), kernel by the neural-tangents stax rules. Deviations: no ZCA, no "
+                           "augmentation; learned labels have their own lr_labels"),
     ObjectiveRecipe(name="rfad", objective="rfad", relation_to_ipm=NOT_AN_IPM,
                     why="not an IPM: Platt-scaled KRR loss with the random-feature NNGP kernel of random no-norm "
                         "ConvNets: the same construction as DM's random-feature kernel E<phi(x), phi(x')>, with "

@@ -18,8 +18,8 @@ real batches, as uitrbn/IDM), ``dd`` and ``dd-fixed`` (issue 11 item 5: every un
 class-balanced synthetic batch, dd_epochs 3 passes with one learned step size per step, Adam betas
 (0.5, 0.999), as SsnL/dataset-distillation), ``cafe`` (issue 11 item 6: the accuracy-watched loops of
 kaiwang960112/CAFE, here with a window of 2 and caps of 3 image steps and 2 epochs so the case stays cheap,
-and the pooled embedding matched twice, embedding_weight 2). New case: ``wmdd`` (the WMDD
-row, issue 11 item 7).
+and the pooled embedding matched twice, embedding_weight 2). New cases: ``wmdd`` (the WMDD
+row, issue 11 item 7), ``kip-conv`` (KIP with the infinite-width ConvNet NTK and learned labels; issue 11 item 3).
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "kip": ("kip", {"batch_real": 8}),
     "kip-labels": ("kip", {"batch_real": 8, "learn_labels": True}),
     "kip-nngp": ("kip", {"batch_real": 8, "kernel": "fc_nngp"}),
+    "kip-conv": ("kip", {"batch_real": 2, "kernel": "conv_ntk", "learn_labels": True, "lr_labels": 0.01}),
     "rfad": ("rfad", {"batch_real": 8, "rf_width": 16, "n_models": 2}),
     "dd": ("dd", {"batch_real": 8, "dd_steps": 3}),
     "dd-fixed": ("dd", {"batch_real": 8, "dd_steps": 3, "dd_init": "fixed"}),

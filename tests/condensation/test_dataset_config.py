@@ -90,7 +90,9 @@ ADDED_OPTIONS = {"sinkhorn_p": 2, "steps_per_network": 1,
                  "haba_club_weight": 0.1, "haba_cls_weight": 1.0, "haba_likelihood_weight": 0.1,
                  "haba_contrast_weight": 0.1, "haba_temperature": 0.07, "lr_extractor": 0.001,
                  # the esp objective
-                 "esp_rank": None}
+                 "esp_rank": None,
+                 # kip's ConvNet kernel (issue 11 item 3)
+                 "conv_depth": 3, "conv_readout": "flatten"}
 ROW_CHANGES = {"wasserstein": {"sinkhorn_p": 1},  # W_1 (issue "each row is the paper's algorithm", item 7)
                # IDM's pool: 3 initial networks, trained after the image step on plain real batches (issue 11 item 1)
                "idm": {"initial_pool": 3, "pool_train_after_step": True, "pool_augment": False},

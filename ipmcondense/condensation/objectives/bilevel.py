@@ -3,6 +3,13 @@ r"""Bilevel objectives: DD (unrolled back-propagation through training) and RCIG
 Both minimise the real-data loss of a model fitted on S. DD differentiates through ``dd_steps``
 unrolled SGD steps (:func:`ipmcondense.autodiff.unrolled_sgd`); RCIG solves a convex last-layer inner
 problem and takes the implicit hypergradient (:func:`ipmcondense.autodiff.implicit_hypergradient`).
+
+The pieces of the published RCIG step (Loo et al. ICML'23, yolky/RCIG) are here and tested on their own:
+:func:`linearised_forward` (the pool network linearised around its online-trained weights),
+:func:`krr_head_predictions` (the last layer as closed-form kernel ridge regression on the features),
+:func:`rcig_krr_loss` (cross-entropy with a learned temperature) and :func:`clip_implicit_gradients`
+(the implicit gradient's norm clipped to the direct gradient's). The ``rcig`` row does not use them yet:
+it still solves a logistic last layer on frozen random-network features (issue 11, item 2, open).
 """
 
 from __future__ import annotations
@@ -39,6 +46,10 @@ __all__ = [
     "unrolled_task_loss",
     "inner_linear_loss",
     "solve_inner_linear",
+    "linearised_forward",
+    "krr_head_predictions",
+    "rcig_krr_loss",
+    "clip_implicit_gradients",
 ]
 
 
@@ -231,6 +242,79 @@ def solve_inner_linear(features: Tensor, targets: Tensor, l2: float, loss: str =
     with torch.enable_grad():
         opt.step(closure)
     return w.detach()
+
+
+def linearised_forward(net: nn.Module, base_params: Tensor, tangent: Tensor, x: Tensor) -> Tensor:
+    r"""The network linearised around ``base_params``: :math:`f_{lin}(x) = f(x; \theta_0) + J_\theta f(x; \theta_0)\, \delta`.
+
+    RCIG's inner model (Loo et al. 2023, ``get_linear_forward`` of yolky/RCIG): the pool model's weights
+    :math:`\theta_0` (``base_params``, a flat vector as :func:`~ipmcondense.autodiff.flatten_parameters`)
+    stay fixed in the inner problem and only the tangent offset :math:`\delta` (``tangent``, same shape,
+    zero at a reset) is trained. Exact at :math:`\delta = 0` and linear in :math:`\delta`; differentiable in
+    ``x``, ``tangent`` and ``base_params``. Cost: one forward-mode JVP (about two forward passes).
+    """
+    if base_params.shape != tangent.shape:
+        raise ValueError(f"tangent must have the shape of base_params {tuple(base_params.shape)}, "
+                         f"got {tuple(tangent.shape)}")
+    value, directional = torch.func.jvp(lambda p: functional_forward(net, p, x), (base_params,), (tangent,))
+    return value + directional
+
+
+def krr_head_predictions(
+    features_support: Tensor,
+    outputs_support: Tensor,
+    labels_support: Tensor,
+    features_target: Tensor,
+    outputs_target: Tensor,
+    l2: float,
+) -> Tensor:
+    r"""RCIG's last layer in closed form: kernel ridge regression on the features, around the network outputs.
+
+    .. math:: \hat Y_T = f_T + K_{TS} (K_{SS} + l_2 I)^{-1} (Y_S - f_S), \qquad K_{AB} = \Phi_A \Phi_B^\top,
+
+    with :math:`\Phi` the last-layer features (``(n, d)``, ``(m, d)``) and :math:`f` the network outputs
+    (``(n, C)``, ``(m, C)``): the predictions of the last layer refitted on S with ridge :math:`l_2`
+    (absolute, as RCIG's ``l2`` on :math:`K_{SS}`), solved in float64. Cost: :math:`O(n^2 d + nmd + n^3)`.
+    """
+    if float(l2) < 0:
+        raise ValueError(f"l2 must be non-negative, got {l2!r}")
+    fs, ft = features_support.double(), features_target.double()
+    k_ss = fs @ fs.T
+    k_ts = ft @ fs.T
+    system = k_ss + float(l2) * torch.eye(k_ss.shape[0], dtype=k_ss.dtype, device=k_ss.device)
+    residual = labels_support.double() - outputs_support.double()
+    return outputs_target.double() + k_ts @ torch.linalg.solve(system, residual)
+
+
+def rcig_krr_loss(predictions: Tensor, target_labels: Tensor, log_temperature: Tensor) -> Tensor:
+    r"""RCIG's outer loss: :math:`\mathrm{mean}_i\, \mathrm{CE}(e^{\tau} \hat y_i, y_i)` with a learned log-temperature :math:`\tau`.
+
+    ``target_labels``: class indices ``(m,)``. (The official code also subtracts a label-margin term that its
+    authors describe as likely inert; it is left out.)
+    """
+    return F.cross_entropy(predictions * torch.exp(log_temperature.to(predictions.dtype)), target_labels)
+
+
+def clip_implicit_gradients(implicit: list[Tensor | None], direct: list[Tensor | None]) -> list[Tensor | None]:
+    r"""RCIG's clipping: each implicit-gradient tensor rescaled to at most the norm of its direct gradient.
+
+    :math:`g^{imp} \leftarrow g^{imp}\, \min(\|g^{dir}\|, \|g^{imp}\|) / \|g^{imp}\|` per parameter
+    tensor (images, labels, temperature), zero where :math:`g^{imp} = 0`, as ``do_meta_train_step`` of
+    yolky/RCIG ("helps stability ... the implicit gradient could grow very very large").
+    """
+    if len(implicit) != len(direct):
+        raise ValueError(f"implicit and direct must list the same tensors, got {len(implicit)} and {len(direct)}")
+    clipped: list[Tensor | None] = []
+    for g_imp, g_dir in zip(implicit, direct):
+        if g_imp is None:
+            clipped.append(None)
+            continue
+        norm_imp = g_imp.norm()
+        norm_dir = torch.zeros_like(norm_imp) if g_dir is None else g_dir.norm().to(norm_imp.dtype)
+        scale = torch.where(norm_imp > 0, torch.minimum(norm_imp, norm_dir) / norm_imp.clamp_min(1e-300),
+                            torch.zeros_like(norm_imp))
+        clipped.append(g_imp * scale)
+    return clipped
 
 
 class ImplicitBilevelObjective(Objective):

@@ -24,7 +24,9 @@ from .base import Objective, ObjectiveContext, check_options, draw_network
 __all__ = ["KernelInducingPointsObjective", "RandomFeatureKRRObjective", "build_kernel", "KERNEL_NAMES"]
 
 #: Kernels the ``kip`` objective accepts (``config["kernel"]``).
-KERNEL_NAMES = ("fc_ntk", "fc_nngp", "empirical_ntk", "rf_nngp")
+KERNEL_NAMES = ("fc_ntk", "fc_nngp", "conv_ntk", "conv_nngp", "empirical_ntk", "rf_nngp")
+#: Readouts of the infinite-width ConvNet kernels (``config["conv_readout"]``).
+CONV_READOUT_NAMES = ("flatten", "global_average")
 
 
 def build_kernel(
@@ -35,16 +37,22 @@ def build_kernel(
     network: nn.Module | None = None,
     network_factory: Callable[[torch.Generator], nn.Module] | None = None,
     n_models: int = 8,
+    conv_readout: str = "flatten",
 ) -> nn.Module:
     """A kernel on flattened images ``(n, prod(input_shape))`` for KRR objectives.
 
     ``"fc_ntk"`` / ``"fc_nngp"``: closed-form kernels of a fully connected ReLU network of ``depth``
-    hidden layers (:class:`~ipmcondense.ipm.neural_kernels.FullyConnectedNTK`); ``"empirical_ntk"``:
+    hidden layers (:class:`~ipmcondense.ipm.neural_kernels.FullyConnectedNTK`); ``"conv_ntk"`` /
+    ``"conv_nngp"``: closed-form kernels of KIP's infinitely wide ConvNet with ``depth`` pooled
+    blocks and the ``conv_readout`` readout (:class:`~ipmcondense.ipm.neural_kernels.ConvNetNTK`,
+    :math:`\\sigma_w = \\sqrt 2, \\sigma_b = 0.1`, one prepended convolution); ``"empirical_ntk"``:
     :class:`~ipmcondense.ipm.neural_kernels.EmpiricalNTK` of ``network`` (mean over outputs);
     ``"rf_nngp"``: :class:`~ipmcondense.ipm.neural_kernels.RandomFeatureNNGP` of ``n_models`` networks from
     ``network_factory`` (scale 2, offset 0.01 as RFAD).
     """
     from ipmcondense.ipm.neural_kernels import (
+        ConvNetNNGP,
+        ConvNetNTK,
         EmpiricalNTK,
         FullyConnectedNNGP,
         FullyConnectedNTK,
@@ -56,6 +64,11 @@ def build_kernel(
         return FullyConnectedNTK(depth)
     if name == "fc_nngp":
         return FullyConnectedNNGP(depth)
+    if name in ("conv_ntk", "conv_nngp"):
+        if len(input_shape) != 3:
+            raise ValueError(f"kernel {name!r} needs (channels, height, width) images, got input_shape {tuple(input_shape)}")
+        kernel_class = ConvNetNTK if name == "conv_ntk" else ConvNetNNGP
+        return kernel_class(tuple(int(s) for s in input_shape), depth=depth, readout=conv_readout)
     if name == "empirical_ntk":
         if network is None:
             raise ValueError("kernel 'empirical_ntk' needs a network")
@@ -86,7 +99,9 @@ class KernelInducingPointsObjective(Objective):
     (:func:`~ipmcondense.ipm.kernel_regression.krr_loss`, solved in float64), with class-balanced real
     targets (``batch_real`` per class), centred one-hot :math:`Y_T`, :math:`Y_S` centred one-hot or
     learned (``learn_labels``). ``kernel``: ``"fc_ntk"`` (default; ``kernel_depth`` hidden layers),
-    ``"fc_nngp"``, ``"empirical_ntk"`` (of a fresh ``arch`` network per step) or ``"rf_nngp"``
+    ``"fc_nngp"``, ``"conv_ntk"`` / ``"conv_nngp"`` (KIP's infinitely wide ConvNet: ``conv_depth``
+    pooled blocks after one prepended convolution, ``conv_readout`` ``"flatten"`` or
+    ``"global_average"``; :math:`O(|S|(|S| + |T|)(HW)^2)`, small images only), ``"empirical_ntk"`` (of a fresh ``arch`` network per step) or ``"rf_nngp"``
     (``n_models`` random no-norm ConvNets of width ``rf_width``, fresh per step).
 
     **Relation to an IPM**: none. The predictor lies in the RKHS of the kernel (the witness class of
@@ -104,6 +119,8 @@ class KernelInducingPointsObjective(Objective):
     class Options:
         kernel: str = option("fc_ntk", "KIP.ipynb: FC NTK kernel")
         kernel_depth: int = option(1, "KIP.ipynb: one hidden layer")
+        conv_depth: int = option(3, "KIP ConvNet (nn_training.ipynb): depth 3 pooled blocks + a prepended conv")
+        conv_readout: str = option("flatten", "KIP ConvNet: use_gap=False (Flatten before the Dense readout)")
         krr_reg: float = option(1e-6, "KIP.ipynb: reg 1e-6 x tr(K_SS)/|S|")
         learn_labels: bool = option(False, "KIP: --learn_labels off by default")
         n_models: int = option(8, "RFAD: 8 random models")
@@ -118,6 +135,9 @@ class KernelInducingPointsObjective(Objective):
         self.kernel = None
         if self.kernel_name in ("fc_ntk", "fc_nngp"):
             self.kernel = build_kernel(self.kernel_name, self.input_shape, depth=int(ctx.config["kernel_depth"]))
+        elif self.kernel_name in ("conv_ntk", "conv_nngp"):
+            self.kernel = build_kernel(self.kernel_name, self.input_shape, depth=int(ctx.config["conv_depth"]),
+                                       conv_readout=ctx.config["conv_readout"])
         elif self.kernel_name == "rf_nngp":
             self.kernel = build_kernel(
                 "rf_nngp", self.input_shape, n_models=int(ctx.config["n_models"]),
@@ -127,7 +147,8 @@ class KernelInducingPointsObjective(Objective):
     @classmethod
     def prepare_config(cls, config, dataset):
         check_choice(config["kernel"], KERNEL_NAMES, "kernel")
-        check_options(config, ("lr_labels",), integers=("kernel_depth", "n_models", "rf_width"),
+        check_choice(config["conv_readout"], CONV_READOUT_NAMES, "conv_readout")
+        check_options(config, ("lr_labels",), integers=("kernel_depth", "conv_depth", "n_models", "rf_width"),
                       non_negative=("krr_reg",))
         if config["kernel"] == "empirical_ntk":
             net = build_isolated(lambda: get_network(config["arch"], dataset.channels, dataset.num_classes,
@@ -136,6 +157,12 @@ class KernelInducingPointsObjective(Objective):
         elif config["kernel"] == "rf_nngp":
             kernel = build_kernel("rf_nngp", (dataset.channels, *dataset.image_size), n_models=1,
                                   network_factory=_random_convnet_factory(dataset, int(config["rf_width"])))
+        elif config["kernel"] in ("conv_ntk", "conv_nngp"):
+            try:
+                kernel = build_kernel(config["kernel"], (dataset.channels, *dataset.image_size),
+                                      depth=int(config["conv_depth"]), conv_readout=config["conv_readout"])
+            except ValueError as error:
+                raise ValueError(f"conv_depth={config['conv_depth']!r} does not fit images of size {tuple(dataset.image_size)}: {error}") from None
         else:
             kernel = build_kernel(config["kernel"], (dataset.channels, *dataset.image_size),
                                   depth=int(config["kernel_depth"]))

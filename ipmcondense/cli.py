@@ -5,6 +5,11 @@ subcommands and sets ``func`` (a callable taking the parsed arguments and return
 User errors (``ValueError``, ``TypeError``) and environment errors (``OSError``: a missing file, an
 unwritable output folder, a full disk) are printed as one line on stderr with exit code 2, never as a
 traceback; anything else (``KeyError``, ``IndexError``, ...) is an internal bug and keeps its traceback.
+
+Launched by ``torchrun`` (``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` set), every subcommand runs inside the
+job's process group (:func:`ipmcondense.distributed.launched`: gloo, or NCCL with ``--device cuda``):
+``condense`` is class-parallel, ``evaluate`` spreads its models, ``distance`` shards its kernel sums;
+rank 0 prints the result and writes the files.
 """
 
 from __future__ import annotations
@@ -39,7 +44,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        return int(args.func(args) or 0)
+        from .distributed import launched
+
+        with launched(getattr(args, "device", None)):
+            return int(args.func(args) or 0)
     except (ValueError, TypeError, OSError) as err:  # OSError: unwritable output, disk full, missing file
         # (a KeyError, IndexError, ... is an internal bug and keeps its traceback)
         message = str(err)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ipmcondense import distributed
 from ipmcondense._version import __version__
 from ipmcondense.ipm._validation import check_choice, check_positive_int, check_positive_number
 
@@ -45,6 +46,7 @@ from .outputs import (
     synthetic_path,
 )
 from .objectives import get_objective_class
+from .parallel import ClassShard, check_class_parallel
 from .recipes import COMMON_DEFAULTS, MatchingRecipe, Recipe, compose_recipe, resolve_config
 from .synthetic import INIT_CHOICES, SYNTHETIC_SETS, build_synthetic_set, initial_images
 
@@ -254,6 +256,12 @@ def condense(
     Returns:
         A :class:`CondensationResult`.
 
+    Class-parallel: called on every rank of an initialised ``torch.distributed`` process group (e.g. under
+    ``torchrun --nproc_per_node W``), each rank condenses its own block of classes and the ranks exchange what
+    the recipe needs (:mod:`ipmcondense.condensation.parallel`); rank 0 writes ``out`` and every rank
+    returns the full result, equal to the single-process one for the same seed. ``resume`` needs the same
+    number of processes as the run that wrote the checkpoint.
+
     Raises:
         ValueError / TypeError / FileNotFoundError: any bad input, before ``out`` is created.
     """
@@ -266,7 +274,7 @@ def condense(
     ipc = check_positive_int(ipc, "ipc")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
-    dev = _resolve_device(device)
+    dev = _resolve_device(distributed.local_device(device))
     ds = load_dataset_checked(dataset, data_root, image_size)
     config = resolve_config(recipe, ds.name, {**overrides, "iterations": iterations, "eval_every": eval_every},
                             ipc=ipc)
@@ -277,6 +285,12 @@ def condense(
     objective = None if recipe.is_selection else get_objective_class(recipe.objective)
     if objective is not None:
         config = objective.prepare_config(config, ds)
+    shard = None
+    if distributed.is_active():
+        check_class_parallel(recipe, config, _build_network_factory(config, ds)(), distributed.world_size(),
+                             ds.num_classes)
+        shard = None if recipe.is_selection else ClassShard.of_this_rank(ds.num_classes)
+        progress = progress and distributed.is_rank_zero()
     out_path = Path(out) if out is not None else None
     if resume and out_path is None:
         raise ValueError("resume=True needs out: the run directory whose checkpoint to continue")
@@ -294,19 +308,24 @@ def condense(
     extras = None if objective is None else objective.synthetic_extras(images, labels, ds, config)
     synthetic_set = build_synthetic_set(recipe.synthetic, images, labels, ds.num_classes, config, extras).to(dev)
 
+    writer = distributed.is_rank_zero()  # in a class-parallel run, rank 0 writes the files
     created = out_path is not None and not out_path.exists()
     if out_path is not None:
-        if overwrite and not resume:
-            for name in RUN_FILES:
-                if (out_path / name).exists():
-                    (out_path / name).unlink()
-        out_path.mkdir(parents=True, exist_ok=True)
+        distributed.barrier()  # every rank has read the checkpoint before rank 0 touches the folder
+        if writer:
+            if overwrite and not resume:
+                for name in RUN_FILES:
+                    if (out_path / name).exists():
+                        (out_path / name).unlink()
+            out_path.mkdir(parents=True, exist_ok=True)
+        distributed.barrier()
     try:
-        history = _optimise(recipe, full_config, ds, synthetic_set, seed, dev, out_path, progress, checkpoint)
-        return _finish(recipe, full_config, ds, synthetic_set, history, out_path, time.perf_counter() - start, dev)
+        history = _optimise(recipe, full_config, ds, synthetic_set, seed, dev, out_path, progress, checkpoint, shard)
+        return _finish(recipe, full_config, ds, synthetic_set, history, out_path if writer else None,
+                       time.perf_counter() - start, dev, result_out=out_path)
     except BaseException:
         # a run that failed before its first checkpoint leaves no folder behind
-        if created and out_path.exists() and not any(out_path.iterdir()):
+        if writer and created and out_path.exists() and not any(out_path.iterdir()):
             out_path.rmdir()
         raise
 
@@ -320,7 +339,8 @@ def _build_network_factory(config: dict[str, Any], ds: Any):
     return build
 
 
-def _evaluation_fn(config: dict[str, Any], ds: Any, seed: int, dev: torch.device, synthetic: Any = None):
+def _evaluation_fn(config: dict[str, Any], ds: Any, seed: int, dev: torch.device, synthetic: Any = None,
+                   spread_over_ranks: bool = False):
     from ipmcondense.evaluation import EvaluationProtocol, evaluate_synthetic
 
     def run(images: Tensor, labels: Tensor) -> dict[str, Any]:
@@ -328,19 +348,20 @@ def _evaluation_fn(config: dict[str, Any], ds: Any, seed: int, dev: torch.device
         protocol = EvaluationProtocol(arch=config["arch"], epochs=config["eval_epochs"], learned_lr=learned_lr,
                                       soft_labels=labels.dim() == 2)
         result = evaluate_synthetic(images, labels, ds, protocol, n_models=int(config["eval_models"]),
-                                    seed=seed, device=dev)
+                                    seed=seed, device=dev, spread_over_ranks=spread_over_ranks)
         return {"accuracy_mean": result.accuracy_mean, "accuracy_std": result.accuracy_std,
                 "accuracies": list(result.accuracies)}
 
     return run
 
 
-def _optimise(recipe, config, ds, synthetic, seed, dev, out_path, progress, checkpoint):
+def _optimise(recipe, config, ds, synthetic, seed, dev, out_path, progress, checkpoint, shard=None):
     if recipe.is_selection:
         return None
     engine = CondensationEngine(
         recipe, config, ds, synthetic, _build_network_factory(config, ds), seed=seed, device=dev,
-        out=out_path, progress=progress, evaluate=_evaluation_fn(config, ds, seed, dev, synthetic),
+        out=out_path, progress=progress,
+        evaluate=_evaluation_fn(config, ds, seed, dev, synthetic, spread_over_ranks=shard is not None), shard=shard,
     )
     if checkpoint is not None:
         try:
@@ -352,7 +373,7 @@ def _optimise(recipe, config, ds, synthetic, seed, dev, out_path, progress, chec
     return engine.run()
 
 
-def _finish(recipe, config, ds, synthetic, history, out_path, seconds, dev) -> CondensationResult:
+def _finish(recipe, config, ds, synthetic, history, out_path, seconds, dev, result_out=None) -> CondensationResult:
     images = synthetic.images().detach().cpu().clone()
     labels = synthetic.labels.detach().cpu().clone()
     training_labels = synthetic.training_labels().detach().cpu().clone()
@@ -374,6 +395,8 @@ def _finish(recipe, config, ds, synthetic, history, out_path, seconds, dev) -> C
         "threads": torch.get_num_threads(),
         "version": __version__,
     }
+    if distributed.is_active():
+        metrics["processes"] = distributed.world_size()
     if out_path is not None:
         atomic_torch_save(
             {
@@ -386,7 +409,9 @@ def _finish(recipe, config, ds, synthetic, history, out_path, seconds, dev) -> C
         )
         atomic_write_json({**metrics, "config": config}, out_path / METRICS_FILE)
         save_image_grid(images, synthetic.images_per_class, out_path / GRID_FILE, ds.denormalise)
-    return CondensationResult(images, labels, config, metrics, out_path, recipe, lr, training_labels)
+    distributed.barrier()  # class-parallel: every rank returns once rank 0 has written the run
+    return CondensationResult(images, labels, config, metrics, result_out if result_out is not None else out_path,
+                              recipe, lr, training_labels)
 
 
 def evaluate(
@@ -429,6 +454,10 @@ def evaluate(
         image_size: resize the dataset's images (see :func:`ipmcondense.data.load_dataset`); default:
             the synthetic images' size when the recorded dataset is reloaded, none for a given ``dataset``.
 
+    Under ``torchrun`` (an initialised process group) the models are spread over the ranks
+    (:func:`ipmcondense.evaluation.evaluate_synthetic` with ``spread_over_ranks``): every rank returns the
+    serial run's numbers and rank 0 writes ``evaluation.json``.
+
     Returns:
         ``{"accuracy_mean", "accuracy_std", "n_models", "accuracies", "seeds", "protocol", ...}``
         (accuracies in ``[0, 1]``).
@@ -458,13 +487,14 @@ def evaluate(
             f"the synthetic images have shape {tuple(images.shape[1:])} but dataset {ds.name!r} has "
             f"{(ds.channels, *ds.image_size)}"
         )
-    dev = _resolve_device(device)
+    dev = _resolve_device(distributed.local_device(device))
     if not learned_lr:
         lr = None
     protocol = EvaluationProtocol(arch=arch or config.get("arch", "convnet"), epochs=epochs,
                                   augmentation=augmentation, learned_lr=lr,
                                   soft_labels=labels.dim() == 2)
-    result = evaluate_synthetic(images.to(dev), labels.to(dev), ds, protocol, n_models=models, seed=seed, device=dev)
+    result = evaluate_synthetic(images.to(dev), labels.to(dev), ds, protocol, n_models=models, seed=seed, device=dev,
+                                spread_over_ranks=distributed.is_active())
     report = {
         "accuracy_mean": result.accuracy_mean,
         "accuracy_std": result.accuracy_std,
@@ -479,5 +509,5 @@ def evaluate(
         "wall_seconds": list(result.wall_seconds),
     }
     if save and folder is not None and Path(folder).is_dir():
-        atomic_write_json(report, Path(folder) / EVALUATION_FILE)
+        distributed.atomic_write_on_rank_zero(atomic_write_json, report, Path(folder) / EVALUATION_FILE)
     return report

@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from . import __version__
 
 _COMMAND_MODULES = ("distance", "condense", "experts")
+#: the subcommands that run on every rank of a torchrun job (the others refuse to)
+_DISTRIBUTED_COMMANDS = ("condense", "evaluate", "distance")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,8 +46,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        from .distributed import launched
+        from .distributed import launched, launched_by_torchrun, world_from_env
 
+        if launched_by_torchrun() and world_from_env().world_size > 1 and args.command not in _DISTRIBUTED_COMMANDS:
+            raise ValueError(f"{args.command} does not run on several processes; run it without torchrun "
+                             f"(distributed: {', '.join(_DISTRIBUTED_COMMANDS)})")
         with launched(getattr(args, "device", None)):
             return int(args.func(args) or 0)
     except (ValueError, TypeError, OSError) as err:  # OSError: unwritable output, disk full, missing file

@@ -99,12 +99,13 @@ def launched_by_torchrun() -> bool:
 _OWNED = False  # whether init_from_env created the process group (then teardown destroys it)
 
 
-def init_from_env(device: str | torch.device | None = None, timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> WorldInfo:
+def init_from_env(device: str | torch.device | None = None, timeout: Any = DEFAULT_TIMEOUT) -> WorldInfo:
     """Join the process group described by the launcher's environment, if any; return this process's place.
 
     Backend: ``nccl`` when ``device`` is a CUDA device (each process then uses ``cuda:LOCAL_RANK``), else
-    ``gloo``. Already initialised (by the caller): nothing is done. Not launched by ``torchrun``: nothing is
-    done and ``WorldInfo()`` (rank 0 of 1) is returned.
+    ``gloo``. ``timeout`` (a ``datetime.timedelta``): how long a collective waits for a missing rank. Already
+    initialised (by the caller): nothing is done. Not launched by ``torchrun``: nothing is done and
+    ``WorldInfo()`` (rank 0 of 1) is returned.
     """
     global _OWNED
     if dist.is_available() and dist.is_initialized():

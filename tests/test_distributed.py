@@ -6,11 +6,13 @@ Starting processes is the expensive part (each imports torch), so two launches s
    data: the sharded MMD (biased, unbiased; dense and tiled kernel sums) and mean embedding, the streamed
    mean embedding of an ``IterableDataset``, a parallel evaluation, DM and DC class-parallel condensation;
    then it starts a checkpointed DM run in which rank 1 is SIGKILLed right after the checkpoint of
-   iteration 2 (the launch fails, as it must);
+   iteration 1 of 2 (the launch fails, as it must);
 2. ``torchrun --standalone --nproc_per_node 2 -m ipmcondense condense ... --resume`` continues that run from
    its checkpoint through the command line.
 
-Every result is compared here with the single-process computation of the same thing.
+Every result is compared here with the single-process computation of the same thing. Cost: about 45 CPU
+seconds in all (seven interpreter start-ups, each importing torch, are most of it); the tests that need the
+launches are marked ``slow``.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ from ipmcondense import distributed
 
 WORLD = 2
 TINY = {"iterations": 2, "seed": 0, "progress": False}
-DC_LOOPS = {"outer_loop": 2, "inner_loop": 1}  # two image steps per network, the network trained between them
-KILLED = {"iterations": 3, "checkpoint_every": 1, "seed": 3}
+DC = {"iterations": 1, "seed": 0, "progress": False, "outer_loop": 2, "inner_loop": 1}  # two image steps on one
+# network, trained on all of S between them (the exchange of S before the inner loop is exercised)
+KILLED = {"iterations": 2, "checkpoint_every": 1, "seed": 3}
 
 
 def _points(seed: int, n: int, shift: float) -> torch.Tensor:
@@ -64,7 +67,7 @@ def _evaluate(spread: bool):
     from ipmcondense.evaluation import EvaluationProtocol, evaluate_synthetic
 
     ds, images, labels = _tiny_set()
-    protocol = EvaluationProtocol(epochs=2, augmentation="none")
+    protocol = EvaluationProtocol(epochs=1, augmentation="none")
     return evaluate_synthetic(images, labels, ds, protocol, n_models=3, seed=5, spread_over_ranks=spread).accuracies
 
 
@@ -92,7 +95,7 @@ def _worker(rank: int, world: int, init: str, folder: str) -> None:
         "stream": streaming_mean_embedding(torch.utils.data.DataLoader(_Stream(rank, world), batch_size=None))[0],
         "evaluation": _evaluate(spread=True),
         "dm": condense("dm", "digits", ipc=2, **TINY).images,
-        "dc": condense("dc", "digits", ipc=1, **TINY, **DC_LOOPS).images,
+        "dc": condense("dc", "digits", ipc=1, **DC).images,
     }
     torch.save(out, Path(folder) / f"rank{rank}.pt")
 
@@ -100,7 +103,7 @@ def _worker(rank: int, world: int, init: str, folder: str) -> None:
 
     def save_then_die(self):
         original(self)
-        if rank == 1 and self.iteration == 2:
+        if rank == 1 and self.iteration == 1:
             os.kill(os.getpid(), signal.SIGKILL)
 
     CondensationEngine.save_checkpoint = save_then_die
@@ -117,6 +120,7 @@ def two_ranks(tmp_path_factory):
     return folder, [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
+@pytest.mark.slow
 def test_sharded_mmd_equals_the_dense_single_process_value(two_ranks):
     from ipmcondense.ipm import mmd2
 
@@ -130,6 +134,7 @@ def test_sharded_mmd_equals_the_dense_single_process_value(two_ranks):
                                                             abs=1e-10, rel=0)
 
 
+@pytest.mark.slow
 def test_sharded_mean_embedding_and_streaming_equal_the_in_memory_mean(two_ranks):
     from ipmcondense.ipm import mean_embedding_distance
 
@@ -150,6 +155,7 @@ def distributed_free_stream():
     return streaming_mean_embedding(torch.utils.data.DataLoader(_Stream(0, 1), batch_size=None))
 
 
+@pytest.mark.slow
 def test_parallel_evaluation_gives_the_serial_accuracies(two_ranks):
     _, ranks = two_ranks
     torch.set_num_threads(1)
@@ -158,6 +164,7 @@ def test_parallel_evaluation_gives_the_serial_accuracies(two_ranks):
     assert ranks[1]["evaluation"] == serial
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["dm", "dc"])
 def test_class_parallel_condensation_equals_one_process_bit_for_bit(two_ranks, method):
     from ipmcondense.condensation.api import condense
@@ -167,19 +174,20 @@ def test_class_parallel_condensation_equals_one_process_bit_for_bit(two_ranks, m
     if method == "dm":
         single = condense("dm", "digits", ipc=2, **TINY).images
     else:
-        single = condense("dc", "digits", ipc=1, **TINY, **DC_LOOPS).images
+        single = condense("dc", "digits", ipc=1, **DC).images
     assert torch.equal(ranks[0][method], ranks[1][method])
     assert torch.equal(ranks[0][method], single)
 
 
+@pytest.mark.slow
 def test_resume_after_a_rank_was_killed_with_torchrun(two_ranks):
-    """The checkpoint of iteration 2 (rank 0 wrote it, merged) is continued by ``torchrun`` to the single-process result."""
+    """The checkpoint of iteration 1 (rank 0 wrote it, merged) is continued by ``torchrun`` to the single-process result."""
     from ipmcondense.condensation.api import condense
 
     folder, _ = two_ranks
     run = folder / "killed"
     checkpoint = torch.load(run / "checkpoint.pt", weights_only=False)
-    assert checkpoint["iteration"] == 2 and checkpoint["world_size"] == WORLD
+    assert checkpoint["iteration"] == 1 and checkpoint["world_size"] == WORLD
     assert not (run / "synthetic.pt").exists()
     # a different number of processes is refused, naming the one to use
     with pytest.raises(ValueError, match="--nproc_per_node 2"):
@@ -187,13 +195,17 @@ def test_resume_after_a_rank_was_killed_with_torchrun(two_ranks):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
                "-m", "ipmcondense", "condense", "--method", "dm", "--dataset", "digits", "--ipc", "1",
-               "--iterations", "3", "--checkpoint-every", "1", "--seed", "3", "--out", str(run), "--resume",
+               "--iterations", "2", "--checkpoint-every", "1", "--seed", "3", "--out", str(run), "--resume",
                "--no-progress"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     summaries = [line for line in done.stdout.splitlines() if line.startswith("{")]
     assert len(summaries) == 1, done.stdout  # rank 0 prints, rank 1 does not
-    assert json.loads(summaries[0])["iterations"] == 3
+    assert json.loads(summaries[0])["iterations"] == 2
+    metrics = json.loads((run / "metrics.json").read_text())
+    # it continued the killed run: the first iteration's time is the one the killed run measured
+    assert metrics["iteration_seconds"][0] == checkpoint["history"]["iteration_seconds"][0]
+    assert metrics["processes"] == WORLD
     resumed = torch.load(run / "synthetic.pt", weights_only=False)["images"]
     torch.set_num_threads(1)
     single = condense("dm", "digits", ipc=1, **KILLED, progress=False).images
@@ -230,3 +242,32 @@ def test_without_a_process_group_everything_is_one_process(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="RANK=2 and WORLD_SIZE=2"):
         distributed.world_from_env()
+
+
+def test_a_class_shard_draws_real_batches_and_augmentations_as_one_process_does():
+    """The invariant behind bit-for-bit equality: a rank consumes the run's generator exactly as one process."""
+    from ipmcondense.augment import DifferentiableSiameseAugmentation
+    from ipmcondense.condensation.matching import siamese_augment
+    from ipmcondense.condensation.parallel import ClassShardRealBatches
+    from ipmcondense.data import ClassBalancedSampler
+
+    labels = torch.arange(5).repeat_interleave(torch.tensor([7, 4, 9, 3, 6]))
+    images = torch.randn(labels.numel(), 1, 6, 6, generator=torch.Generator().manual_seed(0))
+    full_generator, shard_generator = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    full = ClassBalancedSampler(images, labels, 5, full_generator)
+    shard = ClassShardRealBatches(images, labels, 5, shard_generator, range(2, 4))
+    assert shard.images.shape[0] == 9 + 3  # only its classes' images are kept
+    augmentation = DifferentiableSiameseAugmentation()
+    for n in (2, 5):
+        real, real_labels = full.sample(n)
+        own_real, own_labels = shard.sample(n)
+        keep = (real_labels >= 2) & (real_labels < 4)
+        assert torch.equal(own_real, real[keep]) and torch.equal(own_labels, real_labels[keep])
+        syn_labels = torch.arange(5).repeat_interleave(2)
+        syn = torch.randn(10, 1, 6, 6)
+        a_real, a_syn = siamese_augment(augmentation, real, real_labels, syn, syn_labels, full_generator)
+        own_syn = (syn_labels >= 2) & (syn_labels < 4)
+        b_real, b_syn = siamese_augment(augmentation, own_real, own_labels, syn[own_syn], syn_labels[own_syn],
+                                        shard_generator, draw_for=range(5))
+        assert torch.equal(b_real, a_real[keep]) and torch.equal(b_syn, a_syn[own_syn])
+        assert torch.equal(full_generator.get_state(), shard_generator.get_state())

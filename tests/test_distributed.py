@@ -17,6 +17,8 @@ launches are marked ``slow``.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -97,6 +99,12 @@ def _worker(rank: int, world: int, init: str, folder: str) -> None:
         "dm": condense("dm", "digits", ipc=2, **TINY).images,
         "dc": condense("dc", "digits", ipc=1, **DC).images,
     }
+    from ipmcondense.cli import main
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # the command line inside the job: sharded rows, rank 0 prints
+        main(["distance", str(Path(folder) / "x.pt"), str(Path(folder) / "y.pt"), "--metric", "mmd2"])
+    out["distance_cli"] = printed.getvalue()
     torch.save(out, Path(folder) / f"rank{rank}.pt")
 
     original = CondensationEngine.save_checkpoint
@@ -113,6 +121,8 @@ def _worker(rank: int, world: int, init: str, folder: str) -> None:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     folder = tmp_path_factory.mktemp("two_ranks")
+    torch.save(X_ALL, folder / "x.pt")
+    torch.save(Y_ALL, folder / "y.pt")
     with pytest.raises(Exception) as failure:  # the last scenario kills rank 1
         torch.multiprocessing.spawn(_worker, args=(WORLD, f"file://{folder}/rendezvous", str(folder)),
                                     nprocs=WORLD, join=True)
@@ -132,6 +142,17 @@ def test_sharded_mmd_equals_the_dense_single_process_value(two_ranks):
     # shards from a DistributedSampler (60 rows: no padding), median bandwidth of the pooled gathered sample
     assert ranks[0]["mmd2_median_sampler"] == pytest.approx(float(mmd2(X_ALL[:60], Y_ALL, estimator="biased")),
                                                             abs=1e-10, rel=0)
+
+
+@pytest.mark.slow
+def test_distance_command_in_a_job_prints_the_one_process_value_once(two_ranks):
+    from ipmcondense.ipm import mmd2
+
+    _, ranks = two_ranks
+    assert ranks[1]["distance_cli"] == ""
+    result = json.loads(ranks[0]["distance_cli"])
+    assert result["settings"]["processes"] == WORLD and (result["n_a"], result["n_b"]) == (61, 47)
+    assert result["value"] == pytest.approx(float(mmd2(X_ALL, Y_ALL)), abs=1e-10, rel=0)
 
 
 @pytest.mark.slow

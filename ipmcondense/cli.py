@@ -5,6 +5,11 @@ subcommands and sets ``func`` (a callable taking the parsed arguments and return
 User errors (``ValueError``, ``TypeError``) and environment errors (``OSError``: a missing file, an
 unwritable output folder, a full disk) are printed as one line on stderr with exit code 2, never as a
 traceback; anything else (``KeyError``, ``IndexError``, ...) is an internal bug and keeps its traceback.
+
+Launched by ``torchrun`` (``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` set), every subcommand runs inside the
+job's process group (:func:`ipmcondense.distributed.launched`: gloo, or NCCL with ``--device cuda``):
+``condense`` is class-parallel, ``evaluate`` spreads its models, ``distance`` shards its kernel sums;
+rank 0 prints the result and writes the files.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from collections.abc import Sequence
 from . import __version__
 
 _COMMAND_MODULES = ("distance", "condense", "experts", "generator")
+#: the subcommands that run on every rank of a torchrun job (the others refuse to)
+_DISTRIBUTED_COMMANDS = ("condense", "evaluate", "distance")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +46,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        return int(args.func(args) or 0)
+        from .distributed import launched, launched_by_torchrun, world_from_env
+
+        if launched_by_torchrun() and world_from_env().world_size > 1 and args.command not in _DISTRIBUTED_COMMANDS:
+            raise ValueError(f"{args.command} does not run on several processes; run it without torchrun "
+                             f"(distributed: {', '.join(_DISTRIBUTED_COMMANDS)})")
+        with launched(getattr(args, "device", None)):
+            return int(args.func(args) or 0)
     except (ValueError, TypeError, OSError) as err:  # OSError: unwritable output, disk full, missing file
         # (a KeyError, IndexError, ... is an internal bug and keeps its traceback)
         message = str(err)

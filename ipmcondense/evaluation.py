@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ipmcondense.distributed import all_gather_objects, items_of_rank
 from ipmcondense.augment import DifferentiableSiameseAugmentation, NoAugmentation, dsa_strategy_for
 from ipmcondense.ipm._validation import check_choice, check_positive, check_positive_int
 from ipmcondense.nets import NETWORK_NAMES, build_isolated, get_network
@@ -495,6 +496,7 @@ def evaluate_synthetic(
     *,
     inputs_whitened: bool = False,
     whitening: DatasetWhitening | None = None,
+    spread_over_ranks: bool = False,
 ) -> EvaluationResult:
     """Train ``n_models`` fresh networks on a condensed set and summarise their test accuracies.
 
@@ -502,6 +504,12 @@ def evaluate_synthetic(
     prepared once. See :func:`train_and_test` for the arguments; ``whitening`` is an already fitted
     :class:`~ipmcondense.whitening.DatasetWhitening` of ``dataset`` to reuse with ``protocol.zca``
     (it must have the protocol's ``zca_eps``).
+
+    ``spread_over_ranks`` (inside an initialised ``torch.distributed`` process group, e.g. under
+    ``torchrun``; a collective: every rank calls it with the same arguments): rank ``r`` of ``W`` trains the
+    models ``i`` with ``i % W == r`` and the accuracies are all-gathered, so every rank returns the result of
+    the serial run (each model keeps its seed ``seed + i``; ``wall_seconds`` are each model's own time).
+    Without a process group it is the serial run.
 
     Returns:
         An :class:`EvaluationResult` (mean, population std, per-model accuracies and seeds, protocol).
@@ -515,15 +523,19 @@ def evaluate_synthetic(
         train_images = zca.transform(train_images)
     test_images, test_labels = _prepare_test_set(dataset, device, zca)
     seeds = [int(seed) + i for i in range(n_models)]
-    accuracies, seconds = [], []
-    for model_seed in seeds:
+    mine = items_of_rank(n_models) if spread_over_ranks else list(range(n_models))
+    done: dict[int, tuple[float, float]] = {}
+    for index in mine:
         start = time.perf_counter()
-        accuracies.append(
-            _train_and_test_prepared(
-                train_images, train_labels, test_images, test_labels, dataset, protocol, model_seed, None
-            )
+        accuracy = _train_and_test_prepared(
+            train_images, train_labels, test_images, test_labels, dataset, protocol, seeds[index], None
         )
-        seconds.append(time.perf_counter() - start)
+        done[index] = (accuracy, time.perf_counter() - start)
+    if spread_over_ranks:
+        for part in all_gather_objects(done):
+            done.update(part)
+    accuracies = [done[i][0] for i in range(n_models)]
+    seconds = [done[i][1] for i in range(n_models)]
     return EvaluationResult(
         accuracy_mean=float(np.mean(accuracies)),
         accuracy_std=float(np.std(accuracies)),

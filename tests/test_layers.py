@@ -30,6 +30,7 @@ _LAYER_OF_PREFIX = {
     "ipmcondense.components": "core",
     "ipmcondense.training": "core",
     "ipmcondense.autodiff": "core",
+    "ipmcondense.distributed": "core",
     "ipmcondense.nets": "models",
     "ipmcondense.augment": "models",
     "ipmcondense.data": "models",

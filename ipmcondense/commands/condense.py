@@ -18,6 +18,8 @@ import json
 import sys
 from typing import Any
 
+from ipmcondense.distributed import is_rank_zero
+
 __all__ = ["register", "run_condense", "run_evaluate", "run_methods", "methods_table"]
 
 
@@ -143,7 +145,8 @@ def run_condense(args: argparse.Namespace) -> int:
         "seconds": round(result.metrics["seconds"], 3),
         "seconds_per_iteration": round(result.metrics["seconds_per_iteration"], 4),
     }
-    print(json.dumps(summary))
+    if is_rank_zero():
+        print(json.dumps(summary))
     return 0
 
 
@@ -156,7 +159,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         learned_lr=not args.no_learned_lr, image_size=args.image_size, protocol=args.protocol,
         ipc=args.ipc,
     )
-    print(json.dumps(report, indent=2))
+    if is_rank_zero():
+        print(json.dumps(report, indent=2))
     return 0
 
 

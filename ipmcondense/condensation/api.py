@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ipmcondense import distributed
 from ipmcondense._version import __version__
 from ipmcondense.ipm._validation import check_choice, check_positive_int, check_positive_number
 
@@ -45,6 +46,7 @@ from .outputs import (
     synthetic_path,
 )
 from .objectives import get_objective_class
+from .parallel import ClassShard, check_class_parallel
 from .recipes import COMMON_DEFAULTS, MatchingRecipe, Recipe, compose_recipe, resolve_config
 from .synthetic import INIT_CHOICES, SYNTHETIC_SETS, build_synthetic_set, initial_images
 
@@ -262,6 +264,12 @@ def condense(
     Returns:
         A :class:`CondensationResult`.
 
+    Class-parallel: called on every rank of an initialised ``torch.distributed`` process group (e.g. under
+    ``torchrun --nproc_per_node W``), each rank condenses its own block of classes and the ranks exchange what
+    the recipe needs (:mod:`ipmcondense.condensation.parallel`); rank 0 writes ``out`` and every rank
+    returns the full result, equal to the single-process one for the same seed. ``resume`` needs the same
+    number of processes as the run that wrote the checkpoint.
+
     Raises:
         ValueError / TypeError / FileNotFoundError: any bad input, before ``out`` is created.
     """
@@ -275,7 +283,7 @@ def condense(
     ipc = check_positive_int(ipc, "ipc")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
-    dev = _resolve_device(device)
+    dev = _resolve_device(distributed.local_device(device))
     ds = load_dataset_checked(dataset, data_root, image_size)
     config = resolve_config(recipe, ds.name, {**overrides, "iterations": iterations, "eval_every": eval_every},
                             ipc=ipc)
@@ -289,6 +297,12 @@ def condense(
     objective = None if recipe.is_selection else get_objective_class(recipe.objective)
     if objective is not None:
         config = objective.prepare_config(config, ds)
+    shard = None
+    if distributed.is_active():
+        check_class_parallel(recipe, config, _build_network_factory(config, ds)(), distributed.world_size(),
+                             ds.num_classes)
+        shard = None if recipe.is_selection else ClassShard.of_this_rank(ds.num_classes)
+        progress = progress and distributed.is_rank_zero()
     out_path = Path(out) if out is not None else None
     if resume and out_path is None:
         raise ValueError("resume=True needs out: the run directory whose checkpoint to continue")
@@ -309,22 +323,26 @@ def condense(
     synthetic_set = build_synthetic_set(recipe.synthetic, images, labels, ds.num_classes, config, extras,
                                         generator=generator_module, rng=init_generator).to(dev)
 
+    writer = distributed.is_rank_zero()  # in a class-parallel run, rank 0 writes the files
     created = out_path is not None and not out_path.exists()
     if out_path is not None:
-        if overwrite and not resume:
-            for name in RUN_FILES:
-                if (out_path / name).exists():
-                    (out_path / name).unlink()
-        out_path.mkdir(parents=True, exist_ok=True)
+        distributed.barrier()  # every rank has read the checkpoint before rank 0 touches the folder
+        if writer:
+            if overwrite and not resume:
+                for name in RUN_FILES:
+                    if (out_path / name).exists():
+                        (out_path / name).unlink()
+            out_path.mkdir(parents=True, exist_ok=True)
+        distributed.barrier()
     try:
         history, schedule = _optimise(recipe, full_config, ds, synthetic_set, seed, dev, out_path, progress,
-                                      checkpoint, raw_ds, whitening)
+                                      checkpoint, raw_ds, whitening, shard)
         pixels = ds.denormalise if whitening is None else whitening.to_pixels
-        return _finish(recipe, full_config, ds, synthetic_set, history, out_path, time.perf_counter() - start, dev,
-                       pixels, schedule)
+        return _finish(recipe, full_config, ds, synthetic_set, history, out_path if writer else None,
+                       time.perf_counter() - start, dev, pixels, schedule, result_out=out_path)
     except BaseException:
         # a run that failed before its first checkpoint leaves no folder behind
-        if created and out_path.exists() and not any(out_path.iterdir()):
+        if writer and created and out_path.exists() and not any(out_path.iterdir()):
             out_path.rmdir()
         raise
 
@@ -372,9 +390,10 @@ def _whitening(config: dict[str, Any], ds: Any):
 
 
 def _evaluation_fn(config: dict[str, Any], ds: Any, seed: int, dev: torch.device, synthetic: Any = None,
-                   whitening: Any = None, learned_schedule: Any = None):
+                   whitening: Any = None, learned_schedule: Any = None, spread_over_ranks: bool = False):
     """In-run evaluation on the raw dataset ``ds``: with ``zca`` the protocol is told the images are whitened;
-    ``learned_schedule()`` gives the objective's current schedule (DD) or ``None``."""
+    ``learned_schedule()`` gives the objective's current schedule (DD) or ``None``; ``spread_over_ranks``
+    spreads the models over the ranks of a class-parallel run."""
     from ipmcondense.evaluation import EvaluationProtocol, evaluate_synthetic
 
     def run(images: Tensor, labels: Tensor) -> dict[str, Any]:
@@ -384,21 +403,24 @@ def _evaluation_fn(config: dict[str, Any], ds: Any, seed: int, dev: torch.device
                                       soft_labels=labels.dim() == 2, zca=bool(config["zca"]),
                                       zca_eps=float(config["zca_eps"]))
         result = evaluate_synthetic(images, labels, ds, protocol, n_models=int(config["eval_models"]),
-                                    seed=seed, device=dev, inputs_whitened=bool(config["zca"]), whitening=whitening)
+                                    seed=seed, device=dev, inputs_whitened=bool(config["zca"]), whitening=whitening,
+                                    spread_over_ranks=spread_over_ranks)
         return {"accuracy_mean": result.accuracy_mean, "accuracy_std": result.accuracy_std,
                 "accuracies": list(result.accuracies)}
 
     return run
 
 
-def _optimise(recipe, config, ds, synthetic, seed, dev, out_path, progress, checkpoint, raw_ds, whitening):
+def _optimise(recipe, config, ds, synthetic, seed, dev, out_path, progress, checkpoint, raw_ds, whitening,
+              shard=None):
     if recipe.is_selection:
         return None, None
     engine = CondensationEngine(
         recipe, config, ds, synthetic, _build_network_factory(config, ds), seed=seed, device=dev,
         out=out_path, progress=progress,
         evaluate=_evaluation_fn(config, raw_ds, seed, dev, synthetic, whitening,
-                                lambda: engine.objective.learned_schedule()),
+                                lambda: engine.objective.learned_schedule(), spread_over_ranks=shard is not None),
+        shard=shard,
     )
     if checkpoint is not None:
         try:
@@ -411,7 +433,7 @@ def _optimise(recipe, config, ds, synthetic, seed, dev, out_path, progress, chec
 
 
 def _finish(
-    recipe, config, ds, synthetic, history, out_path, seconds, dev, pixels, schedule=None
+    recipe, config, ds, synthetic, history, out_path, seconds, dev, pixels, schedule=None, result_out=None
 ) -> CondensationResult:
     images = synthetic.images().detach().cpu().clone()
     labels = synthetic.labels.detach().cpu().clone()
@@ -434,6 +456,8 @@ def _finish(
         "threads": torch.get_num_threads(),
         "version": __version__,
     }
+    if distributed.is_active():
+        metrics["processes"] = distributed.world_size()
     if out_path is not None:
         atomic_torch_save(
             {
@@ -447,7 +471,9 @@ def _finish(
         )
         atomic_write_json({**metrics, "config": config}, out_path / METRICS_FILE)
         save_image_grid(images, synthetic.images_per_class, out_path / GRID_FILE, pixels)
-    return CondensationResult(images, labels, config, metrics, out_path, recipe, lr, training_labels, schedule)
+    distributed.barrier()  # class-parallel: every rank returns once rank 0 has written the run
+    return CondensationResult(images, labels, config, metrics, result_out if result_out is not None else out_path,
+                              recipe, lr, training_labels, schedule)
 
 
 def _generator_run_dir(path: Any) -> Path | None:
@@ -537,6 +563,10 @@ def evaluate(
         ipc: images per class to sample when ``path_or_result`` is a generator run directory (required there,
             refused otherwise).
 
+    Under ``torchrun`` (an initialised process group) the models are spread over the ranks
+    (:func:`ipmcondense.evaluation.evaluate_synthetic` with ``spread_over_ranks``): every rank returns the
+    serial run's numbers and rank 0 writes ``evaluation.json``.
+
     Returns:
         ``{"accuracy_mean", "accuracy_std", "n_models", "accuracies", "seeds", "protocol", "protocol_name",
         ...}`` (accuracies in ``[0, 1]``; ``protocol_name`` is ``protocol``, ``"protocol"`` the settings used).
@@ -578,7 +608,7 @@ def evaluate(
             f"the synthetic images have shape {tuple(images.shape[1:])} but dataset {ds.name!r} has "
             f"{(ds.channels, *ds.image_size)}"
         )
-    dev = _resolve_device(device)
+    dev = _resolve_device(distributed.local_device(device))
     if not learned_lr:
         lr = schedule = None
     # a set condensed in the ZCA space (config "zca") is evaluated there: the test set is whitened with the
@@ -593,7 +623,7 @@ def evaluate(
                     zca_eps=float(config.get("zca_eps", 0.1)))
     evaluation_protocol = EvaluationProtocol(**settings)
     result = evaluate_synthetic(images.to(dev), labels.to(dev), ds, evaluation_protocol, n_models=models, seed=seed,
-                                device=dev, inputs_whitened=whitened)
+                                device=dev, inputs_whitened=whitened, spread_over_ranks=distributed.is_active())
     report = {
         "accuracy_mean": result.accuracy_mean,
         "accuracy_std": result.accuracy_std,
@@ -609,5 +639,5 @@ def evaluate(
         "wall_seconds": list(result.wall_seconds),
     }
     if save and folder is not None and Path(folder).is_dir():
-        atomic_write_json(report, Path(folder) / EVALUATION_FILE)
+        distributed.atomic_write_on_rank_zero(atomic_write_json, report, Path(folder) / EVALUATION_FILE)
     return report

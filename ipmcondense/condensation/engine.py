@@ -31,6 +31,12 @@ Reproducibility: every random choice (real batches, augmentation draws, network 
 inner-loop shuffles, sliced projections) comes from ONE ``torch.Generator`` seeded with ``seed``;
 checkpoints store its state, the synthetic set, the optimizer state, the sampler state, the iteration
 and the history, so ``resume=True`` continues bit-for-bit on CPU.
+
+Class-parallel (``shard`` given; :mod:`ipmcondense.condensation.parallel`): each rank of a
+``torch.distributed`` job computes the loss of its own classes; the loss value and the non-finite checks
+are all-reduced, the class blocks of S are exchanged before the sampler's between-step training, before a
+checkpoint (written by rank 0, holding every rank's rows and optimizer buffers) or an evaluation, and at
+the end.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ipmcondense import distributed
 from ipmcondense._version import __version__
 
 from .matching import (  # noqa: F401  (matching_loss & co. stay importable from here)
@@ -58,6 +65,7 @@ from .matching import (  # noqa: F401  (matching_loss & co. stay importable from
 )
 from .objectives import Objective, ObjectiveContext, get_objective_class
 from .outputs import CHECKPOINT_FILE, CHECKPOINT_FORMAT, atomic_torch_save
+from .parallel import ClassShard, ClassShardRealBatches
 from .real_batches import RealBatchSelector, build_real_batches
 from .recipes import Recipe
 from .samplers import SAMPLERS, ParameterSampler, SamplerContext
@@ -79,13 +87,18 @@ def build_sampler(recipe: Recipe, config: dict[str, Any], ipc: int) -> Parameter
 
 
 def build_real_batch_selector(recipe: Recipe, config: dict[str, Any], dataset: Any, generator: torch.Generator,
-                              device: torch.device) -> RealBatchSelector:
+                              device: torch.device, classes: range | None = None) -> RealBatchSelector:
     """The row's real-batch selector over the dataset's training images on ``device``.
 
     A row that draws no real batches itself (``real_batches=None``, e.g. MTT) still gets the ``random``
-    selector, for samplers that train networks on real data; it draws nothing unless asked.
+    selector, for samplers that train networks on real data; it draws nothing unless asked. With
+    ``classes`` (class-parallel condensation) it keeps the images of those classes only
+    (:class:`~ipmcondense.condensation.parallel.ClassShardRealBatches`).
     """
     name = recipe.real_batches or "random"
+    if classes is not None:
+        return ClassShardRealBatches(dataset.train_images.to(device), dataset.train_labels.to(device),
+                                     dataset.num_classes, generator, classes)
     return build_real_batches(name, config, images=dataset.train_images.to(device),
                               labels=dataset.train_labels.to(device), num_classes=dataset.num_classes,
                               generator=generator)
@@ -148,6 +161,7 @@ class CondensationEngine:
         out: run directory for checkpoints (``None``: no checkpoints).
         progress: show a tqdm progress bar.
         evaluate: ``fn(images, labels) -> dict`` for periodic evaluation (``config["eval_every"]``).
+        shard: this rank's classes in class-parallel condensation (``None``: one process, all classes).
     """
 
     def __init__(
@@ -163,8 +177,11 @@ class CondensationEngine:
         out: Path | None = None,
         progress: bool = True,
         evaluate: Callable[[Tensor, Tensor], dict[str, Any]] | None = None,
+        shard: ClassShard | None = None,
     ) -> None:
         self.recipe, self.config, self.dataset = recipe, config, dataset
+        self.shard = shard
+        classes = None if shard is None else shard.classes
         self.synthetic = synthetic
         self.device = device
         self.out, self.progress, self.evaluate_fn = out, progress, evaluate
@@ -172,11 +189,11 @@ class CondensationEngine:
         self.generator.manual_seed(int(seed))
         self.sampler = build_sampler(recipe, config, synthetic.ipc)
         self.augmentation = build_augmentation(recipe, dataset)
-        self.real_batches = build_real_batch_selector(recipe, config, dataset, self.generator, device)
+        self.real_batches = build_real_batch_selector(recipe, config, dataset, self.generator, device, classes)
         objective_context = ObjectiveContext(
             recipe=recipe, config=config, dataset=dataset, synthetic=synthetic, generator=self.generator,
             device=device, real_batches=self.real_batches, augmentation=self.augmentation,
-            build_network=build_network,
+            build_network=build_network, classes=classes,
         )
         self.objective = build_objective(objective_context)
         # the parameterisation's own losses and helpers (HaBa's hallucinator terms), or None
@@ -212,12 +229,17 @@ class CondensationEngine:
             decoder_grads = torch.autograd.grad(decoder_loss, params, allow_unused=True)
             grads = [b if a is None else (a if b is None else a + b) for a, b in zip(grads, decoder_grads)]
             total = total.detach() + decoder_loss.detach()
+        grads_finite = all(g is None or bool(torch.isfinite(g).all()) for g in grads)
+        if self.shard is not None:  # the loss of all classes; every rank sees a non-finite value anywhere
+            reduced = distributed.all_reduce_float64(
+                torch.stack([total.detach().double().cpu(), torch.tensor(0.0 if grads_finite else 1.0, dtype=torch.float64)]))
+            total, grads_finite = reduced[0], bool(reduced[1] == 0)
         if not bool(torch.isfinite(total.detach())):
             raise FloatingPointError(
                 f"the {self.recipe.name} loss became {float(total)} at iteration {self.iteration}; "
                 f"lower lr_images (now {self.config['lr_images']}){self._kept()}"
             )
-        if not all(g is None or bool(torch.isfinite(g).all()) for g in grads):
+        if not grads_finite:
             raise FloatingPointError(
                 f"the {self.recipe.name} gradients became non-finite at iteration {self.iteration}; "
                 f"lower lr_images (now {self.config['lr_images']}){self._kept()}"
@@ -258,20 +280,29 @@ class CondensationEngine:
             losses.append(self.image_step(networks))
             if k == steps - 1 or not self.sampler.keep_stepping(networks, self.context, k):
                 break
+            self.synchronise()
             self.sampler.between_steps(networks, self.context, k)
         self.sampler.after_steps(networks, self.context)
         self.iteration += 1
         return sum(losses) / len(losses)
 
+    def synchronise(self) -> None:
+        """Class-parallel: give every rank every class block of S (a collective; nothing in one process)."""
+        if self.shard is not None:
+            self.shard.synchronise(self.synthetic)
+
     # ------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Everything a bit-for-bit resume needs."""
-        return {
+        """Everything a bit-for-bit resume needs (class-parallel: a collective, the merged state of all ranks)."""
+        self.synchronise()
+        optimizer = (self.optimizer.state_dict() if self.shard is None
+                     else self.shard.merged_optimizer_state(self.optimizer, self.synthetic))
+        state = {
             "format": CHECKPOINT_FORMAT,
             "version": __version__,
             "iteration": self.iteration,
             "synthetic": {k: v.detach().cpu().clone() for k, v in self.synthetic.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer,
             "generator": self.generator.get_state(),
             "sampler": self.sampler.state_dict(),
             "real_batches": self.real_batches.state_dict(),
@@ -281,10 +312,20 @@ class CondensationEngine:
             "config": dict(self.config),
             "recipe": self.recipe.axes(),
         }
+        if self.shard is not None:
+            state["world_size"] = self.shard.world_size
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved_world = int(state.get("world_size", 1))
+        world = 1 if self.shard is None else self.shard.world_size
+        if saved_world != world:
+            raise ValueError(f"the checkpoint was written by {saved_world} process(es), this run has {world}: "
+                             f"resume with the same number of processes (torchrun --nproc_per_node {saved_world})")
         self.synthetic.load_state_dict(state["synthetic"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.shard is not None:
+            self.shard.keep_own_optimizer_rows(self.optimizer, self.synthetic)
         self.generator.set_state(state["generator"])
         self.sampler.load_state_dict(state["sampler"], self.context)
         self.real_batches.load_state_dict(state.get("real_batches", {}))
@@ -295,8 +336,12 @@ class CondensationEngine:
         self.iteration = int(state["iteration"])
 
     def save_checkpoint(self) -> None:
-        if self.out is not None:
+        if self.out is None:
+            return
+        if self.shard is None:
             atomic_torch_save(self.state_dict(), self.out / CHECKPOINT_FILE)
+        else:
+            distributed.atomic_write_on_rank_zero(atomic_torch_save, self.state_dict(), self.out / CHECKPOINT_FILE)
 
     # ---------------------------------------------------------------------------------- the loop
     def run(self) -> EngineHistory:
@@ -317,11 +362,13 @@ class CondensationEngine:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4g}")
                 if eval_every and self.evaluate_fn is not None and self.iteration % eval_every == 0:
+                    self.synchronise()
                     result = self.evaluate_fn(self.synthetic.images().detach(), self.synthetic.training_labels())
                     self.history.evaluations.append({"iteration": self.iteration, **result})
                     bar.write(f"iteration {self.iteration}: accuracy {100 * result['accuracy_mean']:.2f}%")
                 if self.iteration % every == 0 or self.iteration == total:
                     self.save_checkpoint()
+            self.synchronise()
         finally:
             bar.close()
         return self.history

@@ -135,16 +135,24 @@ def siamese_augment(
     synthetic_images: Tensor,
     synthetic_labels: Tensor,
     generator: torch.Generator,
+    *,
+    draw_for: Sequence[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Apply one augmentation draw per class to that class's real AND synthetic images (siamese).
 
     Draws are taken class by class from ``generator`` in class order. Differentiable in both inputs.
+    ``draw_for``: the classes to draw for, in order, when the batches hold only some of them (class-parallel
+    condensation: a rank draws for every class, as one process does, and applies the draws of its own).
     """
     real_segments = segments_from_labels(real_labels)
     syn_segments = segments_from_labels(synthetic_labels)
     real_out, syn_out = [], []
-    for rs, ss in zip(real_segments, syn_segments):
-        draw = augmentation.draw(generator)
+    if draw_for is None:
+        draws = [augmentation.draw(generator) for _ in real_segments]
+    else:
+        by_class = {int(c): augmentation.draw(generator) for c in draw_for}
+        draws = [by_class[int(real_labels[rs.start])] for rs in real_segments]
+    for rs, ss, draw in zip(real_segments, syn_segments, draws):
         real_out.append(augmentation.apply(real_images[rs], draw))
         syn_out.append(augmentation.apply(synthetic_images[ss], draw))
     return torch.cat(real_out), torch.cat(syn_out)

@@ -37,6 +37,8 @@ class ObjectiveContext:
         real_batches: the ``real_batches`` axis: ``sample(n_per_class) -> (images, labels)``, class-blocked.
         augmentation: the recipe's augmentation (siamese ``draw``/``apply`` and per-sample ``__call__``).
         build_network: builds one network of ``config["arch"]`` on the CPU (default initialisation).
+        classes: the classes this rank owns in class-parallel condensation
+            (:mod:`ipmcondense.condensation.parallel`); ``None``: all (one process).
     """
 
     recipe: Recipe
@@ -48,6 +50,7 @@ class ObjectiveContext:
     real_batches: RealBatchSelector
     augmentation: Any
     build_network: Callable[[], nn.Module]
+    classes: range | None = None
 
 
 def draw_network(ctx: ObjectiveContext, build: Callable[[], nn.Module] | None = None) -> nn.Module:

@@ -102,7 +102,13 @@ class MatchingObjective(Objective):
         cfg, ctx = self.config, self.ctx
         real, real_labels = ctx.real_batches.sample(int(cfg["batch_real"]))
         syn, syn_labels = ctx.synthetic.images(), ctx.synthetic.labels
-        real_aug, syn_aug = siamese_augment(ctx.augmentation, real, real_labels, syn, syn_labels, ctx.generator)
+        draw_for = None
+        if ctx.classes is not None:  # class-parallel: this rank's classes only, augmentations drawn for all
+            rows = torch.nonzero((syn_labels >= ctx.classes.start) & (syn_labels < ctx.classes.stop), as_tuple=True)[0]
+            syn, syn_labels = syn[rows], syn_labels[rows]
+            draw_for = range(ctx.synthetic.num_classes)
+        real_aug, syn_aug = siamese_augment(ctx.augmentation, real, real_labels, syn, syn_labels, ctx.generator,
+                                            draw_for=draw_for)
         total = None
         for net in networks:
             value = self._one(net, real_aug, real_labels, syn_aug, syn_labels)

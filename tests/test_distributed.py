@@ -1,0 +1,294 @@
+"""torch.distributed: 2 gloo ranks on the CPU against the single-process results (issue 17).
+
+Starting processes is the expensive part (each imports torch), so two launches serve every test:
+
+1. ``torch.multiprocessing.spawn`` of 2 ranks (module fixture ``two_ranks``) computes, on shards of the
+   data: the sharded MMD (biased, unbiased; dense and tiled kernel sums) and mean embedding, the streamed
+   mean embedding of an ``IterableDataset``, a parallel evaluation, DM and DC class-parallel condensation;
+   then it starts a checkpointed DM run in which rank 1 is SIGKILLed right after the checkpoint of
+   iteration 1 of 2 (the launch fails, as it must);
+2. ``torchrun --standalone --nproc_per_node 2 -m ipmcondense condense ... --resume`` continues that run from
+   its checkpoint through the command line.
+
+Every result is compared here with the single-process computation of the same thing. Cost: about 45 CPU
+seconds in all (seven interpreter start-ups, each importing torch, are most of it); the tests that need the
+launches are marked ``slow``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ipmcondense import distributed
+
+WORLD = 2
+TINY = {"iterations": 2, "seed": 0, "progress": False}
+DC = {"iterations": 1, "seed": 0, "progress": False, "outer_loop": 2, "inner_loop": 1}  # two image steps on one
+# network, trained on all of S between them (the exchange of S before the inner loop is exercised)
+KILLED = {"iterations": 2, "checkpoint_every": 1, "seed": 3}
+
+
+def _points(seed: int, n: int, shift: float) -> torch.Tensor:
+    return torch.randn(n, 5, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + shift
+
+
+X_ALL, Y_ALL = _points(1, 61, 0.0), _points(2, 47, 0.4)
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """Rows of ``X_ALL`` produced on the fly, 7 at a time, split between ranks by batch (never all at once)."""
+
+    def __init__(self, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
+
+    def __iter__(self):
+        for k, start in enumerate(range(0, X_ALL.shape[0], 7)):
+            if k % self.world == self.rank:
+                yield X_ALL[start:start + 7]
+
+
+def _tiny_set():
+    from ipmcondense.data import load_dataset
+
+    ds = load_dataset("digits")
+    keep = torch.cat([torch.nonzero(ds.train_labels == c, as_tuple=True)[0][:2] for c in range(10)])
+    return ds, ds.train_images[keep], ds.train_labels[keep]
+
+
+def _evaluate(spread: bool):
+    from ipmcondense.evaluation import EvaluationProtocol, evaluate_synthetic
+
+    ds, images, labels = _tiny_set()
+    protocol = EvaluationProtocol(epochs=1, augmentation="none")
+    return evaluate_synthetic(images, labels, ds, protocol, n_models=3, seed=5, spread_over_ranks=spread).accuracies
+
+
+def _worker(rank: int, world: int, init: str, folder: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    from ipmcondense.condensation.api import condense
+    from ipmcondense.condensation.engine import CondensationEngine
+    from ipmcondense.ipm.sharded import (
+        row_block,
+        sharded_mean_embedding_distance,
+        sharded_mmd2,
+        streaming_mean_embedding,
+    )
+
+    xl, yl = X_ALL[row_block(61, rank, world)], Y_ALL[row_block(47, rank, world)]
+    sampler = torch.utils.data.DistributedSampler(torch.utils.data.TensorDataset(X_ALL[:60]), num_replicas=world,
+                                                  rank=rank, shuffle=False)
+    x_sampled = X_ALL[:60][list(sampler)]
+    out = {
+        "mmd2": {(est, backend): float(sharded_mmd2(xl, yl, estimator=est, backend=backend, bandwidth=1.5))
+                 for est in ("biased", "unbiased") for backend in ("dense", "tiled")},
+        "mmd2_median_sampler": float(sharded_mmd2(x_sampled, yl, estimator="biased")),
+        "mean_embedding": float(sharded_mean_embedding_distance(xl, yl, feature_map=torch.tanh)),
+        "stream": streaming_mean_embedding(torch.utils.data.DataLoader(_Stream(rank, world), batch_size=None))[0],
+        "evaluation": _evaluate(spread=True),
+        "dm": condense("dm", "digits", ipc=2, **TINY).images,
+        "dc": condense("dc", "digits", ipc=1, **DC).images,
+    }
+    from ipmcondense.cli import main
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # the command line inside the job: sharded rows, rank 0 prints
+        main(["distance", str(Path(folder) / "x.pt"), str(Path(folder) / "y.pt"), "--metric", "mmd2"])
+    out["distance_cli"] = printed.getvalue()
+    torch.save(out, Path(folder) / f"rank{rank}.pt")
+
+    original = CondensationEngine.save_checkpoint
+
+    def save_then_die(self):
+        original(self)
+        if rank == 1 and self.iteration == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    CondensationEngine.save_checkpoint = save_then_die
+    condense("dm", "digits", ipc=1, out=Path(folder) / "killed", **KILLED, progress=False)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("two_ranks")
+    torch.save(X_ALL, folder / "x.pt")
+    torch.save(Y_ALL, folder / "y.pt")
+    with pytest.raises(Exception) as failure:  # the last scenario kills rank 1
+        torch.multiprocessing.spawn(_worker, args=(WORLD, f"file://{folder}/rendezvous", str(folder)),
+                                    nprocs=WORLD, join=True)
+    assert "signal" in str(failure.value).lower() or "exit" in str(failure.value).lower(), failure.value
+    return folder, [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.mark.slow
+def test_sharded_mmd_equals_the_dense_single_process_value(two_ranks):
+    from ipmcondense.ipm import mmd2
+
+    _, ranks = two_ranks
+    for (estimator, backend), value in ranks[0]["mmd2"].items():
+        dense = float(mmd2(X_ALL, Y_ALL, estimator=estimator, backend="dense", bandwidth=1.5))
+        assert value == pytest.approx(dense, abs=1e-10, rel=0), (estimator, backend)
+        assert ranks[1]["mmd2"][(estimator, backend)] == value
+    # shards from a DistributedSampler (60 rows: no padding), median bandwidth of the pooled gathered sample
+    assert ranks[0]["mmd2_median_sampler"] == pytest.approx(float(mmd2(X_ALL[:60], Y_ALL, estimator="biased")),
+                                                            abs=1e-10, rel=0)
+
+
+@pytest.mark.slow
+def test_distance_command_in_a_job_prints_the_one_process_value_once(two_ranks):
+    from ipmcondense.ipm import mmd2
+
+    _, ranks = two_ranks
+    assert ranks[1]["distance_cli"] == ""
+    result = json.loads(ranks[0]["distance_cli"])
+    assert result["settings"]["processes"] == WORLD and (result["n_a"], result["n_b"]) == (61, 47)
+    assert result["value"] == pytest.approx(float(mmd2(X_ALL, Y_ALL)), abs=1e-10, rel=0)
+
+
+@pytest.mark.slow
+def test_sharded_mean_embedding_and_streaming_equal_the_in_memory_mean(two_ranks):
+    from ipmcondense.ipm import mean_embedding_distance
+
+    _, ranks = two_ranks
+    expected = float(mean_embedding_distance(X_ALL, Y_ALL, feature_map=torch.tanh))
+    assert ranks[0]["mean_embedding"] == pytest.approx(expected, abs=1e-12, rel=0)
+    for r in range(WORLD):
+        torch.testing.assert_close(ranks[r]["stream"], X_ALL.mean(0), atol=1e-14, rtol=0)
+    # one process, no group: the stream alone
+    mean, n = distributed_free_stream()
+    assert n == 61
+    torch.testing.assert_close(mean, X_ALL.mean(0), atol=1e-14, rtol=0)
+
+
+def distributed_free_stream():
+    from ipmcondense.ipm.sharded import streaming_mean_embedding
+
+    return streaming_mean_embedding(torch.utils.data.DataLoader(_Stream(0, 1), batch_size=None))
+
+
+@pytest.mark.slow
+def test_parallel_evaluation_gives_the_serial_accuracies(two_ranks):
+    _, ranks = two_ranks
+    torch.set_num_threads(1)
+    serial = _evaluate(spread=False)
+    assert ranks[0]["evaluation"] == serial
+    assert ranks[1]["evaluation"] == serial
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dm", "dc"])
+def test_class_parallel_condensation_equals_one_process_bit_for_bit(two_ranks, method):
+    from ipmcondense.condensation.api import condense
+
+    torch.set_num_threads(1)
+    _, ranks = two_ranks
+    if method == "dm":
+        single = condense("dm", "digits", ipc=2, **TINY).images
+    else:
+        single = condense("dc", "digits", ipc=1, **DC).images
+    assert torch.equal(ranks[0][method], ranks[1][method])
+    assert torch.equal(ranks[0][method], single)
+
+
+@pytest.mark.slow
+def test_resume_after_a_rank_was_killed_with_torchrun(two_ranks):
+    """The checkpoint of iteration 1 (rank 0 wrote it, merged) is continued by ``torchrun`` to the single-process result."""
+    from ipmcondense.condensation.api import condense
+
+    folder, _ = two_ranks
+    run = folder / "killed"
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert checkpoint["iteration"] == 1 and checkpoint["world_size"] == WORLD
+    assert not (run / "synthetic.pt").exists()
+    # a different number of processes is refused, naming the one to use
+    with pytest.raises(ValueError, match="--nproc_per_node 2"):
+        condense("dm", "digits", ipc=1, out=run, resume=True, **KILLED, progress=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
+               "-m", "ipmcondense", "condense", "--method", "dm", "--dataset", "digits", "--ipc", "1",
+               "--iterations", "2", "--checkpoint-every", "1", "--seed", "3", "--out", str(run), "--resume",
+               "--no-progress"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summaries = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(summaries) == 1, done.stdout  # rank 0 prints, rank 1 does not
+    assert json.loads(summaries[0])["iterations"] == 2
+    metrics = json.loads((run / "metrics.json").read_text())
+    # it continued the killed run: the first iteration's time is the one the killed run measured
+    assert metrics["iteration_seconds"][0] == checkpoint["history"]["iteration_seconds"][0]
+    assert metrics["processes"] == WORLD
+    resumed = torch.load(run / "synthetic.pt", weights_only=False)["images"]
+    torch.set_num_threads(1)
+    single = condense("dm", "digits", ipc=1, **KILLED, progress=False).images
+    assert torch.equal(resumed, single)
+
+
+def test_class_blocks_and_unsupported_recipes():
+    assert [list(distributed.classes_of_rank(10, r, 3)) for r in range(3)] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    assert [distributed.items_of_rank(5, r, 2) for r in range(2)] == [[0, 2, 4], [1, 3]]
+    with pytest.raises(ValueError, match="11 ranks for 10 classes"):
+        distributed.classes_of_rank(10, 0, 11)
+    from ipmcondense.condensation.parallel import check_class_parallel
+    from ipmcondense.condensation.recipes import RECIPES
+    from ipmcondense.nets import get_network
+
+    net = get_network("convnet", 1, 10, (8, 8))
+    for name in ("mtt", "idm", "dcc", "cafe", "kip"):
+        with pytest.raises(ValueError, match=f"recipe '{name}' cannot run class-parallel"):
+            check_class_parallel(RECIPES[name], {"arch": "convnet"}, net, 2, 10)
+    for name in ("dm", "m3d", "dc", "dsa", "datadam", "wasserstein"):
+        check_class_parallel(RECIPES[name], {"arch": "convnet"}, net, 2, 10)
+    bn = get_network("convnet-bn", 1, 10, (8, 8))
+    with pytest.raises(ValueError, match="batch normalisation"):
+        check_class_parallel(RECIPES["dm"], {"arch": "convnet-bn"}, bn, 2, 10)
+
+
+def test_without_a_process_group_everything_is_one_process(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.init_from_env() == distributed.WorldInfo(0, 1, 0)
+    assert not distributed.is_active() and distributed.world_size() == 1 and distributed.is_rank_zero()
+    assert distributed.all_reduce_float64(torch.tensor([1.5], dtype=torch.float32)).dtype == torch.float64
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="RANK=2 and WORLD_SIZE=2"):
+        distributed.world_from_env()
+
+
+def test_a_class_shard_draws_real_batches_and_augmentations_as_one_process_does():
+    """The invariant behind bit-for-bit equality: a rank consumes the run's generator exactly as one process."""
+    from ipmcondense.augment import DifferentiableSiameseAugmentation
+    from ipmcondense.condensation.matching import siamese_augment
+    from ipmcondense.condensation.parallel import ClassShardRealBatches
+    from ipmcondense.data import ClassBalancedSampler
+
+    labels = torch.arange(5).repeat_interleave(torch.tensor([7, 4, 9, 3, 6]))
+    images = torch.randn(labels.numel(), 1, 6, 6, generator=torch.Generator().manual_seed(0))
+    full_generator, shard_generator = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    full = ClassBalancedSampler(images, labels, 5, full_generator)
+    shard = ClassShardRealBatches(images, labels, 5, shard_generator, range(2, 4))
+    assert shard.images.shape[0] == 9 + 3  # only its classes' images are kept
+    augmentation = DifferentiableSiameseAugmentation()
+    for n in (2, 5):
+        real, real_labels = full.sample(n)
+        own_real, own_labels = shard.sample(n)
+        keep = (real_labels >= 2) & (real_labels < 4)
+        assert torch.equal(own_real, real[keep]) and torch.equal(own_labels, real_labels[keep])
+        syn_labels = torch.arange(5).repeat_interleave(2)
+        syn = torch.randn(10, 1, 6, 6)
+        a_real, a_syn = siamese_augment(augmentation, real, real_labels, syn, syn_labels, full_generator)
+        own_syn = (syn_labels >= 2) & (syn_labels < 4)
+        b_real, b_syn = siamese_augment(augmentation, own_real, own_labels, syn[own_syn], syn_labels[own_syn],
+                                        shard_generator, draw_for=range(5))
+        assert torch.equal(b_real, a_real[keep]) and torch.equal(b_syn, a_syn[own_syn])
+        assert torch.equal(full_generator.get_state(), shard_generator.get_state())

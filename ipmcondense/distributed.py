@@ -167,11 +167,18 @@ def barrier() -> None:
         dist.barrier()
 
 
-def local_device(device: str | torch.device | None) -> torch.device | None:
-    """``device`` with a CUDA device pinned to this process's GPU (``cuda`` becomes ``cuda:LOCAL_RANK``)."""
-    if device is None:
-        return None
-    dev = torch.device(device)
+def local_device(device: str | torch.device | None) -> str | torch.device | None:
+    """``device`` with a CUDA device pinned to this process's GPU (``cuda`` becomes ``cuda:LOCAL_RANK``).
+
+    Outside a process group ``device`` is returned unchanged (the caller validates it); an unknown device
+    string raises ``ValueError`` naming ``device``.
+    """
+    if device is None or not is_active():
+        return device
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device: {device!r} is not a torch device ({err})") from None
     if dev.type == "cuda" and dev.index is None and is_active():
         return torch.device("cuda", _env_int("LOCAL_RANK", 0))
     return dev

@@ -199,5 +199,5 @@ def test_evaluate_missing_path(tmp_path):
 
 def test_registry_lists_every_method():
     assert set(METHOD_NAMES) == {"dm", "m3d", "wasserstein", "wmdd", "dc", "dsa", "cafe", "datadam", "lcmat", "idm",
-                                 "idc", "dcc", "channel_efficient", "mtt", "haba", "esp", "kip", "rfad", "dd", "rcig",
-                                 "random", "herding", "kcenter"}
+                                 "idc", "dcc", "channel_efficient", "glad", "itgan", "mtt", "haba", "esp", "kip", "rfad",
+                                 "dd", "rcig", "random", "herding", "kcenter"}

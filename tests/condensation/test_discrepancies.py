@@ -116,7 +116,8 @@ def test_options_are_declared_with_defaults_and_build_the_same_discrepancy():
     mmd = DISCREPANCIES.get("mmd2").from_config({"bandwidth": 2.0, "estimator": "unbiased", "blur": 9.0})
     assert (mmd.bandwidth, mmd.estimator) == (2.0, "unbiased")
     assert DISCREPANCIES.option_defaults() == {"bandwidth": "median", "estimator": "biased", "blur": 0.05,
-                                               "sinkhorn_p": 2, "n_projections": 200}
+                                               "sinkhorn_p": 2, "n_projections": 200,
+                                               "barycenter_iterations": 100}
 
 
 def test_gradient_cosine_is_the_normalised_ipm_by_the_stated_identity():

@@ -62,6 +62,7 @@ def test_regularised_loss_equals_its_definition(digits, class_batch, monkeypatch
 
     class _Ctx:
         generator = torch.Generator()
+        classes = None  # one process (class-parallel runs own a block)
         augmentation = __import__("ipmcondense.augment", fromlist=["NoAugmentation"]).NoAugmentation()
 
         class real_batches:

@@ -34,7 +34,7 @@ def _ctx(seed=0):
 
 
 def test_registry_and_dc_loop_defaults():
-    assert SAMPLER_NAMES == ("fresh", "fresh_inner", "pool", "fresh_watched", "none")
+    assert SAMPLER_NAMES == ("fresh", "fresh_inner", "pool", "fresh_watched", "pretrained", "none")
     s = SAMPLERS.get("fresh_inner").from_config({"outer_loop": None, "inner_loop": None}, ipc=10)
     assert isinstance(s, FreshInnerSampler) and (s.outer_loop, s.inner_loop) == dc_loops(10) == (10, 50)
     s = get_sampler("fresh_inner", ipc=10, outer_loop=3, inner_loop=0, lr_net=0.5)

@@ -424,12 +424,13 @@ _ROWS = (
                     why="not an IPM: KRR regression loss of the predictor fitted on S; its witness class is the "
                         "RKHS of the (NTK) kernel, the MMD with that kernel is the IPM counterpart.",
                     defaults={"iterations": 1000, "lr_images": 0.04, "optimizer_images": "adam", "init": "real",
-                              "batch_real": 500, "kernel": "fc_ntk", "krr_reg": 1e-6},
+                              "batch_real": 500, "kernel": "fc_ntk", "krr_reg": 1e-6, "lr_labels": 0.04},
                     source="Nguyen et al. ICLR'21, KIP.ipynb (FC kernel); kernel='conv_ntk': Nguyen et al. "
                            "NeurIPS'21, the ConvNet of google-research kip/nn_training.ipynb (prepended conv + 3 x "
                            "[conv3x3 SAME, ReLU, AvgPool2], Flatten, Dense; W_std sqrt 2, b_std 0.1, NTK "
-                           "parameterisation), kernel by the neural-tangents stax rules. Deviations: no ZCA, no "
-                           "augmentation; learned labels have their own lr_labels"),
+                           "parameterisation), kernel by the neural-tangents stax rules; learn_labels: KIP.ipynb "
+                           "get_update_functions takes one Adam(LEARNING_RATE 0.04) over {'x', 'y'}, so lr_labels = "
+                           "lr_images = 0.04. Deviations: no ZCA, no augmentation"),
     ObjectiveRecipe(name="rfad", objective="rfad", relation_to_ipm=NOT_AN_IPM,
                     why="not an IPM: Platt-scaled KRR loss with the random-feature NNGP kernel of random no-norm "
                         "ConvNets: the same construction as DM's random-feature kernel E<phi(x), phi(x')>, with "

@@ -20,6 +20,8 @@ class-balanced synthetic batch, dd_epochs 3 passes with one learned step size pe
 kaiwang960112/CAFE, here with a window of 2 and caps of 3 image steps and 2 epochs so the case stays cheap,
 and the pooled embedding matched twice, embedding_weight 2). New cases: ``wmdd`` (the WMDD
 row, issue 11 item 7), ``kip-conv`` (KIP with the infinite-width ConvNet NTK and learned labels; issue 11 item 3).
+``kip-labels`` changed on purpose: KIP learns its labels at the image rate (one Adam(0.04) over images and
+labels, as KIP.ipynb), no longer at the separate rate 2.0 inherited from DATM's soft labels.
 """
 
 from __future__ import annotations

@@ -99,7 +99,9 @@ ROW_CHANGES = {"wasserstein": {"sinkhorn_p": 1},  # W_1 (issue "each row is the 
                # DD: 10 steps x 3 epochs of learned step sizes, Adam betas (0.5, 0.999) (issue 11 item 5)
                "dd": {"dd_epochs": 3, "adam_betas": (0.5, 0.999)},
                # CAFE: the pooled embedding matched twice (f4 and f5) (issue 11 item 6)
-               "cafe": {"embedding_weight": 2.0}}
+               "cafe": {"embedding_weight": 2.0},
+               # KIP: labels learned at the image rate, one Adam(0.04) over (x, y) as KIP.ipynb
+               "kip": {"lr_labels": 0.04}}
 # per-setting rows added on purpose (issue 11 item 4): MTT's per-IPC table, ZCA for RFAD and RCIG on CIFAR
 TABLE_ROWS_ADDED = {(d, m) for d in ("cifar10", "cifar100") for m in ("mtt", "rfad", "rcig")}
 

@@ -212,3 +212,18 @@ def test_rcig_runs_and_decreases_its_loss(digits, class_batch, solver):
         return total
 
     assert fixed(after) < fixed(before)
+
+
+def test_kip_learns_its_labels_at_the_image_rate_as_the_notebook(tmp_path):
+    # KIP.ipynb get_update_functions: ONE Adam(LEARNING_RATE = 0.04) over {'x': images, 'y': labels}. Adam moves
+    # every coordinate by about lr per step, so 5 steps move a label by at most ~0.2; the former separate rate
+    # (2.0, inherited from DATM's soft labels) moved them by ~10 and blew the KRR targets up.
+    from ipmcondense.ipm.kernel_regression import centred_one_hot
+
+    row = RECIPES["kip"]
+    assert row.defaults["lr_labels"] == row.defaults["lr_images"] == 0.04
+    result = condense("kip", "digits", ipc=1, progress=False, seed=0, batch_real=8, learn_labels=True, iterations=5,
+                      out=tmp_path / "run")
+    learned = torch.load(tmp_path / "run" / "synthetic.pt", weights_only=False)["stored"]["label_values"]
+    moved = (learned - centred_one_hot(result.labels, 10)).abs()
+    assert 0 < float(moved.max()) <= 5 * 0.04 * 1.05

@@ -482,7 +482,7 @@ _ROWS = (
                            "of 20 Adam steps on the quadratic; no automatic tuning of the inner and Hessian-inverse "
                            "step sizes; the pool model is trained on S before the image update (the reference: "
                            "after); a class-balanced real batch (batch_real per class); the label-margin term left "
-                           "out"),
+                           "out; the evaluation trains on the hard labels (as for KIP's learned labels)"),
     # ------------------------------------------------------------------ selection baselines
     SelectionRecipe(name="random", selection="random", relation_to_ipm=APPROXIMATE,
                     why="uniform real images per class: unbiased but not optimised for any IPM.",

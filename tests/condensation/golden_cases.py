@@ -18,7 +18,10 @@ real batches, as uitrbn/IDM), ``dd`` and ``dd-fixed`` (issue 11 item 5: every un
 class-balanced synthetic batch, dd_epochs 3 passes with one learned step size per step, Adam betas
 (0.5, 0.999), as SsnL/dataset-distillation), ``cafe`` (issue 11 item 6: the accuracy-watched loops of
 kaiwang960112/CAFE, here with a window of 2 and caps of 3 image steps and 2 epochs so the case stays cheap,
-and the pooled embedding matched twice, embedding_weight 2). New cases: ``wmdd`` (the WMDD
+and the pooled embedding matched twice, embedding_weight 2), ``rcig`` and ``rcig-neumann`` (issue 11 item 2: RCIG's
+algorithm, a pool of 2 models here trained online on S, the network linearised around the pool model with 3 inner
+Adam steps on the tangent, the closed-form KRR last layer, learned labels and temperature, the implicit gradient by
+3 CG/Neumann steps clipped to the direct gradient's norm, as yolky/RCIG). New cases: ``wmdd`` (the WMDD
 row, issue 11 item 7), ``kip-conv`` (KIP with the infinite-width ConvNet NTK and learned labels; issue 11 item 3).
 ``kip-labels`` changed on purpose: KIP learns its labels at the image rate (one Adam(0.04) over images and
 labels, as KIP.ipynb), no longer at the separate rate 2.0 inherited from DATM's soft labels.
@@ -73,8 +76,8 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "dd": ("dd", {"batch_real": 8, "dd_steps": 3}),
     "dd-fixed": ("dd", {"batch_real": 8, "dd_steps": 3, "dd_init": "fixed"}),
     "esp": ("esp", {"arch": EXPERT_ARCH, "batch_real": 8, "dd_steps": 3}),
-    "rcig": ("rcig", {"batch_real": 8, "rcig_inner_steps": 10, "rcig_hinv_steps": 5}),
-    "rcig-neumann": ("rcig", {"batch_real": 8, "rcig_inner_steps": 10, "rcig_hinv_steps": 5,
+    "rcig": ("rcig", {"batch_real": 8, "rcig_inner_steps": 3, "rcig_hinv_steps": 3, "rcig_pool_models": 2}),
+    "rcig-neumann": ("rcig", {"batch_real": 8, "rcig_inner_steps": 3, "rcig_hinv_steps": 3, "rcig_pool_models": 2,
                               "rcig_solver": "neumann"}),
     "glad": ("glad", {**_TINY, **_LATENT}),
     "itgan": ("itgan", {**_TINY, **_LATENT, "inversion_steps": 5}),

@@ -1,15 +1,16 @@
 r"""Bilevel objectives: DD (unrolled back-propagation through training) and RCIG (implicit differentiation).
 
 Both minimise the real-data loss of a model fitted on S. DD differentiates through ``dd_steps``
-unrolled SGD steps (:func:`ipmcondense.autodiff.unrolled_sgd`); RCIG solves a convex last-layer inner
-problem and takes the implicit hypergradient (:func:`ipmcondense.autodiff.implicit_hypergradient`).
+unrolled SGD steps (:func:`ipmcondense.autodiff.unrolled_sgd`); RCIG solves an inner problem in the tangent
+offset of a linearised network and takes the implicit hypergradient (:func:`ipmcondense.autodiff.implicit_hypergradient`).
 
-The pieces of the published RCIG step (Loo et al. ICML'23, yolky/RCIG) are here and tested on their own:
-:func:`linearised_forward` (the pool network linearised around its online-trained weights),
-:func:`krr_head_predictions` (the last layer as closed-form kernel ridge regression on the features),
-:func:`rcig_krr_loss` (cross-entropy with a learned temperature) and :func:`clip_implicit_gradients`
-(the implicit gradient's norm clipped to the direct gradient's). The ``rcig`` row does not use them yet:
-it still solves a logistic last layer on frozen random-network features (issue 11, item 2, open).
+The ``rcig`` row (:class:`ImplicitBilevelObjective`) is the published RCIG step (Loo et al. ICML'23,
+yolky/RCIG), built from pieces tested on their own: the linearisation of :func:`linearised_forward` (the pool network
+linearised around its online-trained weights; the objective linearises its features and logits together), :func:`krr_head_predictions` (the last layer as closed-form kernel ridge
+regression on the features), :func:`rcig_inner_loss` (the inner self-fit on S), :func:`rcig_krr_loss`
+(cross-entropy with a learned temperature) and :func:`clip_implicit_gradients` (the implicit gradient's norm
+clipped to the direct gradient's). :func:`inner_linear_loss` and :func:`solve_inner_linear` are a convex
+last-layer problem on fixed features, kept for checking :func:`~ipmcondense.autodiff.implicit_hypergradient`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from ipmcondense.features import segments_from_labels
 from ipmcondense.ipm._validation import check_choice
 from ipmcondense.nets import build_isolated
 
+from ..synthetic import SyntheticExtras
 from .base import Objective, ObjectiveContext, check_options, draw_network
 
 __all__ = [
@@ -50,6 +52,7 @@ __all__ = [
     "krr_head_predictions",
     "rcig_krr_loss",
     "clip_implicit_gradients",
+    "rcig_inner_loss",
 ]
 
 
@@ -317,61 +320,271 @@ def clip_implicit_gradients(implicit: list[Tensor | None], direct: list[Tensor |
     return clipped
 
 
-class ImplicitBilevelObjective(Objective):
-    r"""RCIG-style implicit differentiation around a convex inner optimum (Loo et al. 2023, simplified).
+class _FeaturesAndLogits(nn.Module):
+    """``x -> (embed(x) flattened, classifier(embed(x)))`` of a wrapped network (for one functional call)."""
 
-    Each step: a fresh random ``arch`` network from the sampler gives frozen features
-    :math:`\phi(x) = [\mathrm{embed}(x)/\sqrt d, 1]` (its last layer linearised: a linear model on the
-    features is exactly the network's linearisation in the last layer); the inner problem is the
-    convex :func:`inner_linear_loss` (``rcig_l2``) of :math:`W` on the synthetic features, solved by
-    L-BFGS (``rcig_inner_steps``); the outer loss is :math:`\mathrm{CE}(\phi(X_T) W^*, y_T)` on a
-    class-balanced real batch; its gradient with respect to S is :func:`implicit_hypergradient` with
-    ``rcig_solver`` ``"cg"`` or ``"neumann"`` (``rcig_hinv_steps`` Hessian-vector products).
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        emb = self.net.embed(x)
+        return emb.reshape(emb.shape[0], -1), self.net.classifier(emb)
+
+
+def rcig_inner_loss(features: Tensor, outputs: Tensor, labels: Tensor, tangent: Tensor, l2: float) -> Tensor:
+    r"""RCIG's inner (training) loss: the self-fit of the closed-form KRR last layer on S, with weight decay.
+
+    With :math:`K = \Phi_S \Phi_S^\top` (``features`` ``(n, d)``), outputs :math:`f_S` ``(n, C)``, labels
+    :math:`Y_S` and :math:`w = (K + l_2 I)^{-1}(Y_S - f_S)`:
+
+    .. math:: L_{in} = \frac{1}{nC}\Big[\tfrac12 \|Y_S - f_S - K w\|^2
+              + \tfrac{l_2}{2}\big(\mathrm{tr}(w^\top K w) + \|\delta\|^2\big)\Big]
+
+    (``get_krr_loss_gd(self_loss=True)`` of yolky/RCIG), :math:`\delta` the ``tangent`` offset. Solved in
+    float64. Cost: :math:`O(n^2 d + n^3)`.
+    """
+    fs = features.double()
+    k = fs @ fs.T
+    n, c = labels.shape
+    residual = labels.double() - outputs.double()
+    w = torch.linalg.solve(k + float(l2) * torch.eye(n, dtype=k.dtype, device=k.device), residual)
+    error = residual - k @ w
+    value = 0.5 * (error * error).sum() + 0.5 * float(l2) * ((w * (k @ w)).sum() + (tangent.double() ** 2).sum())
+    return value / (n * c)
+
+
+class ImplicitBilevelObjective(Objective):
+    r"""RCIG: dataset distillation by implicit gradients of a linearised network with a KRR last layer (Loo et al. ICML'23).
+
+    **Pool.** ``rcig_pool_models`` networks of ``arch`` (drawn from the run's generator). Each image step
+    picks one at random. Its weights :math:`\theta_0` are the base point of the linearisation
+    :math:`f_{lin}(x) = f(x;\theta_0) + J f(x;\theta_0)\,\delta` (:func:`linearised_forward`), features and
+    outputs both linearised. After the step's gradient the chosen model is trained *online on S*: a random
+    number in ``1..rcig_online_max_steps`` of Adam steps (step ``rcig_online_lr``) on
+    :math:`\frac{1}{2nC}\|f(X_S;\theta) - Y_S\|^2`; a model with ``rcig_reset_interval`` online steps is
+    re-initialised.
+
+    **Inner problem.** The tangent offset :math:`\delta` (all parameters but the classifier's weight, whose
+    role is taken by the closed-form last layer) starts at 0 and takes ``rcig_inner_steps`` Adam steps
+    (step ``rcig_inner_lr``) on :func:`rcig_inner_loss` (ridge ``rcig_l2``).
+
+    **Outer loss.** On a class-balanced real batch T: :func:`rcig_krr_loss` of the KRR predictions
+    :func:`krr_head_predictions` (fitted on S's linearised features with the learned labels :math:`Y_S`)
+    with a learned log-temperature :math:`\tau` (init 0, own step ``rcig_lr_temperature``).
+
+    **Gradient** with respect to the images, the learned labels (init centred one-hot, stepped at the
+    image rate ``lr_images``) and :math:`\tau`: the direct gradient at :math:`\delta^*` plus the implicit
+    gradient :func:`implicit_hypergradient` (``rcig_solver`` ``"cg"`` or ``"neumann"``,
+    ``rcig_hinv_steps`` Hessian-vector products in :math:`\delta`), the implicit part clipped per tensor to
+    the direct part's norm (:func:`clip_implicit_gradients`).
 
     **Relation to an IPM**: none: a bilevel performance objective.
-    Cost: feature passes on S and T, the inner solve (on :math:`d \times C` numbers), the
-    inverse-Hessian-vector product and one backward pass through the features of S.
+    Cost per step: ``rcig_inner_steps + rcig_hinv_steps + 3`` linearised passes (forward-mode JVPs) with
+    their backward passes over S, one over T, an :math:`O(|S|^3)` solve per pass, and up to
+    ``rcig_online_max_steps`` training steps of the pool model; memory ``3 * rcig_pool_models`` parameter
+    vectors (weights and Adam moments).
     """
 
     name = "rcig"
     relation_to_ipm = "not an IPM: bilevel objective with a convex inner problem, implicit gradient"
-    default_sampler = "fresh"
+    default_sampler = "none"
 
     @dataclass(frozen=True)
     class Options:
         rcig_solver: str = option("cg", "RCIG: conjugate gradients for the inverse-Hessian-vector product")
-        rcig_l2: float = option(1e-3, "ridge of the inner problem (library choice; digits budgets tune it)")
-        rcig_inner_steps: int = option(100, "L-BFGS iterations of the inner solve")
-        rcig_hinv_steps: int = option(20, "RCIG: 20 Hessian-vector products")
+        rcig_l2: float = option(1e-3, "ridge of the KRR last layer and the tangent (the rcig row sets RCIG's 5e-4)")
+        rcig_inner_steps: int = option(100, "inner Adam steps on the tangent (the rcig row sets RCIG's 20)")
+        rcig_hinv_steps: int = option(20, "RCIG: n_hinv_steps 20 Hessian-vector products")
+        rcig_pool_models: int = option(30, "RCIG configs_final/depth_3.txt: pool_model_count 30")
+        rcig_online_max_steps: int = option(15, "RCIG: randint(1, n_max_steps_pool=16) online steps per visit")
+        rcig_online_lr: float = option(5e-5, "RCIG configs_final/depth_3.txt: pool_learning_rate 5e-5 (Adam)")
+        rcig_reset_interval: int = option(100, "RCIG configs_final/depth_3.txt: max_online_steps 100")
+        rcig_inner_lr: float = option(1e-4, "RCIG algorithms.py: inner Adam(1e-4) on the tangent")
+        rcig_lr_temperature: float = option(0.03, "RCIG algorithms.py: log_temp optimiser step 0.03")
+
+    def __init__(self, ctx: ObjectiveContext) -> None:
+        super().__init__(ctx)
+        self.template = build_isolated(ctx.build_network).to(ctx.device).eval()
+        if not hasattr(self.template, "embed") or not isinstance(getattr(self.template, "classifier", None), nn.Linear):
+            raise ValueError(f"objective 'rcig' needs an arch with embed() and a linear classifier, got {ctx.config['arch']!r}")
+        self.wrapper = _FeaturesAndLogits(self.template)
+        self.layout = FlatParameters(self.template)
+        mask = torch.cat([torch.full((numel,), name != "classifier.weight", dtype=torch.bool)
+                          for name, numel in zip(self.layout.names, self.layout.numels)])
+        self.tangent_index = mask.nonzero().squeeze(1).to(ctx.device)
+        self.log_temperature = nn.Parameter(torch.zeros((), dtype=torch.float64, device=ctx.device))
+        count = int(ctx.config["rcig_pool_models"])
+        self.pool_params = torch.stack([self._fresh_parameters() for _ in range(count)])
+        self.pool_exp_avg = torch.zeros_like(self.pool_params)
+        self.pool_exp_avg_sq = torch.zeros_like(self.pool_params)
+        self.pool_steps = torch.zeros(count, dtype=torch.long)
+        #: the pool model the last step used (for tests and logging)
+        self.last_model_index: int | None = None
 
     @classmethod
     def prepare_config(cls, config, dataset):
         check_choice(config["rcig_solver"], ("cg", "neumann"), "rcig_solver")
-        check_options(config, ("rcig_l2",), integers=("rcig_inner_steps", "rcig_hinv_steps"))
+        check_options(config, ("rcig_l2", "rcig_online_lr", "rcig_inner_lr", "rcig_lr_temperature"),
+                      integers=("rcig_inner_steps", "rcig_hinv_steps", "rcig_pool_models", "rcig_online_max_steps",
+                                "rcig_reset_interval"))
         return config
 
-    @staticmethod
-    def _features(net: nn.Module, images: Tensor) -> Tensor:
-        emb = net.embed(images)
-        emb = emb.reshape(emb.shape[0], -1) / math.sqrt(emb[0].numel())
-        return torch.cat([emb, torch.ones_like(emb[:, :1])], dim=1).double()
+    @classmethod
+    def synthetic_extras(cls, images, labels, dataset, config):
+        from ipmcondense.ipm.kernel_regression import centred_one_hot
+
+        return SyntheticExtras(label_values=centred_one_hot(labels, dataset.num_classes),
+                               lr_labels=float(config["lr_images"]))
+
+    def parameter_groups(self):
+        return [{"params": [self.log_temperature], "lr": float(self.config["rcig_lr_temperature"])}]
+
+    # ---------------------------------------------------------------------------- the network
+    def _fresh_parameters(self) -> Tensor:
+        return flatten_parameters(draw_network(self.ctx)).detach()
+
+    def _tangent_vector(self, tangent: Tensor) -> Tensor:
+        full = torch.zeros(self.layout.numel, dtype=tangent.dtype, device=tangent.device)
+        return full.index_add(0, self.tangent_index, tangent)
+
+    def linearised_features_and_outputs(self, base: Tensor, tangent: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        r"""Features and logits of the pool network linearised around ``base`` at the tangent offset ``tangent``
+        (the free coordinates: all but the classifier's weight): value + JVP, differentiable in ``x`` and ``tangent``."""
+        names = ["net." + n for n in self.layout.names]
+
+        def call(flat: Tensor) -> tuple[Tensor, Tensor]:
+            views = self.layout.views(flat)
+            return torch.func.functional_call(self.wrapper, dict(zip(names, views.values())), (x,))
+
+        (feat, out), (d_feat, d_out) = torch.func.jvp(call, (base,), (self._tangent_vector(tangent),))
+        return feat + d_feat, out + d_out
+
+    # ---------------------------------------------------------------------------- one step
+    def _support_labels(self) -> Tensor:
+        return self.ctx.synthetic.label_values
 
     def loss_and_gradients(self, networks, params):
-        if not networks:
-            raise ValueError("objective 'rcig' needs a sampler that draws networks (e.g. 'fresh')")
         ctx, cfg = self.ctx, self.config
-        net = networks[0]
-        real, real_labels = ctx.real_batches.sample(int(cfg["batch_real"]))
-        syn_feats = self._features(net, ctx.synthetic.images())
-        with torch.no_grad():
-            real_feats = self._features(net, real)
-        labels = ctx.synthetic.labels
+        params = list(params)
         l2 = float(cfg["rcig_l2"])
-        w_star = solve_inner_linear(syn_feats, labels, l2, "ce", int(cfg["rcig_inner_steps"]))
-        outer, grads = implicit_hypergradient(
-            lambda w: inner_linear_loss(w, syn_feats, labels, l2, "ce"),
-            lambda w: F.cross_entropy(real_feats @ w, real_labels),
-            w_star, list(params), solver=cfg["rcig_solver"], iterations=int(cfg["rcig_hinv_steps"]),
-        )
-        grads = [None if g is None else g.to(p.dtype) for g, p in zip(grads, params)]
-        return outer.float(), grads
+        index = int(torch.randint(0, self.pool_params.shape[0], (1,), generator=ctx.generator))
+        self.last_model_index = index
+        base = self.pool_params[index]
+        real, real_labels = ctx.real_batches.sample(int(cfg["batch_real"]))
+        images, labels = ctx.synthetic.images(), self._support_labels()
+
+        def inner(tangent: Tensor, x: Tensor, y: Tensor) -> Tensor:
+            feat, out = self.linearised_features_and_outputs(base, tangent, x)
+            return rcig_inner_loss(feat, out, y, tangent, l2)
+
+        # inner problem: Adam on the tangent offset, from 0
+        tangent = torch.zeros(self.tangent_index.numel(), dtype=base.dtype, device=base.device, requires_grad=True)
+        optimiser = torch.optim.Adam([tangent], lr=float(cfg["rcig_inner_lr"]))
+        x_fixed, y_fixed = images.detach(), labels.detach()
+        with torch.enable_grad():
+            for _ in range(int(cfg["rcig_inner_steps"])):
+                optimiser.zero_grad()
+                inner(tangent, x_fixed, y_fixed).backward()
+                optimiser.step()
+        solution = tangent.detach()
+
+        with torch.no_grad():
+            feat_t, out_t = self.linearised_features_and_outputs(base, solution, real)
+
+        def outer(tangent: Tensor) -> Tensor:
+            feat_s, out_s = self.linearised_features_and_outputs(base, tangent, images)
+            predictions = krr_head_predictions(feat_s, out_s, labels, feat_t, out_t, l2)
+            return rcig_krr_loss(predictions, real_labels, self.log_temperature)
+
+        # the target side depends on the tangent too: the outer loss's gradient in delta includes it
+        def outer_in_tangent(tangent: Tensor) -> Tensor:
+            feat_s, out_s = self.linearised_features_and_outputs(base, tangent, images.detach())
+            feat_tt, out_tt = self.linearised_features_and_outputs(base, tangent, real)
+            predictions = krr_head_predictions(feat_s, out_s, labels.detach(), feat_tt, out_tt, l2)
+            return rcig_krr_loss(predictions, real_labels, self.log_temperature.detach())
+
+        with torch.enable_grad():
+            value = outer(solution)
+            direct = list(torch.autograd.grad(value, params, allow_unused=True, retain_graph=True))
+            alpha = None
+            if cfg["rcig_solver"] == "neumann":  # the inner loss need not be convex in the tangent: step 1/|lambda|max
+                alpha = 1.0 / max(abs(self._largest_eigenvalue(lambda t: inner(t, x_fixed, y_fixed), solution)), 1e-12)
+            _, implicit = implicit_hypergradient(
+                lambda t: inner(t, images, labels), outer_in_tangent, solution, params,
+                solver=cfg["rcig_solver"], iterations=int(cfg["rcig_hinv_steps"]), alpha=alpha,
+            )
+        implicit = clip_implicit_gradients(implicit, direct)
+        grads = []
+        for p, g_dir, g_imp in zip(params, direct, implicit):
+            if g_dir is None and g_imp is None:
+                grads.append(None)
+            else:
+                total = (torch.zeros_like(p, dtype=torch.float64) if g_dir is None else g_dir.double()) + (
+                    0.0 if g_imp is None else g_imp.double())
+                grads.append(total.to(p.dtype))
+        self.train_pool_model(index, images.detach(), labels.detach())
+        return value.detach().float(), grads
+
+    @staticmethod
+    def _largest_eigenvalue(loss, at: Tensor, iterations: int = 20) -> float:
+        """Power iteration (fixed start) on the Hessian of ``loss`` at ``at``: the eigenvalue of largest modulus."""
+        point = at.detach().requires_grad_(True)
+        (gradient,) = torch.autograd.grad(loss(point), point, create_graph=True)
+        v = torch.ones_like(point) / math.sqrt(point.numel())
+        value = 0.0
+        for _ in range(iterations):
+            (hv,) = torch.autograd.grad(gradient, point, grad_outputs=v, retain_graph=True)
+            value = float((v * hv).sum())
+            norm = float(hv.norm())
+            if not math.isfinite(norm) or norm == 0.0:
+                break
+            v = hv / norm
+        return value
+
+    def train_pool_model(self, index: int, images: Tensor, labels: Tensor) -> int:
+        r"""RCIG's online training of pool model ``index`` on S: ``k ~ U{1..rcig_online_max_steps}`` Adam steps
+        (step ``rcig_online_lr``, betas (0.9, 0.999), eps 1e-8, the model's own moments) on
+        :math:`\frac{1}{2nC}\|f(X_S) - Y_S\|^2`; re-initialised once it has taken ``rcig_reset_interval``
+        online steps. Returns ``k``."""
+        cfg = self.config
+        steps = int(torch.randint(1, int(cfg["rcig_online_max_steps"]) + 1, (1,), generator=self.ctx.generator))
+        lr, beta1, beta2, eps = float(cfg["rcig_online_lr"]), 0.9, 0.999, 1e-8
+        theta = self.pool_params[index].clone()
+        m, v = self.pool_exp_avg[index].clone(), self.pool_exp_avg_sq[index].clone()
+        t = int(self.pool_steps[index])
+        n, c = labels.shape
+        for _ in range(steps):
+            with torch.enable_grad():
+                p = theta.detach().requires_grad_(True)
+                out = functional_forward(self.template, p, images)
+                loss = 0.5 * ((out - labels) ** 2).sum() / (n * c)
+                (g,) = torch.autograd.grad(loss, p)
+            t += 1
+            m = beta1 * m + (1 - beta1) * g
+            v = beta2 * v + (1 - beta2) * g * g
+            m_hat, v_hat = m / (1 - beta1 ** t), v / (1 - beta2 ** t)
+            theta = theta - lr * m_hat / (v_hat.sqrt() + eps)
+        if t >= int(cfg["rcig_reset_interval"]):
+            theta, m, v, t = self._fresh_parameters(), torch.zeros_like(m), torch.zeros_like(v), 0
+        self.pool_params[index], self.pool_exp_avg[index], self.pool_exp_avg_sq[index] = theta, m, v
+        self.pool_steps[index] = t
+        return steps
+
+    def check_after_step(self, iteration):
+        if not bool(torch.isfinite(self.log_temperature.detach())):
+            raise FloatingPointError(f"the learned temperature of 'rcig' became non-finite at iteration {iteration}")
+
+    def state_dict(self):
+        return {"log_temperature": self.log_temperature.detach().cpu().clone(),
+                "pool_params": self.pool_params.cpu().clone(), "pool_exp_avg": self.pool_exp_avg.cpu().clone(),
+                "pool_exp_avg_sq": self.pool_exp_avg_sq.cpu().clone(), "pool_steps": self.pool_steps.clone()}
+
+    def load_state_dict(self, state):
+        with torch.no_grad():
+            self.log_temperature.copy_(state["log_temperature"])
+        device = self.ctx.device
+        self.pool_params = state["pool_params"].to(device).clone()
+        self.pool_exp_avg = state["pool_exp_avg"].to(device).clone()
+        self.pool_exp_avg_sq = state["pool_exp_avg_sq"].to(device).clone()
+        self.pool_steps = state["pool_steps"].clone()

@@ -325,18 +325,8 @@ class MultiFormationSet(SyntheticSet):
         ``images``: ``(num_classes * ipc * factor**2, C, H, W)`` class-blocked; decoding the result gives
         back (a blurred copy of) ``images`` in the same order. Noise initial images are tiled the same way.
         """
-        factor = _check_factor(options.factor, tuple(images.shape))
-        f2 = factor * factor
-        n = images.shape[0]
-        if n % (num_classes * f2):
-            raise ValueError(
-                f"multiformation with factor {factor} starts from factor**2 = {f2} initial images per stored "
-                f"image: {n} images for {num_classes} classes is not a multiple of {num_classes * f2}"
-            )
-        expected = torch.arange(num_classes).repeat_interleave(n // num_classes)
-        if labels.shape != (n,) or not torch.equal(labels.cpu().to(torch.int64), expected):
-            raise ValueError(f"labels must be {n // num_classes} class-blocked labels per class, in order 0..C-1")
-        ipc = n // (num_classes * f2)
+        factor, _, ipc = _check_tiled_start("multiformation", "stored image", options.factor, images, labels,
+                                             num_classes)
         _, ch, h, w = images.shape
         sh, sw = h // factor, w // factor
         small = F.interpolate(images.detach().float(), size=(sh, sw), mode="nearest")
@@ -443,18 +433,8 @@ class ChannelwiseSet(SyntheticSet):
         ``images``: ``(num_classes * ipc * factor**2, C, H, W)`` class-blocked (a factor must divide H and W);
         decoding the result gives back (a blurred copy of) ``images`` in the same order.
         """
-        factor = _check_factor(options.factor, tuple(images.shape))
-        f2 = factor * factor
-        n = images.shape[0]
-        if n % (num_classes * f2):
-            raise ValueError(
-                f"channelwise with factor {factor} starts from factor**2 = {f2} initial images per stored tensor: "
-                f"{n} images for {num_classes} classes is not a multiple of {num_classes * f2}"
-            )
-        expected = torch.arange(num_classes).repeat_interleave(n // num_classes)
-        if labels.shape != (n,) or not torch.equal(labels.cpu().to(torch.int64), expected):
-            raise ValueError(f"labels must be {n // num_classes} class-blocked labels per class, in order 0..C-1")
-        ipc = n // (num_classes * f2)
+        factor, f2, ipc = _check_tiled_start("channelwise", "stored tensor", options.factor, images, labels,
+                                             num_classes)
         _, ch, h, w = images.shape
         small = F.interpolate(images.detach().float(), size=(h // factor, w // factor), mode="nearest")
         # (C, f2, ipc, ch, h', w') -> (C, ipc, f2 * ch, h', w'): group g of stored tensor r
@@ -490,6 +470,24 @@ def _check_channelwise_stored(stored: Tensor, factor: Any, image_channels: Any) 
             f"group), got {stored.shape[1]}: the stored set does not fit data with {image_channels} channel(s)"
         )
     return factor
+
+
+def _check_tiled_start(name: str, unit: str, factor: Any, images: Tensor, labels: Tensor,
+                       num_classes: int) -> tuple[int, int, int]:
+    """``(factor, factor**2, ipc)`` for a decoder that stores ``factor**2`` class-blocked initial images per
+    ``unit``; errors name the set ``name`` and what does not divide or is out of order."""
+    factor = _check_factor(factor, tuple(images.shape))
+    f2 = factor * factor
+    n = images.shape[0]
+    if n % (num_classes * f2):
+        raise ValueError(
+            f"{name} with factor {factor} starts from factor**2 = {f2} initial images per {unit}: "
+            f"{n} images for {num_classes} classes is not a multiple of {num_classes * f2}"
+        )
+    expected = torch.arange(num_classes).repeat_interleave(n // num_classes)
+    if labels.shape != (n,) or not torch.equal(labels.cpu().to(torch.int64), expected):
+        raise ValueError(f"labels must be {n // num_classes} class-blocked labels per class, in order 0..C-1")
+    return factor, f2, n // (num_classes * f2)
 
 
 def _check_factor(factor: Any, shape: tuple[int, ...] | None = None) -> int:

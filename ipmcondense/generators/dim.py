@@ -41,8 +41,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ipmcondense._version import __version__
-from ipmcondense.files import atomic_torch_save
 from ipmcondense.ipm._validation import check_positive_int, check_positive_number
 from ipmcondense.nets import NETWORK_NAMES, build_isolated, draw_seed, get_network
 
@@ -53,6 +51,7 @@ from .runs import (
     GeneratorRun,
     _check_out,
     _finish,
+    _save_checkpoint,
 )
 
 __all__ = ["distill_into_generator", "logit_matching_loss"]
@@ -209,12 +208,7 @@ def distill_into_generator(
             bar.update(1)
             bar.set_postfix(match=f"{sums[2] / steps:.4g}")
             if out_path is not None:
-                atomic_torch_save({
-                    "format": _CHECKPOINT_FORMAT, "version": __version__, "epoch": epoch, "settings": settings,
-                    "generator": generator.state_dict(), "discriminator": critic.state_dict(),
-                    "optimizer_g": opt_g.state_dict(), "optimizer_d": opt_d.state_dict(), "rng": rng.get_state(),
-                    "history": history,
-                }, out_path / GENERATOR_CHECKPOINT_FILE)
+                _save_checkpoint(out_path, epoch, settings, generator, critic, opt_g, opt_d, rng, history)
     finally:
         bar.close()
     generator.eval()

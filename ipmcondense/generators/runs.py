@@ -247,12 +247,7 @@ def train_generator(
             bar.update(1)
             bar.set_postfix(loss_d=f"{sum_d / steps:.3f}", loss_g=f"{sum_g / steps:.3f}")
             if out_path is not None:
-                atomic_torch_save({
-                    "format": _CHECKPOINT_FORMAT, "version": __version__, "epoch": epoch, "settings": settings,
-                    "generator": generator.state_dict(), "discriminator": critic.state_dict(),
-                    "optimizer_g": opt_g.state_dict(), "optimizer_d": opt_d.state_dict(), "rng": rng.get_state(),
-                    "history": history,
-                }, out_path / GENERATOR_CHECKPOINT_FILE)
+                _save_checkpoint(out_path, epoch, settings, generator, critic, opt_g, opt_d, rng, history)
     finally:
         bar.close()
 
@@ -260,6 +255,17 @@ def train_generator(
     generator.requires_grad_(False)
     metrics = _finish(generator, dataset, history, settings, epochs, out_path, samples_per_class, dev)
     return GeneratorRun(generator, metrics, out_path)
+
+
+def _save_checkpoint(out_path: Path, epoch: int, settings: dict, generator, critic, opt_g, opt_d, rng, history) -> None:
+    """The resumable state of a GAN run (both networks, both optimisers, the generator of the draws, the
+    history) written atomically to ``out_path / GENERATOR_CHECKPOINT_FILE`` (GAN training and DiM share it)."""
+    atomic_torch_save({
+        "format": _CHECKPOINT_FORMAT, "version": __version__, "epoch": epoch, "settings": settings,
+        "generator": generator.state_dict(), "discriminator": critic.state_dict(),
+        "optimizer_g": opt_g.state_dict(), "optimizer_d": opt_d.state_dict(), "rng": rng.get_state(),
+        "history": history,
+    }, out_path / GENERATOR_CHECKPOINT_FILE)
 
 
 def _finish(generator, dataset, history, settings, epochs, out_path, samples_per_class, dev) -> dict[str, Any]:

@@ -36,6 +36,16 @@ TINY = {"iterations": 2, "seed": 0, "progress": False}
 DC = {"iterations": 1, "seed": 0, "progress": False, "outer_loop": 2, "inner_loop": 1}  # two image steps on one
 # network, trained on all of S between them (the exchange of S before the inner loop is exercised)
 KILLED = {"iterations": 2, "checkpoint_every": 1, "seed": 3}
+#: IDM: the pool (3 networks, 2 training steps of 4 images per class each) is trained on all classes, split
+IDM = {"iterations": 3, "seed": 5, "progress": False, "batch_real": 8, "train_steps": 2, "batch_pool": 4,
+       "pool_size": 3}
+#: MTT: 3 student steps on mini-batches of 6 of the 20 images (a batch can miss a rank's classes), memory-lean
+MTT = {"iterations": 2, "seed": 5, "progress": False, "arch": "convnet-w32", "max_start_epoch": 1,
+       "expert_epochs": 1, "syn_steps": 3, "lr_images": 1.0, "batch_syn": 6}
+#: the MTT engine run agrees with one process to this fraction of the images' largest magnitude: the split sum
+#: changes the float32 gradient by ~5e-6 of its size (measured), less than float32's own error of the MTT
+#: gradient against float64 (up to 8e-5: the loss divides nearly cancelling parameter differences)
+MTT_RELATIVE_TOLERANCE = 1e-4
 
 
 def _points(seed: int, n: int, shift: float) -> torch.Tensor:
@@ -73,6 +83,42 @@ def _evaluate(spread: bool):
     return evaluate_synthetic(images, labels, ds, protocol, n_models=3, seed=5, spread_over_ranks=spread).accuracies
 
 
+def _unroll_problem():
+    """A float64 student (convnet-w32, 4 classes of 3 images) and a target for MTT's loss."""
+    from ipmcondense.augment import DifferentiableSiameseAugmentation
+    from ipmcondense.nets import build_isolated, get_network
+
+    net = build_isolated(lambda: get_network("convnet-w32", 1, 4, (8, 8)), 0).double()
+    theta0 = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+    g = torch.Generator().manual_seed(1)
+    target = theta0 + 0.01 * torch.randn(theta0.shape, dtype=torch.float64, generator=g)
+    images = torch.randn(12, 1, 8, 8, dtype=torch.float64, generator=g)
+    return net, theta0, target, images, torch.arange(4).repeat_interleave(3), DifferentiableSiameseAugmentation()
+
+
+UNROLLS = [(lean, batch) for lean in (False, True) for batch in (None, 5)]
+
+
+def _unroll_gradients(owned, lean: bool, batch):
+    """MTT's loss and its gradients in the images and the step size: the full unroll or the memory-lean pass."""
+    from ipmcondense.autodiff import unrolled_sgd
+    from ipmcondense.condensation.objectives.trajectory import (
+        trajectory_matching_loss,
+        trajectory_matching_loss_and_grads,
+    )
+
+    net, theta0, target, images, labels, augment = _unroll_problem()
+    lr, generator = torch.tensor(0.05, dtype=torch.float64), torch.Generator().manual_seed(3)
+    if lean:
+        result = trajectory_matching_loss_and_grads(net, theta0, target, images, labels, lr, 4, batch, augment,
+                                                    generator, owned=owned)
+        return result.loss, result.images_grad, result.lrs_grad
+    images, lr = images.requires_grad_(True), lr.requires_grad_(True)
+    end = unrolled_sgd(net, theta0, images, labels, lr, 4, batch, augment, generator, owned=owned)
+    loss = trajectory_matching_loss(end, theta0, target)
+    return (loss.detach(), *torch.autograd.grad(loss, [images, lr]))
+
+
 def _worker(rank: int, world: int, init: str, folder: str) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
@@ -98,7 +144,13 @@ def _worker(rank: int, world: int, init: str, folder: str) -> None:
         "evaluation": _evaluate(spread=True),
         "dm": condense("dm", "digits", ipc=2, **TINY).images,
         "dc": condense("dc", "digits", ipc=1, **DC).images,
+        "idm": condense("idm", "digits", ipc=2, **IDM).images,
+        "mtt": condense("mtt", "digits", ipc=2, experts=str(Path(folder) / "experts"), memory_lean=True, **MTT),
     }
+    out["mtt"] = (out["mtt"].images, out["mtt"].learning_rate, out["mtt"].metrics["loss_history"])
+    labels = _unroll_problem()[4]
+    owned = (labels >= 2 * rank) & (labels < 2 * rank + 2)  # rank r owns classes 2r and 2r + 1
+    out["unroll"] = {case: _unroll_gradients(owned, *case) for case in UNROLLS}
     from ipmcondense.cli import main
 
     printed = io.StringIO()
@@ -123,6 +175,11 @@ def two_ranks(tmp_path_factory):
     folder = tmp_path_factory.mktemp("two_ranks")
     torch.save(X_ALL, folder / "x.pt")
     torch.save(Y_ALL, folder / "y.pt")
+    from ipmcondense.data import load_dataset
+    from ipmcondense.trajectories import train_experts
+
+    torch.set_num_threads(1)
+    train_experts(load_dataset("digits"), 1, 1, folder / "experts", arch="convnet-w32", progress=False, seed=0)
     with pytest.raises(Exception) as failure:  # the last scenario kills rank 1
         torch.multiprocessing.spawn(_worker, args=(WORLD, f"file://{folder}/rendezvous", str(folder)),
                                     nprocs=WORLD, join=True)
@@ -201,6 +258,56 @@ def test_class_parallel_condensation_equals_one_process_bit_for_bit(two_ranks, m
 
 
 @pytest.mark.slow
+def test_class_parallel_idm_keeps_one_pool_and_equals_one_process(two_ranks):
+    """IDM's pool (seeded alike, trained on every class's rows with the gradients summed over the ranks, its
+    accuracy meters counting every rank's hits) stays that of one process: same set up to float32 rounding."""
+    from ipmcondense.condensation.api import condense
+
+    torch.set_num_threads(1)
+    _, ranks = two_ranks
+    single = condense("idm", "digits", ipc=2, **IDM).images
+    assert torch.equal(ranks[0]["idm"], ranks[1]["idm"])
+    assert (ranks[0]["idm"] - single).abs().max() <= 1e-6 * single.abs().max()
+    start = condense("idm", "digits", ipc=2, **{**IDM, "iterations": 0}).images
+    assert (single - start).abs().max() > 1e-2  # the three image steps moved the set (the test can fail)
+
+
+def test_class_parallel_mtt_unroll_equals_one_process_in_float64(two_ranks):
+    """The student's steps sum the ranks' own-row gradients and the reverse pass their Hessian-vector products:
+    in float64 the loss, the step size's gradient and the images' gradient (each rank's own rows, zero
+    elsewhere) equal the one-process unroll, full-batch and mini-batch, full graph and memory-lean."""
+    _, ranks = two_ranks
+    torch.set_num_threads(1)
+    labels = _unroll_problem()[4]
+    for case in UNROLLS:
+        loss, images_grad, lr_grad = _unroll_gradients(None, *case)
+        assert float(images_grad.abs().max()) > 1e-4, case
+        for rank, result in enumerate(ranks):
+            assert float(result["unroll"][case][0]) == pytest.approx(float(loss), abs=1e-12), case
+            assert torch.allclose(result["unroll"][case][2], lr_grad, rtol=0, atol=1e-12), case
+            others = (labels < 2 * rank) | (labels >= 2 * rank + 2)
+            assert torch.equal(result["unroll"][case][1][others], torch.zeros_like(images_grad[others])), case
+        summed = ranks[0]["unroll"][case][1] + ranks[1]["unroll"][case][1]
+        assert torch.allclose(summed, images_grad, rtol=0, atol=1e-14), case
+
+
+@pytest.mark.slow
+def test_class_parallel_mtt_equals_one_process_within_the_stated_tolerance(two_ranks):
+    from ipmcondense.condensation.api import condense
+
+    torch.set_num_threads(1)
+    folder, ranks = two_ranks
+    single = condense("mtt", "digits", ipc=2, experts=str(folder / "experts"), memory_lean=True, **MTT)
+    images, learning_rate, losses = ranks[0]["mtt"]
+    assert torch.equal(images, ranks[1]["mtt"][0]) and learning_rate == ranks[1]["mtt"][1]
+    assert (images - single.images).abs().max() <= MTT_RELATIVE_TOLERANCE * single.images.abs().max()
+    assert learning_rate == pytest.approx(single.learning_rate, rel=1e-5)
+    assert losses == pytest.approx(single.metrics["loss_history"], rel=1e-4)  # the replicated loss, not a sum of W copies
+    start = condense("mtt", "digits", ipc=2, experts=str(folder / "experts"), **{**MTT, "iterations": 0}).images
+    assert (single.images - start).abs().max() > 100 * MTT_RELATIVE_TOLERANCE * single.images.abs().max()
+
+
+@pytest.mark.slow
 def test_resume_after_a_rank_was_killed_with_torchrun(two_ranks):
     """The checkpoint of iteration 1 (rank 0 wrote it, merged) is continued by ``torchrun`` to the single-process result."""
     from ipmcondense.condensation.api import condense
@@ -243,11 +350,16 @@ def test_class_blocks_and_unsupported_recipes():
     from ipmcondense.nets import get_network
 
     net = get_network("convnet", 1, 10, (8, 8))
-    for name in ("mtt", "idm", "dcc", "cafe", "kip"):
+    for name in ("idc", "haba", "dcc", "cafe", "kip", "dd", "rcig"):
         with pytest.raises(ValueError, match=f"recipe '{name}' cannot run class-parallel"):
             check_class_parallel(RECIPES[name], {"arch": "convnet"}, net, 2, 10)
-    for name in ("dm", "m3d", "dc", "dsa", "datadam", "wasserstein"):
+    for name in ("dm", "m3d", "dc", "dsa", "datadam", "wasserstein", "mtt"):
         check_class_parallel(RECIPES[name], {"arch": "convnet"}, net, 2, 10)
+    check_class_parallel(RECIPES["idm"], {"arch": "convnet", "pool_augment": False}, net, 2, 10)
+    with pytest.raises(ValueError, match="pool_augment=true"):
+        check_class_parallel(RECIPES["idm"], {"arch": "convnet", "pool_augment": True}, net, 2, 10)
+    with pytest.raises(ValueError, match="soft_labels"):
+        check_class_parallel(RECIPES["mtt"], {"arch": "convnet", "soft_labels": True}, net, 2, 10)
     bn = get_network("convnet-bn", 1, 10, (8, 8))
     with pytest.raises(ValueError, match="batch normalisation"):
         check_class_parallel(RECIPES["dm"], {"arch": "convnet-bn"}, bn, 2, 10)

@@ -210,6 +210,7 @@ class CondensationEngine:
             augmentation=self.augmentation,
             synthetic=lambda: (self.synthetic.images().detach(), self.synthetic.labels),
             parameter_gradients=bool(self.feature_map is not None and self.feature_map.needs_parameter_gradients),
+            class_shard=shard,
         )
         groups = [{"params": synthetic.image_parameters(), "lr": float(config["lr_images"])}]
         groups += synthetic.extra_parameter_groups()
@@ -231,9 +232,12 @@ class CondensationEngine:
             total = total.detach() + decoder_loss.detach()
         grads_finite = all(g is None or bool(torch.isfinite(g).all()) for g in grads)
         if self.shard is not None:  # the loss of all classes; every rank sees a non-finite value anywhere
+            replicated = self.objective.loss_replicated_over_ranks  # every rank holds the whole loss (MTT)
+            partial = torch.zeros((), dtype=torch.float64) if replicated else total.detach().double().cpu()
             reduced = distributed.all_reduce_float64(
-                torch.stack([total.detach().double().cpu(), torch.tensor(0.0 if grads_finite else 1.0, dtype=torch.float64)]))
-            total, grads_finite = reduced[0], bool(reduced[1] == 0)
+                torch.stack([partial, torch.tensor(0.0 if grads_finite else 1.0, dtype=torch.float64)]))
+            total = total.detach() if replicated else reduced[0]
+            grads_finite = bool(reduced[1] == 0)
         if not bool(torch.isfinite(total.detach())):
             raise FloatingPointError(
                 f"the {self.recipe.name} loss became {float(total)} at iteration {self.iteration}; "

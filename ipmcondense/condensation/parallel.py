@@ -26,22 +26,38 @@ Supported rows and what they synchronise (everything else raises a ``ValueError`
 ``wasserstein``, ``datadam``   checkpoints / evaluations / the end
 ``dc``, ``dsa``                S (all classes) before each inner-loop network update: the network is trained
                                on every class, replicated on every rank
+``idm``                        the pool is replicated (same seeds and picks); a pool network's training step
+                               back-propagates the own classes' rows of the class-balanced batch (their part
+                               of the batch mean) and sums the parameter gradients over the ranks
+                               (:meth:`ClassShard.train_replicated`); the accuracy meters' counts are summed;
+                               the ``synthetic_ce`` term is a sum over classes (each rank adds its own)
+``mtt``                        the student is replicated: every step sums the ranks' gradients of their own
+                               rows and the reverse pass sums their Hessian-vector products
+                               (:func:`ipmcondense.autodiff.sgd_step` with ``owned``); the loss is the same
+                               on every rank (not summed)
 =============================  ===============================================================================
 
-Not supported, with the reason: ``dcc`` (one joint discrepancy over all classes), ``cafe`` (its discriminative
-extra term sees every class), ``lcmat`` (the network perturbation uses every class), ``idm`` (the model queue is
-trained on real batches of every class, and its cross-entropy term sees all of S), ``idc`` (the same queue and a
-multi-formation S), ``mtt`` (the student network is trained on all of S in every step), ``kip``/``rfad`` (one
-kernel ridge regression over all of S), ``dd``/``rcig`` (bilevel over all of S), the ``sliced`` discrepancy
-(it draws projections per class from the generator) and the ``dream`` real batches. Networks with batch
-normalisation are refused too (their features would depend on which classes share the batch).
+DM, DC: bit for bit. IDM and MTT: a sum over ranks replaces a sum inside one batch, so the sets agree up to
+float32 rounding (IDM: 1e-6 of the largest pixel after 3 iterations; MTT: exact in float64, 1e-4 of the
+largest pixel in float32, below float32's own error of the MTT gradient).
+
+Not supported, with the reason (:data:`UNSUPPORTED_REASONS`): ``dcc`` (one joint discrepancy over all
+classes), ``cafe`` (its discriminative extra term sees every class), ``lcmat`` (the network perturbation uses
+every class), ``idc`` (its pool is trained with per-sample augmentations of every class and S is
+multi-formation; any pool with ``pool_augment=true``), ``haba``, MTT with ``soft_labels`` (the label rows are
+not exchanged), ``kip``/``rfad`` (one kernel ridge regression over all of S), ``dd``/``esp``/``rcig`` (bilevel
+over all of S), the ``sliced`` discrepancy (it draws projections per class from the generator) and the
+``dream`` real batches. Networks with batch normalisation are refused too (their features would depend on
+which classes share the batch).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ipmcondense import distributed
@@ -56,15 +72,19 @@ UNSUPPORTED_REASONS = {
     "dcc": "its discrepancy is one joint term over all classes (gradient_cosine_joint)",
     "cafe": "its prototype_discrimination extra term sees every class",
     "lcmat": "its network perturbation is computed from every class",
-    "idm": "its model queue is trained on real batches of every class and its synthetic_ce term sees all of S",
-    "idc": "its model queue is trained on real batches of every class and S is multi-formation",
-    "mtt": "its student network is trained on all of S in every step",
+    "idc": "its pool networks are trained with per-sample augmentations of every class and S is multi-formation",
+    "haba": "its hallucinators and extractor are shared by every class",
     "kip": "its kernel ridge regression couples all of S",
     "rfad": "its kernel ridge regression couples all of S",
     "dd": "its unrolled inner training uses all of S",
+    "esp": "its unrolled inner training uses all of S",
     "rcig": "its implicit inner problem uses all of S",
 }
-_SUPPORTED_SAMPLERS = ("fresh", "fresh_inner")
+_SUPPORTED_SAMPLERS = ("fresh", "fresh_inner", "pool")
+#: extra terms that are sums over the classes' segments of S (each rank adds its own classes' segments)
+_CLASS_SEPARABLE_TERMS = ("synthetic_ce",)
+#: objectives (besides matching) with a class-parallel form: MTT's student sums the ranks' gradients
+_CLASS_PARALLEL_OBJECTIVES = ("mtt",)
 _GENERATOR_DISCREPANCIES = ("sliced",)
 
 
@@ -74,13 +94,24 @@ def check_class_parallel(recipe: Recipe, config: dict[str, Any], network: nn.Mod
     if recipe.is_selection:
         return
     base = recipe.name.split("+", 1)[0]
-    problem = None
-    if not isinstance(recipe, MatchingRecipe):
-        problem = UNSUPPORTED_REASONS.get(base, f"objective {getattr(recipe, 'objective', '?')!r} couples all classes")
-    elif recipe.extra_terms:
-        problem = UNSUPPORTED_REASONS.get(base, f"its extra terms {list(recipe.extra_terms)} see every class")
+    problem = UNSUPPORTED_REASONS.get(base)
+    if problem is not None:
+        pass
+    elif not isinstance(recipe, MatchingRecipe):
+        objective = getattr(recipe, "objective", "?")
+        if objective not in _CLASS_PARALLEL_OBJECTIVES:
+            problem = f"objective {objective!r} couples all classes"
+        elif recipe.synthetic != "pixels":
+            problem = f"synthetic {recipe.synthetic!r} is not class-blocked pixels"
+        elif config.get("soft_labels"):
+            problem = "its learned soft labels (soft_labels=true) are not exchanged between the ranks"
+    elif any(term not in _CLASS_SEPARABLE_TERMS for term in recipe.extra_terms):
+        problem = f"its extra terms {list(recipe.extra_terms)} see every class"
     elif recipe.sampler not in _SUPPORTED_SAMPLERS:
-        problem = UNSUPPORTED_REASONS.get(base, f"sampler {recipe.sampler!r} trains networks on every class")
+        problem = f"sampler {recipe.sampler!r} trains networks on every class"
+    elif recipe.sampler == "pool" and config.get("pool_augment", True):
+        problem = ("pool_augment=true draws per-sample augmentations of every class's training images "
+                   "(set pool_augment false, as the idm row does)")
     elif recipe.discrepancy == "gradient_cosine_joint":
         problem = UNSUPPORTED_REASONS["dcc"]
     elif recipe.discrepancy in _GENERATOR_DISCREPANCIES:
@@ -91,7 +122,7 @@ def check_class_parallel(recipe: Recipe, config: dict[str, Any], network: nn.Mod
         problem = f"real_batches {recipe.real_batches!r} is not supported (only 'random')"
     elif float(config.get("lcmat_weight") or 0.0) > 0:
         problem = UNSUPPORTED_REASONS["lcmat"]
-    elif any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in network.modules()):
+    if problem is None and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in network.modules()):
         problem = f"arch {config.get('arch')!r} has batch normalisation (features would depend on the batch's classes)"
     if problem is not None:
         raise ValueError(
@@ -156,6 +187,38 @@ class ClassShard:
             state["state"][index] = entry
         return state
 
+    def train_replicated(self, network: nn.Module, optimizer: torch.optim.Optimizer,
+                         batches: Iterable[tuple[Tensor, Tensor]], global_batch_size: int,
+                         meter: Any = None) -> None:
+        r"""Train a network replicated on every rank on real batches split over the ranks by class.
+
+        Each ``(images, labels)`` batch holds this rank's classes only (the rows of one class-balanced batch of
+        ``global_batch_size`` images in all); the step minimises the batch's mean cross-entropy
+        :math:`\frac{1}{|B|}\sum_{i \in B} \ell_i = \sum_r \frac{1}{|B|}\sum_{i \in B_r} \ell_i`: each rank
+        back-propagates its own part, the parameter gradients are summed over the ranks (one all-reduce of the
+        flattened gradient per step) and every rank takes the same optimiser step, so the replicas stay equal.
+        ``meter`` (an :class:`~ipmcondense.condensation.samplers.AccuracyMeter`) counts every rank's hits: the
+        counts of the batches are summed over the ranks at the end (one all-reduce). Equal to the one-process
+        training up to the rounding of the split sum. Cost per step: the forward/backward of the own rows and
+        an all-reduce of the parameter count.
+        """
+        from ipmcondense.training import train_on_batches
+
+        before = (meter.correct, meter.seen) if meter is not None else (0, 0)
+
+        def own_part_of_mean_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+            if meter is not None:
+                meter.add(logits, labels)
+            return F.cross_entropy(logits, labels, reduction="sum") / global_batch_size
+
+        network.requires_grad_(True)
+        network.train()
+        train_on_batches(network, _RankSummedSteps(optimizer), batches, loss_fn=own_part_of_mean_cross_entropy)
+        if meter is not None:
+            counts = torch.tensor([meter.correct - before[0], meter.seen - before[1]], dtype=torch.float64)
+            counts = distributed.all_reduce_float64(counts)
+            meter.correct, meter.seen = before[0] + int(counts[0]), before[1] + int(counts[1])
+
     def keep_own_optimizer_rows(self, optimizer: torch.optim.Optimizer, synthetic: Any) -> None:
         """Zero the other ranks' rows of the images' optimizer buffers (after loading a merged checkpoint), so
         this rank's step leaves those rows where their owner put them."""
@@ -168,6 +231,30 @@ class ClassShard:
                 for value in optimizer.state.get(param, {}).values():
                     if isinstance(value, Tensor) and value.shape == param.shape:
                         value.mul_(mask.to(value.dtype))
+
+
+class _RankSummedSteps:
+    """An optimizer whose ``step`` first sums every parameter's gradient over the ranks (one all-reduce of
+    the flattened gradients; a missing gradient counts as zero)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        flat = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in params])
+        device = distributed.communication_device()
+        sent = flat.to(device)
+        torch.distributed.all_reduce(sent, op=torch.distributed.ReduceOp.SUM)
+        summed = sent.to(flat.device)
+        offset = 0
+        for p in params:
+            p.grad = summed[offset:offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+        self.optimizer.step()
 
 
 class ClassShardRealBatches(RealBatchSelector):
@@ -193,6 +280,10 @@ class ClassShardRealBatches(RealBatchSelector):
         empty = [c for c, n in enumerate(self.counts) if n == 0]
         if empty:
             raise ValueError(f"labels has no example of class(es) {empty}")
+
+    def global_batch_size(self, n_per_class: int) -> int:
+        """The size of the whole class-balanced batch (every class, every rank) of ``n_per_class`` per class."""
+        return sum(min(int(n_per_class), count) for count in self.counts)
 
     def sample(self, n_per_class: int) -> tuple[Tensor, Tensor]:
         n = int(n_per_class)

@@ -42,6 +42,9 @@ IDM = {"iterations": 3, "seed": 5, "progress": False, "batch_real": 8, "train_st
 #: MTT: 3 student steps on mini-batches of 6 of the 20 images (a batch can miss a rank's classes), memory-lean
 MTT = {"iterations": 2, "seed": 5, "progress": False, "arch": "convnet-w32", "max_start_epoch": 1,
        "expert_epochs": 1, "syn_steps": 3, "lr_images": 1.0, "batch_syn": 6}
+#: DC with DREAM's k-means batches: 4 image steps share one k-means query, a checkpoint after it
+DREAM = {"iterations": 2, "seed": 0, "progress": False, "outer_loop": 2, "inner_loop": 1, "batch_real": 4,
+         "dream_interval": 4, "dream_max_iter": 10, "checkpoint_every": 1}
 #: the MTT engine run agrees with one process to this fraction of the images' largest magnitude: the split sum
 #: changes the float32 gradient by ~5e-6 of its size (measured), less than float32's own error of the MTT
 #: gradient against float64 (up to 8e-5: the loss divides nearly cancelling parameter differences)
@@ -147,6 +150,8 @@ def _worker(rank: int, world: int, init: str, folder: str) -> None:
         "idm": condense("idm", "digits", ipc=2, **IDM).images,
         "mtt": condense("mtt", "digits", ipc=2, experts=str(Path(folder) / "experts"), memory_lean=True, **MTT),
     }
+    dream = condense("dc", "digits", ipc=1, real_batches="dream", out=Path(folder) / f"dream-{world}", **DREAM)
+    out["dream"] = dream.images
     out["mtt"] = (out["mtt"].images, out["mtt"].learning_rate, out["mtt"].metrics["loss_history"])
     labels = _unroll_problem()[4]
     owned = (labels >= 2 * rank) & (labels < 2 * rank + 2)  # rank r owns classes 2r and 2r + 1
@@ -308,6 +313,25 @@ def test_class_parallel_mtt_equals_one_process_within_the_stated_tolerance(two_r
 
 
 @pytest.mark.slow
+def test_class_parallel_dream_batches_equal_one_process_and_checkpoint_in_its_format(two_ranks, tmp_path):
+    """DREAM's k-means runs on each class's owner with the seed one process draws for that class: same set bit
+    for bit (DC, class_batching's ~1e-7 aside at IPC 1: none), and the checkpointed picks (exchanged between
+    the ranks) equal the one-process picks."""
+    from ipmcondense.condensation.api import condense
+
+    torch.set_num_threads(1)
+    folder, ranks = two_ranks
+    single = condense("dc", "digits", ipc=1, real_batches="dream", out=tmp_path / "dream", **DREAM)
+    assert torch.equal(ranks[0]["dream"], ranks[1]["dream"])
+    assert torch.equal(ranks[0]["dream"], single.images)
+    mine = torch.load(folder / f"dream-{WORLD}" / "checkpoint.pt", weights_only=False)["real_batches"]["cache"]
+    theirs = torch.load(tmp_path / "dream" / "checkpoint.pt", weights_only=False)["real_batches"]["cache"]
+    assert set(mine) == set(theirs) == {4}
+    assert torch.equal(mine[4]["indices"], theirs[4]["indices"]) and mine[4]["age"] == theirs[4]["age"]
+    assert mine[4]["indices"].numel() == 40
+
+
+@pytest.mark.slow
 def test_resume_after_a_rank_was_killed_with_torchrun(two_ranks):
     """The checkpoint of iteration 1 (rank 0 wrote it, merged) is continued by ``torchrun`` to the single-process result."""
     from ipmcondense.condensation.api import condense
@@ -355,6 +379,11 @@ def test_class_blocks_and_unsupported_recipes():
             check_class_parallel(RECIPES[name], {"arch": "convnet"}, net, 2, 10)
     for name in ("dm", "m3d", "dc", "dsa", "datadam", "wasserstein", "mtt"):
         check_class_parallel(RECIPES[name], {"arch": "convnet"}, net, 2, 10)
+    from ipmcondense.condensation.recipes import compose_recipe
+
+    check_class_parallel(compose_recipe("dc", real_batches="dream"), {"arch": "convnet"}, net, 2, 10)
+    with pytest.raises(ValueError, match="discrepancy 'sliced'"):
+        check_class_parallel(compose_recipe("dm", discrepancy="sliced"), {"arch": "convnet"}, net, 2, 10)
     check_class_parallel(RECIPES["idm"], {"arch": "convnet", "pool_augment": False}, net, 2, 10)
     with pytest.raises(ValueError, match="pool_augment=true"):
         check_class_parallel(RECIPES["idm"], {"arch": "convnet", "pool_augment": True}, net, 2, 10)
@@ -404,3 +433,34 @@ def test_a_class_shard_draws_real_batches_and_augmentations_as_one_process_does(
                                         shard_generator, draw_for=range(5))
         assert torch.equal(b_real, a_real[keep]) and torch.equal(b_syn, a_syn[own_syn])
         assert torch.equal(full_generator.get_state(), shard_generator.get_state())
+
+
+def test_a_class_shard_draws_dream_batches_as_one_process_does():
+    """DREAM's per-class k-means on the owner, the seeds of every class drawn in class order: the own classes'
+    representatives (and the generator) equal one process's; a one-process checkpoint of the picks loads as
+    the own classes' picks."""
+    from ipmcondense.condensation.parallel import ClassShardDreamBatches
+    from ipmcondense.condensation.real_batches import DreamRealBatches
+
+    labels = torch.arange(5).repeat_interleave(torch.tensor([7, 4, 9, 3, 6]))
+    images = torch.randn(labels.numel(), 1, 6, 6, generator=torch.Generator().manual_seed(0))
+    full_generator, shard_generator = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    full = DreamRealBatches(images, labels, 5, full_generator, interval=2, max_iter=10)
+    shard = ClassShardDreamBatches(images, labels, 5, shard_generator, range(1, 4), interval=2, max_iter=10)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36, 3))
+    for sampler in (full, shard):
+        sampler.observe([net])
+    keep = (labels >= 1) & (labels < 4)
+    with pytest.warns(UserWarning, match="class 3 has 3 training images"):
+        for step in range(5):  # fresh k-means at steps 0, 2 and 4 (interval 2)
+            real, real_labels = full.sample(3)
+            own_real, own_labels = shard.sample(3)
+            mine = (real_labels >= 1) & (real_labels < 4)
+            assert torch.equal(own_real, real[mine]) and torch.equal(own_labels, real_labels[mine]), step
+            assert torch.equal(full_generator.get_state(), shard_generator.get_state()), step
+    state = full.state_dict()
+    own_global = state["cache"][3]["indices"][keep[state["cache"][3]["indices"]]]
+    assert torch.equal(shard.state_dict()["cache"][3]["indices"], own_global)  # one process: its own picks
+    restored = ClassShardDreamBatches(images, labels, 5, torch.Generator(), range(1, 4), interval=2, max_iter=10)
+    restored.load_state_dict(state)
+    assert torch.equal(restored.sample(3)[0], shard.sample(3)[0])

@@ -65,7 +65,7 @@ from .matching import (  # noqa: F401  (matching_loss & co. stay importable from
 )
 from .objectives import Objective, ObjectiveContext, get_objective_class
 from .outputs import CHECKPOINT_FILE, CHECKPOINT_FORMAT, atomic_torch_save
-from .parallel import ClassShard, ClassShardRealBatches
+from .parallel import ClassShard, ClassShardDreamBatches, ClassShardRealBatches
 from .real_batches import RealBatchSelector, build_real_batches
 from .recipes import Recipe
 from .samplers import SAMPLERS, ParameterSampler, SamplerContext
@@ -93,9 +93,15 @@ def build_real_batch_selector(recipe: Recipe, config: dict[str, Any], dataset: A
     A row that draws no real batches itself (``real_batches=None``, e.g. MTT) still gets the ``random``
     selector, for samplers that train networks on real data; it draws nothing unless asked. With
     ``classes`` (class-parallel condensation) it keeps the images of those classes only
-    (:class:`~ipmcondense.condensation.parallel.ClassShardRealBatches`).
+    (:class:`~ipmcondense.condensation.parallel.ClassShardRealBatches`,
+    :class:`~ipmcondense.condensation.parallel.ClassShardDreamBatches`).
     """
     name = recipe.real_batches or "random"
+    if classes is not None and name == "dream":
+        return ClassShardDreamBatches(dataset.train_images.to(device), dataset.train_labels.to(device),
+                                      dataset.num_classes, generator, classes,
+                                      interval=int(config.get("dream_interval") or 10),
+                                      max_iter=int(config.get("dream_max_iter") or 100))
     if classes is not None:
         return ClassShardRealBatches(dataset.train_images.to(device), dataset.train_labels.to(device),
                                      dataset.num_classes, generator, classes)

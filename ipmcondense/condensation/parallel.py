@@ -35,9 +35,11 @@ Supported rows and what they synchronise (everything else raises a ``ValueError`
                                rows and the reverse pass sums their Hessian-vector products
                                (:func:`ipmcondense.autodiff.sgd_step` with ``owned``); the loss is the same
                                on every rank (not summed)
+``real_batches="dream"``       nothing more: each class's k-means runs on its owner with the seed one process
+                               draws for it (:class:`ClassShardDreamBatches`); checkpoints gather the picks
 =============================  ===============================================================================
 
-DM, DC: bit for bit. IDM and MTT: a sum over ranks replaces a sum inside one batch, so the sets agree up to
+DM, DC (also with DREAM's batches): bit for bit. IDM and MTT: a sum over ranks replaces a sum inside one batch, so the sets agree up to
 float32 rounding (IDM: 1e-6 of the largest pixel after 3 iterations; MTT: exact in float64, 1e-4 of the
 largest pixel in float32, below float32's own error of the MTT gradient).
 
@@ -46,8 +48,7 @@ classes), ``cafe`` (its discriminative extra term sees every class), ``lcmat`` (
 every class), ``idc`` (its pool is trained with per-sample augmentations of every class and S is
 multi-formation; any pool with ``pool_augment=true``), ``haba``, MTT with ``soft_labels`` (the label rows are
 not exchanged), ``kip``/``rfad`` (one kernel ridge regression over all of S), ``dd``/``esp``/``rcig`` (bilevel
-over all of S), the ``sliced`` discrepancy (it draws projections per class from the generator) and the
-``dream`` real batches. Networks with batch normalisation are refused too (their features would depend on
+over all of S) and the ``sliced`` discrepancy (it draws projections per class from the generator). Networks with batch normalisation are refused too (their features would depend on
 which classes share the batch).
 """
 
@@ -65,7 +66,7 @@ from ipmcondense import distributed
 from .real_batches import RealBatchSelector
 from .recipes import MatchingRecipe, Recipe
 
-__all__ = ["ClassShard", "ClassShardRealBatches", "check_class_parallel", "UNSUPPORTED_REASONS"]
+__all__ = ["ClassShard", "ClassShardRealBatches", "ClassShardDreamBatches", "check_class_parallel", "UNSUPPORTED_REASONS"]
 
 #: why a row cannot be split over classes (the error names the recipe and quotes this)
 UNSUPPORTED_REASONS = {
@@ -118,8 +119,8 @@ def check_class_parallel(recipe: Recipe, config: dict[str, Any], network: nn.Mod
         problem = f"discrepancy {recipe.discrepancy!r} draws random projections per class from the run's generator"
     elif recipe.synthetic != "pixels":
         problem = f"synthetic {recipe.synthetic!r} is not class-blocked pixels"
-    elif (recipe.real_batches or "random") != "random":
-        problem = f"real_batches {recipe.real_batches!r} is not supported (only 'random')"
+    elif (recipe.real_batches or "random") not in ("random", "dream"):
+        problem = f"real_batches {recipe.real_batches!r} is not supported (only 'random' and 'dream')"
     elif float(config.get("lcmat_weight") or 0.0) > 0:
         problem = UNSUPPORTED_REASONS["lcmat"]
     if problem is None and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in network.modules()):
@@ -275,6 +276,8 @@ class ClassShardRealBatches(RealBatchSelector):
         own_images, own_labels = images[keep.to(images.device)], labels[keep]
         super().__init__(own_images, own_labels.to(images.device), num_classes, generator)
         self.classes = classes
+        #: the index in the whole training set of each kept image (for checkpoints in the one-process format)
+        self.global_index = torch.nonzero(keep.cpu(), as_tuple=True)[0]
         self.counts = [int(v) for v in torch.bincount(labels.cpu(), minlength=num_classes)]
         self._indices = {c: torch.nonzero(self.labels == c, as_tuple=True)[0] for c in classes}
         empty = [c for c, n in enumerate(self.counts) if n == 0]
@@ -299,3 +302,98 @@ class ClassShardRealBatches(RealBatchSelector):
         labels = torch.repeat_interleave(torch.tensor(list(self.classes), device=index.device),
                                          torch.tensor(sizes, device=index.device))
         return self.images[index], labels
+
+
+class ClassShardDreamBatches(ClassShardRealBatches):
+    r"""DREAM's representative real batches (:class:`~ipmcondense.condensation.real_batches.DreamRealBatches`)
+    for this rank's classes, equal to the one-process batches of those classes.
+
+    DREAM's k-means is per class, so the owner of a class embeds that class's images and clusters them alone;
+    the k-means seed of *every* class with more than ``n`` images is drawn from the run's generator in class
+    order (the other ranks' seeds are drawn and dropped), and the uniform batches (before the first network,
+    and for training) are :class:`ClassShardRealBatches`', so the generator advances as in one process.
+    The cached picks are exchanged for a checkpoint (:meth:`state_dict` is a collective: every rank's picks,
+    as indices into the whole training set, concatenated in class order: the one-process format) and each rank
+    keeps its own classes' picks on resume. Cost per refresh: one forward pass over the own classes' images
+    and their k-means (the work splits over the ranks).
+    """
+
+    name = "dream"
+
+    def __init__(self, images: Tensor, labels: Tensor, num_classes: int, generator: torch.Generator,
+                 classes: range, *, interval: int = 10, max_iter: int = 100) -> None:
+        super().__init__(images, labels, num_classes, generator, classes)
+        for key, value in (("dream_interval", interval), ("dream_max_iter", max_iter)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        self.interval, self.max_iter = int(interval), int(max_iter)
+        self._networks: list[nn.Module] = []
+        self._cache: dict[int, dict[str, Any]] = {}  # n -> {"indices": own picks (local) or None, "age": int}
+        self._warned: set[int] = set()
+
+    def observe(self, networks: Any) -> None:
+        self._networks = list(networks)
+
+    def sample_for_training(self, n_per_class: int) -> tuple[Tensor, Tensor]:
+        return super().sample(n_per_class)
+
+    def sample(self, n_per_class: int) -> tuple[Tensor, Tensor]:
+        n = int(n_per_class)
+        entry = self._cache.get(n)
+        if entry is None or entry["age"] >= self.interval:
+            entry = {"indices": self._query(n), "age": 0}
+            self._cache[n] = entry
+        entry["age"] += 1
+        if entry["indices"] is None:  # no network yet: uniform, drawn afresh each call
+            return super().sample(n)
+        index = entry["indices"].to(self.labels.device)
+        return self.images[index], self.labels[index]
+
+    def _query(self, n: int) -> Tensor | None:
+        import warnings
+
+        from .real_batches import kmeans_representatives
+
+        if not self._networks:
+            return None
+        net = self._networks[0]
+        picks = []
+        for c in range(self.num_classes):
+            own = c in self.classes
+            if self.counts[c] <= n:  # DREAM's fallback: all of the class's images (no seed drawn)
+                if own:
+                    if n not in self._warned:
+                        self._warned.add(n)
+                        warnings.warn(f"dream: class {c} has {self.counts[c]} training images, not more than the "
+                                      f"batch of {n} per class (batch_real): all of them are used", stacklevel=3)
+                    picks.append(self._indices[c].cpu())
+                continue
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator))
+            if not own:
+                continue
+            idx = self._indices[c]
+            with torch.no_grad():
+                embed = getattr(net, "embed", net)
+                feats = torch.cat([embed(self.images[idx[i:i + 512]]) for i in range(0, idx.numel(), 512)])
+            picks.append(idx.cpu()[kmeans_representatives(feats.flatten(1), n, seed=seed, max_iter=self.max_iter)])
+        return torch.cat(picks)
+
+    def state_dict(self) -> dict[str, Any]:
+        own = {n: {"indices": None if e["indices"] is None else self.global_index[e["indices"].cpu()],
+                   "age": e["age"]} for n, e in sorted(self._cache.items())}
+        gathered = distributed.all_gather_objects(own)  # ranks own contiguous class blocks, in rank order
+        cache = {}
+        for n, entry in own.items():
+            parts = [rank_cache[n]["indices"] for rank_cache in gathered]
+            cache[n] = {"indices": None if entry["indices"] is None else torch.cat(parts), "age": entry["age"]}
+        return {"cache": cache}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        local_of = {int(g): i for i, g in enumerate(self.global_index.tolist())}
+        self._cache = {}
+        for n, entry in state.get("cache", {}).items():
+            indices = entry["indices"]
+            if indices is not None:
+                indices = torch.tensor([local_of[int(g)] for g in indices.tolist() if int(g) in local_of],
+                                       dtype=torch.long)
+            self._cache[int(n)] = {"indices": indices, "age": int(entry["age"])}

@@ -147,6 +147,7 @@ def _worker(rank: int, world: int, init: str, folder: str) -> None:
         "evaluation": _evaluate(spread=True),
         "dm": condense("dm", "digits", ipc=2, **TINY).images,
         "dc": condense("dc", "digits", ipc=1, **DC).images,
+        "sliced": condense("dm", "digits", ipc=2, discrepancy="sliced", n_projections=16, **TINY).images,
         "idm": condense("idm", "digits", ipc=2, out=Path(folder) / f"idm-{world}", **IDM).images,
         "mtt": condense("mtt", "digits", ipc=2, experts=str(Path(folder) / "experts"), memory_lean=True, **MTT),
     }
@@ -248,14 +249,18 @@ def test_parallel_evaluation_gives_the_serial_accuracies(two_ranks):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["dm", "dc"])
+@pytest.mark.parametrize("method", ["dm", "dc", "sliced"])
 def test_class_parallel_condensation_equals_one_process_bit_for_bit(two_ranks, method):
+    """``sliced``: each rank draws and drops the other classes' projection seeds, so its classes get the
+    projections one process gives them and the networks stay the same on every rank."""
     from ipmcondense.condensation.api import condense
 
     torch.set_num_threads(1)
     _, ranks = two_ranks
     if method == "dm":
         single = condense("dm", "digits", ipc=2, **TINY).images
+    elif method == "sliced":
+        single = condense("dm", "digits", ipc=2, discrepancy="sliced", n_projections=16, **TINY).images
     else:
         single = condense("dc", "digits", ipc=1, **DC).images
     assert torch.equal(ranks[0][method], ranks[1][method])
@@ -391,8 +396,9 @@ def test_class_blocks_and_unsupported_recipes():
     from ipmcondense.condensation.recipes import compose_recipe
 
     check_class_parallel(compose_recipe("dc", real_batches="dream"), {"arch": "convnet"}, net, 2, 10)
-    with pytest.raises(ValueError, match="discrepancy 'sliced'"):
-        check_class_parallel(compose_recipe("dm", discrepancy="sliced"), {"arch": "convnet"}, net, 2, 10)
+    check_class_parallel(compose_recipe("dm", discrepancy="sliced"), {"arch": "convnet"}, net, 2, 10)
+    with pytest.raises(ValueError, match="discrepancy 'w2_barycenter'"):
+        check_class_parallel(compose_recipe("dm", discrepancy="w2_barycenter"), {"arch": "convnet"}, net, 2, 10)
     check_class_parallel(RECIPES["idm"], {"arch": "convnet", "pool_augment": False}, net, 2, 10)
     with pytest.raises(ValueError, match="pool_augment=true"):
         check_class_parallel(RECIPES["idm"], {"arch": "convnet", "pool_augment": True}, net, 2, 10)

@@ -35,11 +35,13 @@ Supported rows and what they synchronise (everything else raises a ``ValueError`
                                rows and the reverse pass sums their Hessian-vector products
                                (:func:`ipmcondense.autodiff.sgd_step` with ``owned``); the loss is the same
                                on every rank (not summed)
+``discrepancy="sliced"``       nothing: the other classes' projection seeds are drawn and dropped around this
+                               rank's calls (:class:`DrawsOfEveryClass`)
 ``real_batches="dream"``       nothing more: each class's k-means runs on its owner with the seed one process
                                draws for it (:class:`ClassShardDreamBatches`); checkpoints gather the picks
 =============================  ===============================================================================
 
-DM, DC (also with DREAM's batches): bit for bit. IDM and MTT: a sum over ranks replaces a sum inside one batch, so the sets agree up to
+DM, DC (also with DREAM's batches or the sliced discrepancy): bit for bit. IDM and MTT: a sum over ranks replaces a sum inside one batch, so the sets agree up to
 float32 rounding (IDM: 1e-6 of the largest pixel after 3 iterations; MTT: exact in float64, 1e-4 of the
 largest pixel in float32, below float32's own error of the MTT gradient).
 
@@ -48,7 +50,8 @@ classes), ``cafe`` (its discriminative extra term sees every class), ``lcmat`` (
 every class), ``idc`` (its pool is trained with per-sample augmentations of every class and S is
 multi-formation; any pool with ``pool_augment=true``), ``haba``, MTT with ``soft_labels`` (the label rows are
 not exchanged), ``kip``/``rfad`` (one kernel ridge regression over all of S), ``dd``/``esp``/``rcig`` (bilevel
-over all of S) and the ``sliced`` discrepancy (it draws projections per class from the generator). Networks with batch normalisation are refused too (their features would depend on
+over all of S) and the ``w2_barycenter`` discrepancy (it draws its initial atoms from the generator in an
+amount that depends on each class's data). Networks with batch normalisation are refused too (their features would depend on
 which classes share the batch).
 """
 
@@ -66,7 +69,7 @@ from ipmcondense import distributed
 from .real_batches import RealBatchSelector
 from .recipes import MatchingRecipe, Recipe
 
-__all__ = ["ClassShard", "ClassShardRealBatches", "ClassShardDreamBatches", "check_class_parallel", "UNSUPPORTED_REASONS"]
+__all__ = ["ClassShard", "ClassShardRealBatches", "ClassShardDreamBatches", "DrawsOfEveryClass", "check_class_parallel", "UNSUPPORTED_REASONS"]
 
 #: why a row cannot be split over classes (the error names the recipe and quotes this)
 UNSUPPORTED_REASONS = {
@@ -86,7 +89,9 @@ _SUPPORTED_SAMPLERS = ("fresh", "fresh_inner", "pool")
 _CLASS_SEPARABLE_TERMS = ("synthetic_ce",)
 #: objectives (besides matching) with a class-parallel form: MTT's student sums the ranks' gradients
 _CLASS_PARALLEL_OBJECTIVES = ("mtt",)
-_GENERATOR_DISCREPANCIES = ("sliced",)
+#: discrepancies that draw from the run's generator at every call, by an amount that depends on the class's
+#: data (the barycenter's initial atoms), so a rank cannot draw the other classes' share
+_GENERATOR_DISCREPANCIES = ("w2_barycenter",)
 
 
 def check_class_parallel(recipe: Recipe, config: dict[str, Any], network: nn.Module, world_size: int,
@@ -116,7 +121,8 @@ def check_class_parallel(recipe: Recipe, config: dict[str, Any], network: nn.Mod
     elif recipe.discrepancy == "gradient_cosine_joint":
         problem = UNSUPPORTED_REASONS["dcc"]
     elif recipe.discrepancy in _GENERATOR_DISCREPANCIES:
-        problem = f"discrepancy {recipe.discrepancy!r} draws random projections per class from the run's generator"
+        problem = (f"discrepancy {recipe.discrepancy!r} draws from the run's generator per class, as much as the "
+                   "class's data asks")
     elif recipe.synthetic != "pixels":
         problem = f"synthetic {recipe.synthetic!r} is not class-blocked pixels"
     elif (recipe.real_batches or "random") not in ("random", "dream"):
@@ -397,3 +403,34 @@ class ClassShardDreamBatches(ClassShardRealBatches):
                 indices = torch.tensor([local_of[int(g)] for g in indices.tolist() if int(g) in local_of],
                                        dtype=torch.long)
             self._cache[int(n)] = {"indices": indices, "age": int(entry["age"])}
+
+
+class DrawsOfEveryClass:
+    """A discrepancy that draws a seed from the run's generator at every call (``draw_seed``: the ``sliced``
+    projections), called for this rank's classes only, consuming the generator as one process that calls it
+    for every class: ``before(generator)`` draws and drops the seeds of the classes before this rank's block,
+    ``after(generator)`` those of the classes after it (``calls_per_class`` calls per class: one per feature block).
+
+    One process draws, per network, the seeds of class 0's blocks, then class 1's, ...; the rank's own calls
+    come in the middle, with the seeds one process gives them. Cost: one random number per dropped call.
+    """
+
+    def __init__(self, discrepancy: Any, classes: range, num_classes: int, calls_per_class: int) -> None:
+        self.discrepancy, self.classes = discrepancy, classes
+        self.num_classes, self.calls_per_class = int(num_classes), int(calls_per_class)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.discrepancy, name)
+
+    def __call__(self, real: Tensor, synthetic: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        return self.discrepancy(real, synthetic, generator=generator)
+
+    def _drop(self, generator: torch.Generator, classes: int) -> None:
+        for _ in range(classes * self.calls_per_class):
+            self.discrepancy.draw_seed(generator)
+
+    def before(self, generator: torch.Generator) -> None:
+        self._drop(generator, self.classes.start)
+
+    def after(self, generator: torch.Generator) -> None:
+        self._drop(generator, self.num_classes - self.classes.stop)

@@ -7,7 +7,9 @@ one process (rank 0), so single-process behaviour is unchanged.
 
 What the library distributes (see ``docs/guides/distributed.md``):
 
-* condensation: ranks own disjoint class blocks (:func:`classes_of_rank`);
+* condensation: ranks own disjoint class blocks (:func:`classes_of_rank`); a network replicated on every rank
+  whose training batch is split by class (IDM's pool, MTT's student) sums the ranks' gradients
+  (:func:`sum_over_ranks`, :func:`copy_to_ranks` for the backward pass);
 * evaluation: the models of the protocol are spread over the ranks (:func:`items_of_rank`);
 * distances: the kernel sums and mean embeddings of :mod:`ipmcondense.ipm.sharded`, partial sums reduced in
   float64 (:func:`all_reduce_float64`).

@@ -257,17 +257,39 @@ def sgd_step(
     step: int,
     augment: Augmenter | None,
     create_graph: bool,
+    owned: Tensor | None = None,
 ) -> Tensor:
-    """One SGD step :math:`\\theta - \\eta \\nabla_\\theta \\ell` on step ``step``'s batch."""
+    r"""One SGD step :math:`\theta - \eta \nabla_\theta \ell` on step ``step``'s batch.
+
+    ``owned`` (class-parallel, a boolean mask over the rows of ``images``): this rank computes the gradient
+    of its own rows of the batch only, :math:`g_r = \nabla_\theta \sum_{i \in B \cap R_r} \ell_i / |B|`
+    (the augmentation is drawn for the whole batch, then its own rows are kept: per-sample parameters, so
+    the generator is consumed as in one process), and the step uses :math:`g = \sum_r g_r`
+    (:func:`~ipmcondense.distributed.sum_over_ranks`); :math:`\theta` enters through
+    :func:`~ipmcondense.distributed.copy_to_ranks`, so a backward pass through the step sums the ranks'
+    Hessian-vector products and every rank holds the same iterate and adjoint. Equal to the one-process step
+    up to the rounding of the split sum.
+    """
     idx = plan.indices[step]
     x = images if idx is None else images[idx]
     y = labels if idx is None else labels[idx]
     seed = plan.augment_seeds[step]
     if seed is not None and augment is not None:
         x = augment(x, generator=torch.Generator(device=x.device).manual_seed(seed))
-    loss = F.cross_entropy(layout.forward(net, theta, x), y)
-    (grad,) = torch.autograd.grad(loss, theta, create_graph=create_graph)
-    return theta - lr * grad
+    if owned is None:
+        loss = F.cross_entropy(layout.forward(net, theta, x), y)
+        (grad,) = torch.autograd.grad(loss, theta, create_graph=create_graph)
+        return theta - lr * grad
+    from ipmcondense.distributed import copy_to_ranks, sum_over_ranks
+
+    mine = (owned if idx is None else owned[idx]).to(x.device)
+    theta_in = copy_to_ranks(theta)
+    if bool(mine.any()):
+        loss = F.cross_entropy(layout.forward(net, theta_in, x[mine]), y[mine], reduction="sum") / x.shape[0]
+        (partial,) = torch.autograd.grad(loss, theta_in, create_graph=create_graph)
+    else:  # no own row in this batch: a zero contribution that keeps the collectives of the backward pass aligned
+        partial = theta_in * 0.0
+    return theta - lr * sum_over_ranks(partial)
 
 
 def unrolled_sgd(
@@ -284,6 +306,7 @@ def unrolled_sgd(
     *,
     return_trajectory: bool = False,
     create_graph: bool = True,
+    owned: Tensor | None = None,
 ) -> Tensor | list[Tensor]:
     r"""Differentiable SGD unroll of ``steps`` steps on a synthetic set, in flat-parameter form.
 
@@ -317,6 +340,8 @@ def unrolled_sgd(
         soft_labels: labels are distributions rather than indices.
         return_trajectory: return ``[theta_0, ..., theta_N]`` instead of ``theta_N``.
         create_graph: keep the graph of every step (``False``: a cheap detached forward unroll).
+        owned: class-parallel (``torch.distributed``): a boolean mask of this rank's rows of ``images``;
+            each step sums the ranks' gradients of their own rows (:func:`sgd_step`). ``None``: one process.
 
     Returns:
         :math:`\theta_N` (``(P,)``), or the list of the ``N + 1`` iterates.
@@ -337,7 +362,8 @@ def unrolled_sgd(
         theta = theta.detach().requires_grad_(True)
     trajectory = [theta]
     for step in range(steps):
-        nxt = sgd_step(net, layout, theta, images, labels, step_size_at(lrs, step), plan, step, augment, create_graph)
+        nxt = sgd_step(net, layout, theta, images, labels, step_size_at(lrs, step), plan, step, augment, create_graph,
+                       owned)
         theta = nxt if create_graph else nxt.detach().requires_grad_(True)
         trajectory.append(theta)
     if not create_graph:

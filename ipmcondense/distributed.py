@@ -7,7 +7,9 @@ one process (rank 0), so single-process behaviour is unchanged.
 
 What the library distributes (see ``docs/guides/distributed.md``):
 
-* condensation: ranks own disjoint class blocks (:func:`classes_of_rank`);
+* condensation: ranks own disjoint class blocks (:func:`classes_of_rank`); a network replicated on every rank
+  whose training batch is split by class (IDM's pool, MTT's student) sums the ranks' gradients
+  (:func:`sum_over_ranks`, :func:`copy_to_ranks` for the backward pass);
 * evaluation: the models of the protocol are spread over the ranks (:func:`items_of_rank`);
 * distances: the kernel sums and mean embeddings of :mod:`ipmcondense.ipm.sharded`, partial sums reduced in
   float64 (:func:`all_reduce_float64`).
@@ -58,6 +60,8 @@ __all__ = [
     "communication_device",
     "atomic_write_on_rank_zero",
     "local_device",
+    "sum_over_ranks",
+    "copy_to_ranks",
 ]
 
 #: how long a collective waits for a missing rank before it fails (a killed rank makes the others fail, not hang)
@@ -208,6 +212,54 @@ def classes_of_rank(num_classes: int, rank_: int | None = None, world: int | Non
         )
     block = row_block(num_classes, r, w)
     return range(block.start, block.stop)
+
+
+class _SumOverRanks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        total = tensor.detach().clone()
+        device = communication_device()
+        sent = total.to(device)
+        dist.all_reduce(sent, op=dist.ReduceOp.SUM)
+        return sent.to(tensor.device)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad
+
+
+class _CopyToRanks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return _SumOverRanks.apply(grad)
+
+
+def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    r""":math:`\sum_r x_r` over the ranks (an ``all_reduce``), differentiable for a *replicated* downstream.
+
+    The computation after the sum must run identically on every rank (its gradient with respect to the sum
+    is the same everywhere), so the backward pass is the identity: rank ``r`` receives
+    :math:`\partial L / \partial x_r = \partial L / \partial \sum_s x_s`. Paired with :func:`copy_to_ranks`
+    on the replicated input that the partial sums were computed from (tensor parallelism's
+    reduce/copy pair). Without a process group: ``tensor`` itself. Cost: one all-reduce of ``tensor``.
+    """
+    if not is_active():
+        return tensor
+    return _SumOverRanks.apply(tensor)
+
+
+def copy_to_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    r"""``tensor`` (a value replicated on every rank) entering a per-rank computation: the identity forward,
+    and a backward that sums the ranks' gradients, so the replicated value receives
+    :math:`\sum_r \partial L_r / \partial x` on every rank. Without a process group: ``tensor`` itself.
+    Cost: one all-reduce of the gradient in the backward pass."""
+    if not is_active():
+        return tensor
+    return _CopyToRanks.apply(tensor)
 
 
 def all_gather_objects(obj: Any) -> list[Any]:

@@ -36,6 +36,19 @@ TINY = {"iterations": 2, "seed": 0, "progress": False}
 DC = {"iterations": 1, "seed": 0, "progress": False, "outer_loop": 2, "inner_loop": 1}  # two image steps on one
 # network, trained on all of S between them (the exchange of S before the inner loop is exercised)
 KILLED = {"iterations": 2, "checkpoint_every": 1, "seed": 3}
+#: IDM: the pool (3 networks, 2 training steps of 4 images per class each) is trained on all classes, split
+IDM = {"iterations": 3, "seed": 5, "progress": False, "batch_real": 8, "train_steps": 2, "batch_pool": 4,
+       "pool_size": 3}
+#: MTT: 3 student steps on mini-batches of 6 of the 20 images (a batch can miss a rank's classes), memory-lean
+MTT = {"iterations": 2, "seed": 5, "progress": False, "arch": "convnet-w32", "max_start_epoch": 1,
+       "expert_epochs": 1, "syn_steps": 3, "lr_images": 1.0, "batch_syn": 6}
+#: DC with DREAM's k-means batches: 4 image steps share one k-means query, a checkpoint after it
+DREAM = {"iterations": 2, "seed": 0, "progress": False, "outer_loop": 2, "inner_loop": 1, "batch_real": 4,
+         "dream_interval": 4, "dream_max_iter": 10, "checkpoint_every": 1}
+#: the MTT engine run agrees with one process to this fraction of the images' largest magnitude: the split sum
+#: changes the float32 gradient by ~5e-6 of its size (measured), less than float32's own error of the MTT
+#: gradient against float64 (up to 8e-5: the loss divides nearly cancelling parameter differences)
+MTT_RELATIVE_TOLERANCE = 1e-4
 
 
 def _points(seed: int, n: int, shift: float) -> torch.Tensor:
@@ -73,6 +86,42 @@ def _evaluate(spread: bool):
     return evaluate_synthetic(images, labels, ds, protocol, n_models=3, seed=5, spread_over_ranks=spread).accuracies
 
 
+def _unroll_problem():
+    """A float64 student (convnet-w32, 4 classes of 3 images) and a target for MTT's loss."""
+    from ipmcondense.augment import DifferentiableSiameseAugmentation
+    from ipmcondense.nets import build_isolated, get_network
+
+    net = build_isolated(lambda: get_network("convnet-w32", 1, 4, (8, 8)), 0).double()
+    theta0 = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+    g = torch.Generator().manual_seed(1)
+    target = theta0 + 0.01 * torch.randn(theta0.shape, dtype=torch.float64, generator=g)
+    images = torch.randn(12, 1, 8, 8, dtype=torch.float64, generator=g)
+    return net, theta0, target, images, torch.arange(4).repeat_interleave(3), DifferentiableSiameseAugmentation()
+
+
+UNROLLS = [(lean, batch) for lean in (False, True) for batch in (None, 5)]
+
+
+def _unroll_gradients(owned, lean: bool, batch):
+    """MTT's loss and its gradients in the images and the step size: the full unroll or the memory-lean pass."""
+    from ipmcondense.autodiff import unrolled_sgd
+    from ipmcondense.condensation.objectives.trajectory import (
+        trajectory_matching_loss,
+        trajectory_matching_loss_and_grads,
+    )
+
+    net, theta0, target, images, labels, augment = _unroll_problem()
+    lr, generator = torch.tensor(0.05, dtype=torch.float64), torch.Generator().manual_seed(3)
+    if lean:
+        result = trajectory_matching_loss_and_grads(net, theta0, target, images, labels, lr, 4, batch, augment,
+                                                    generator, owned=owned)
+        return result.loss, result.images_grad, result.lrs_grad
+    images, lr = images.requires_grad_(True), lr.requires_grad_(True)
+    end = unrolled_sgd(net, theta0, images, labels, lr, 4, batch, augment, generator, owned=owned)
+    loss = trajectory_matching_loss(end, theta0, target)
+    return (loss.detach(), *torch.autograd.grad(loss, [images, lr]))
+
+
 def _worker(rank: int, world: int, init: str, folder: str) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
@@ -98,7 +147,16 @@ def _worker(rank: int, world: int, init: str, folder: str) -> None:
         "evaluation": _evaluate(spread=True),
         "dm": condense("dm", "digits", ipc=2, **TINY).images,
         "dc": condense("dc", "digits", ipc=1, **DC).images,
+        "sliced": condense("dm", "digits", ipc=2, discrepancy="sliced", n_projections=16, **TINY).images,
+        "idm": condense("idm", "digits", ipc=2, out=Path(folder) / f"idm-{world}", **IDM).images,
+        "mtt": condense("mtt", "digits", ipc=2, experts=str(Path(folder) / "experts"), memory_lean=True, **MTT),
     }
+    dream = condense("dc", "digits", ipc=1, real_batches="dream", out=Path(folder) / f"dream-{world}", **DREAM)
+    out["dream"] = dream.images
+    out["mtt"] = (out["mtt"].images, out["mtt"].learning_rate, out["mtt"].metrics["loss_history"])
+    labels = _unroll_problem()[4]
+    owned = (labels >= 2 * rank) & (labels < 2 * rank + 2)  # rank r owns classes 2r and 2r + 1
+    out["unroll"] = {case: _unroll_gradients(owned, *case) for case in UNROLLS}
     from ipmcondense.cli import main
 
     printed = io.StringIO()
@@ -123,6 +181,11 @@ def two_ranks(tmp_path_factory):
     folder = tmp_path_factory.mktemp("two_ranks")
     torch.save(X_ALL, folder / "x.pt")
     torch.save(Y_ALL, folder / "y.pt")
+    from ipmcondense.data import load_dataset
+    from ipmcondense.trajectories import train_experts
+
+    torch.set_num_threads(1)
+    train_experts(load_dataset("digits"), 1, 1, folder / "experts", arch="convnet-w32", progress=False, seed=0)
     with pytest.raises(Exception) as failure:  # the last scenario kills rank 1
         torch.multiprocessing.spawn(_worker, args=(WORLD, f"file://{folder}/rendezvous", str(folder)),
                                     nprocs=WORLD, join=True)
@@ -186,18 +249,100 @@ def test_parallel_evaluation_gives_the_serial_accuracies(two_ranks):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["dm", "dc"])
+@pytest.mark.parametrize("method", ["dm", "dc", "sliced"])
 def test_class_parallel_condensation_equals_one_process_bit_for_bit(two_ranks, method):
+    """``sliced``: each rank draws and drops the other classes' projection seeds, so its classes get the
+    projections one process gives them and the networks stay the same on every rank."""
     from ipmcondense.condensation.api import condense
 
     torch.set_num_threads(1)
     _, ranks = two_ranks
     if method == "dm":
         single = condense("dm", "digits", ipc=2, **TINY).images
+    elif method == "sliced":
+        single = condense("dm", "digits", ipc=2, discrepancy="sliced", n_projections=16, **TINY).images
     else:
         single = condense("dc", "digits", ipc=1, **DC).images
     assert torch.equal(ranks[0][method], ranks[1][method])
     assert torch.equal(ranks[0][method], single)
+
+
+@pytest.mark.slow
+def test_class_parallel_idm_keeps_one_pool_and_equals_one_process(two_ranks, tmp_path):
+    """IDM's pool (seeded alike, trained on every class's rows with the gradients summed over the ranks, its
+    accuracy meters counting every rank's hits) stays that of one process: same set up to float32 rounding."""
+    from ipmcondense.condensation.api import condense
+
+    torch.set_num_threads(1)
+    folder, ranks = two_ranks
+    single = condense("idm", "digits", ipc=2, out=tmp_path / "idm", **IDM).images
+    assert torch.equal(ranks[0]["idm"], ranks[1]["idm"])
+    assert (ranks[0]["idm"] - single).abs().max() <= 1e-6 * single.abs().max()
+    # the checkpoint holds the one pool: the same networks (to rounding) and the same accuracy counts
+    pool = torch.load(folder / f"idm-{WORLD}" / "checkpoint.pt", weights_only=False)["sampler"]
+    one = torch.load(tmp_path / "idm" / "checkpoint.pt", weights_only=False)["sampler"]
+    assert pool["iteration"] == one["iteration"] and pool["meters"] == one["meters"]
+    assert sum(seen for _, seen in one["meters"]) == 3 * 2 * 2 * 40  # every rank's rows were counted
+    assert len(pool["networks"]) == len(one["networks"]) == 3
+    for mine, theirs in zip(pool["networks"], one["networks"]):  # measured: at most 3.7e-6 (one conv layer of
+        for key in theirs:  # one network; the 4 SGD steps moved the weights by ~1e-3, half of which is missing
+            assert torch.allclose(mine[key], theirs[key], rtol=0, atol=2e-5), key  # if a rank kept its own gradient
+    start = condense("idm", "digits", ipc=2, **{**IDM, "iterations": 0}).images
+    assert (single - start).abs().max() > 1e-2  # the three image steps moved the set (the test can fail)
+
+
+def test_class_parallel_mtt_unroll_equals_one_process_in_float64(two_ranks):
+    """The student's steps sum the ranks' own-row gradients and the reverse pass their Hessian-vector products:
+    in float64 the loss, the step size's gradient and the images' gradient (each rank's own rows, zero
+    elsewhere) equal the one-process unroll, full-batch and mini-batch, full graph and memory-lean."""
+    _, ranks = two_ranks
+    torch.set_num_threads(1)
+    labels = _unroll_problem()[4]
+    for case in UNROLLS:
+        loss, images_grad, lr_grad = _unroll_gradients(None, *case)
+        assert float(images_grad.abs().max()) > 1e-4, case
+        for rank, result in enumerate(ranks):
+            assert float(result["unroll"][case][0]) == pytest.approx(float(loss), abs=1e-12), case
+            assert torch.allclose(result["unroll"][case][2], lr_grad, rtol=0, atol=1e-12), case
+            others = (labels < 2 * rank) | (labels >= 2 * rank + 2)
+            assert torch.equal(result["unroll"][case][1][others], torch.zeros_like(images_grad[others])), case
+        summed = ranks[0]["unroll"][case][1] + ranks[1]["unroll"][case][1]
+        assert torch.allclose(summed, images_grad, rtol=0, atol=1e-14), case
+
+
+@pytest.mark.slow
+def test_class_parallel_mtt_equals_one_process_within_the_stated_tolerance(two_ranks):
+    from ipmcondense.condensation.api import condense
+
+    torch.set_num_threads(1)
+    folder, ranks = two_ranks
+    single = condense("mtt", "digits", ipc=2, experts=str(folder / "experts"), memory_lean=True, **MTT)
+    images, learning_rate, losses = ranks[0]["mtt"]
+    assert torch.equal(images, ranks[1]["mtt"][0]) and learning_rate == ranks[1]["mtt"][1]
+    assert (images - single.images).abs().max() <= MTT_RELATIVE_TOLERANCE * single.images.abs().max()
+    assert learning_rate == pytest.approx(single.learning_rate, rel=1e-5)
+    assert losses == pytest.approx(single.metrics["loss_history"], rel=1e-4)  # the replicated loss, not a sum of W copies
+    start = condense("mtt", "digits", ipc=2, experts=str(folder / "experts"), **{**MTT, "iterations": 0}).images
+    assert (single.images - start).abs().max() > 100 * MTT_RELATIVE_TOLERANCE * single.images.abs().max()
+
+
+@pytest.mark.slow
+def test_class_parallel_dream_batches_equal_one_process_and_checkpoint_in_its_format(two_ranks, tmp_path):
+    """DREAM's k-means runs on each class's owner with the seed one process draws for that class: same set bit
+    for bit (DC, class_batching's ~1e-7 aside at IPC 1: none), and the checkpointed picks (exchanged between
+    the ranks) equal the one-process picks."""
+    from ipmcondense.condensation.api import condense
+
+    torch.set_num_threads(1)
+    folder, ranks = two_ranks
+    single = condense("dc", "digits", ipc=1, real_batches="dream", out=tmp_path / "dream", **DREAM)
+    assert torch.equal(ranks[0]["dream"], ranks[1]["dream"])
+    assert torch.equal(ranks[0]["dream"], single.images)
+    mine = torch.load(folder / f"dream-{WORLD}" / "checkpoint.pt", weights_only=False)["real_batches"]["cache"]
+    theirs = torch.load(tmp_path / "dream" / "checkpoint.pt", weights_only=False)["real_batches"]["cache"]
+    assert set(mine) == set(theirs) == {4}
+    assert torch.equal(mine[4]["indices"], theirs[4]["indices"]) and mine[4]["age"] == theirs[4]["age"]
+    assert mine[4]["indices"].numel() == 40
 
 
 @pytest.mark.slow
@@ -243,11 +388,22 @@ def test_class_blocks_and_unsupported_recipes():
     from ipmcondense.nets import get_network
 
     net = get_network("convnet", 1, 10, (8, 8))
-    for name in ("mtt", "idm", "dcc", "cafe", "kip"):
+    for name in ("idc", "haba", "dcc", "cafe", "kip", "dd", "rcig"):
         with pytest.raises(ValueError, match=f"recipe '{name}' cannot run class-parallel"):
             check_class_parallel(RECIPES[name], {"arch": "convnet"}, net, 2, 10)
-    for name in ("dm", "m3d", "dc", "dsa", "datadam", "wasserstein"):
+    for name in ("dm", "m3d", "dc", "dsa", "datadam", "wasserstein", "mtt"):
         check_class_parallel(RECIPES[name], {"arch": "convnet"}, net, 2, 10)
+    from ipmcondense.condensation.recipes import compose_recipe
+
+    check_class_parallel(compose_recipe("dc", real_batches="dream"), {"arch": "convnet"}, net, 2, 10)
+    check_class_parallel(compose_recipe("dm", discrepancy="sliced"), {"arch": "convnet"}, net, 2, 10)
+    with pytest.raises(ValueError, match="discrepancy 'w2_barycenter'"):
+        check_class_parallel(compose_recipe("dm", discrepancy="w2_barycenter"), {"arch": "convnet"}, net, 2, 10)
+    check_class_parallel(RECIPES["idm"], {"arch": "convnet", "pool_augment": False}, net, 2, 10)
+    with pytest.raises(ValueError, match="pool_augment=true"):
+        check_class_parallel(RECIPES["idm"], {"arch": "convnet", "pool_augment": True}, net, 2, 10)
+    with pytest.raises(ValueError, match="soft_labels"):
+        check_class_parallel(RECIPES["mtt"], {"arch": "convnet", "soft_labels": True}, net, 2, 10)
     bn = get_network("convnet-bn", 1, 10, (8, 8))
     with pytest.raises(ValueError, match="batch normalisation"):
         check_class_parallel(RECIPES["dm"], {"arch": "convnet-bn"}, bn, 2, 10)
@@ -292,3 +448,34 @@ def test_a_class_shard_draws_real_batches_and_augmentations_as_one_process_does(
                                         shard_generator, draw_for=range(5))
         assert torch.equal(b_real, a_real[keep]) and torch.equal(b_syn, a_syn[own_syn])
         assert torch.equal(full_generator.get_state(), shard_generator.get_state())
+
+
+def test_a_class_shard_draws_dream_batches_as_one_process_does():
+    """DREAM's per-class k-means on the owner, the seeds of every class drawn in class order: the own classes'
+    representatives (and the generator) equal one process's; a one-process checkpoint of the picks loads as
+    the own classes' picks."""
+    from ipmcondense.condensation.parallel import ClassShardDreamBatches
+    from ipmcondense.condensation.real_batches import DreamRealBatches
+
+    labels = torch.arange(5).repeat_interleave(torch.tensor([7, 4, 9, 3, 6]))
+    images = torch.randn(labels.numel(), 1, 6, 6, generator=torch.Generator().manual_seed(0))
+    full_generator, shard_generator = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    full = DreamRealBatches(images, labels, 5, full_generator, interval=2, max_iter=10)
+    shard = ClassShardDreamBatches(images, labels, 5, shard_generator, range(1, 4), interval=2, max_iter=10)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36, 3))
+    for sampler in (full, shard):
+        sampler.observe([net])
+    keep = (labels >= 1) & (labels < 4)
+    with pytest.warns(UserWarning, match="class 3 has 3 training images"):
+        for step in range(5):  # fresh k-means at steps 0, 2 and 4 (interval 2)
+            real, real_labels = full.sample(3)
+            own_real, own_labels = shard.sample(3)
+            mine = (real_labels >= 1) & (real_labels < 4)
+            assert torch.equal(own_real, real[mine]) and torch.equal(own_labels, real_labels[mine]), step
+            assert torch.equal(full_generator.get_state(), shard_generator.get_state()), step
+    state = full.state_dict()
+    own_global = state["cache"][3]["indices"][keep[state["cache"][3]["indices"]]]
+    assert torch.equal(shard.state_dict()["cache"][3]["indices"], own_global)  # one process: its own picks
+    restored = ClassShardDreamBatches(images, labels, 5, torch.Generator(), range(1, 4), interval=2, max_iter=10)
+    restored.load_state_dict(state)
+    assert torch.equal(restored.sample(3)[0], shard.sample(3)[0])

@@ -177,10 +177,16 @@ class SlicedWassersteinDiscrepancy(Discrepancy):
     def __init__(self, n_projections: int = 200, p: int = 2) -> None:
         self.n_projections, self.p = n_projections, p
 
+    @staticmethod
+    def draw_seed(generator: torch.Generator) -> int:
+        """The projections' seed of one call: one number drawn from ``generator`` (class-parallel condensation
+        draws and drops the other ranks' classes' seeds with it)."""
+        return int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+
     def __call__(self, real, synthetic, *, generator=None):
         from ipmcondense.ipm.wasserstein import sliced_wasserstein
 
-        seed = None if generator is None else int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        seed = None if generator is None else self.draw_seed(generator)
         return sliced_wasserstein(
             synthetic.flatten(1), real.flatten(1), n_projections=self.n_projections, p=self.p, seed=seed
         )

@@ -65,7 +65,7 @@ from .matching import (  # noqa: F401  (matching_loss & co. stay importable from
 )
 from .objectives import Objective, ObjectiveContext, get_objective_class
 from .outputs import CHECKPOINT_FILE, CHECKPOINT_FORMAT, atomic_torch_save
-from .parallel import ClassShard, ClassShardRealBatches
+from .parallel import ClassShard, ClassShardDreamBatches, ClassShardRealBatches
 from .real_batches import RealBatchSelector, build_real_batches
 from .recipes import Recipe
 from .samplers import SAMPLERS, ParameterSampler, SamplerContext
@@ -93,9 +93,15 @@ def build_real_batch_selector(recipe: Recipe, config: dict[str, Any], dataset: A
     A row that draws no real batches itself (``real_batches=None``, e.g. MTT) still gets the ``random``
     selector, for samplers that train networks on real data; it draws nothing unless asked. With
     ``classes`` (class-parallel condensation) it keeps the images of those classes only
-    (:class:`~ipmcondense.condensation.parallel.ClassShardRealBatches`).
+    (:class:`~ipmcondense.condensation.parallel.ClassShardRealBatches`,
+    :class:`~ipmcondense.condensation.parallel.ClassShardDreamBatches`).
     """
     name = recipe.real_batches or "random"
+    if classes is not None and name == "dream":
+        return ClassShardDreamBatches(dataset.train_images.to(device), dataset.train_labels.to(device),
+                                      dataset.num_classes, generator, classes,
+                                      interval=int(config.get("dream_interval") or 10),
+                                      max_iter=int(config.get("dream_max_iter") or 100))
     if classes is not None:
         return ClassShardRealBatches(dataset.train_images.to(device), dataset.train_labels.to(device),
                                      dataset.num_classes, generator, classes)
@@ -210,6 +216,7 @@ class CondensationEngine:
             augmentation=self.augmentation,
             synthetic=lambda: (self.synthetic.images().detach(), self.synthetic.labels),
             parameter_gradients=bool(self.feature_map is not None and self.feature_map.needs_parameter_gradients),
+            class_shard=shard,
         )
         groups = [{"params": synthetic.image_parameters(), "lr": float(config["lr_images"])}]
         groups += synthetic.extra_parameter_groups()
@@ -231,9 +238,12 @@ class CondensationEngine:
             total = total.detach() + decoder_loss.detach()
         grads_finite = all(g is None or bool(torch.isfinite(g).all()) for g in grads)
         if self.shard is not None:  # the loss of all classes; every rank sees a non-finite value anywhere
+            replicated = self.objective.loss_replicated_over_ranks  # every rank holds the whole loss (MTT)
+            partial = torch.zeros((), dtype=torch.float64) if replicated else total.detach().double().cpu()
             reduced = distributed.all_reduce_float64(
-                torch.stack([total.detach().double().cpu(), torch.tensor(0.0 if grads_finite else 1.0, dtype=torch.float64)]))
-            total, grads_finite = reduced[0], bool(reduced[1] == 0)
+                torch.stack([partial, torch.tensor(0.0 if grads_finite else 1.0, dtype=torch.float64)]))
+            total = total.detach() if replicated else reduced[0]
+            grads_finite = bool(reduced[1] == 0)
         if not bool(torch.isfinite(total.detach())):
             raise FloatingPointError(
                 f"the {self.recipe.name} loss became {float(total)} at iteration {self.iteration}; "

@@ -26,22 +26,42 @@ Supported rows and what they synchronise (everything else raises a ``ValueError`
 ``wasserstein``, ``datadam``   checkpoints / evaluations / the end
 ``dc``, ``dsa``                S (all classes) before each inner-loop network update: the network is trained
                                on every class, replicated on every rank
+``idm``                        the pool is replicated (same seeds and picks); a pool network's training step
+                               back-propagates the own classes' rows of the class-balanced batch (their part
+                               of the batch mean) and sums the parameter gradients over the ranks
+                               (:meth:`ClassShard.train_replicated`); the accuracy meters' counts are summed;
+                               the ``synthetic_ce`` term is a sum over classes (each rank adds its own)
+``mtt``                        the student is replicated: every step sums the ranks' gradients of their own
+                               rows and the reverse pass sums their Hessian-vector products
+                               (:func:`ipmcondense.autodiff.sgd_step` with ``owned``); the loss is the same
+                               on every rank (not summed)
+``discrepancy="sliced"``       nothing: the other classes' projection seeds are drawn and dropped around this
+                               rank's calls (:class:`DrawsOfEveryClass`)
+``real_batches="dream"``       nothing more: each class's k-means runs on its owner with the seed one process
+                               draws for it (:class:`ClassShardDreamBatches`); checkpoints gather the picks
 =============================  ===============================================================================
 
-Not supported, with the reason: ``dcc`` (one joint discrepancy over all classes), ``cafe`` (its discriminative
-extra term sees every class), ``lcmat`` (the network perturbation uses every class), ``idm`` (the model queue is
-trained on real batches of every class, and its cross-entropy term sees all of S), ``idc`` (the same queue and a
-multi-formation S), ``mtt`` (the student network is trained on all of S in every step), ``kip``/``rfad`` (one
-kernel ridge regression over all of S), ``dd``/``rcig`` (bilevel over all of S), the ``sliced`` discrepancy
-(it draws projections per class from the generator) and the ``dream`` real batches. Networks with batch
-normalisation are refused too (their features would depend on which classes share the batch).
+DM, DC (also with DREAM's batches or the sliced discrepancy): bit for bit. IDM and MTT: a sum over ranks replaces a sum inside one batch, so the sets agree up to
+float32 rounding (IDM: 1e-6 of the largest pixel after 3 iterations; MTT: exact in float64, 1e-4 of the
+largest pixel in float32, below float32's own error of the MTT gradient).
+
+Not supported, with the reason (:data:`UNSUPPORTED_REASONS`): ``dcc`` (one joint discrepancy over all
+classes), ``cafe`` (its discriminative extra term sees every class), ``lcmat`` (the network perturbation uses
+every class), ``idc`` (its pool is trained with per-sample augmentations of every class and S is
+multi-formation; any pool with ``pool_augment=true``), ``haba``, MTT with ``soft_labels`` (the label rows are
+not exchanged), ``kip``/``rfad`` (one kernel ridge regression over all of S), ``dd``/``esp``/``rcig`` (bilevel
+over all of S) and the ``w2_barycenter`` discrepancy (it draws its initial atoms from the generator in an
+amount that depends on each class's data). Networks with batch normalisation are refused too (their features would depend on
+which classes share the batch).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ipmcondense import distributed
@@ -49,23 +69,29 @@ from ipmcondense import distributed
 from .real_batches import RealBatchSelector
 from .recipes import MatchingRecipe, Recipe
 
-__all__ = ["ClassShard", "ClassShardRealBatches", "check_class_parallel", "UNSUPPORTED_REASONS"]
+__all__ = ["ClassShard", "ClassShardRealBatches", "ClassShardDreamBatches", "DrawsOfEveryClass", "check_class_parallel", "UNSUPPORTED_REASONS"]
 
 #: why a row cannot be split over classes (the error names the recipe and quotes this)
 UNSUPPORTED_REASONS = {
     "dcc": "its discrepancy is one joint term over all classes (gradient_cosine_joint)",
     "cafe": "its prototype_discrimination extra term sees every class",
     "lcmat": "its network perturbation is computed from every class",
-    "idm": "its model queue is trained on real batches of every class and its synthetic_ce term sees all of S",
-    "idc": "its model queue is trained on real batches of every class and S is multi-formation",
-    "mtt": "its student network is trained on all of S in every step",
+    "idc": "its pool networks are trained with per-sample augmentations of every class and S is multi-formation",
+    "haba": "its hallucinators and extractor are shared by every class",
     "kip": "its kernel ridge regression couples all of S",
     "rfad": "its kernel ridge regression couples all of S",
     "dd": "its unrolled inner training uses all of S",
+    "esp": "its unrolled inner training uses all of S",
     "rcig": "its implicit inner problem uses all of S",
 }
-_SUPPORTED_SAMPLERS = ("fresh", "fresh_inner")
-_GENERATOR_DISCREPANCIES = ("sliced",)
+_SUPPORTED_SAMPLERS = ("fresh", "fresh_inner", "pool")
+#: extra terms that are sums over the classes' segments of S (each rank adds its own classes' segments)
+_CLASS_SEPARABLE_TERMS = ("synthetic_ce",)
+#: objectives (besides matching) with a class-parallel form: MTT's student sums the ranks' gradients
+_CLASS_PARALLEL_OBJECTIVES = ("mtt",)
+#: discrepancies that draw from the run's generator at every call, by an amount that depends on the class's
+#: data (the barycenter's initial atoms), so a rank cannot draw the other classes' share
+_GENERATOR_DISCREPANCIES = ("w2_barycenter",)
 
 
 def check_class_parallel(recipe: Recipe, config: dict[str, Any], network: nn.Module, world_size: int,
@@ -74,24 +100,36 @@ def check_class_parallel(recipe: Recipe, config: dict[str, Any], network: nn.Mod
     if recipe.is_selection:
         return
     base = recipe.name.split("+", 1)[0]
-    problem = None
-    if not isinstance(recipe, MatchingRecipe):
-        problem = UNSUPPORTED_REASONS.get(base, f"objective {getattr(recipe, 'objective', '?')!r} couples all classes")
-    elif recipe.extra_terms:
-        problem = UNSUPPORTED_REASONS.get(base, f"its extra terms {list(recipe.extra_terms)} see every class")
+    problem = UNSUPPORTED_REASONS.get(base)
+    if problem is not None:
+        pass
+    elif not isinstance(recipe, MatchingRecipe):
+        objective = getattr(recipe, "objective", "?")
+        if objective not in _CLASS_PARALLEL_OBJECTIVES:
+            problem = f"objective {objective!r} couples all classes"
+        elif recipe.synthetic != "pixels":
+            problem = f"synthetic {recipe.synthetic!r} is not class-blocked pixels"
+        elif config.get("soft_labels"):
+            problem = "its learned soft labels (soft_labels=true) are not exchanged between the ranks"
+    elif any(term not in _CLASS_SEPARABLE_TERMS for term in recipe.extra_terms):
+        problem = f"its extra terms {list(recipe.extra_terms)} see every class"
     elif recipe.sampler not in _SUPPORTED_SAMPLERS:
-        problem = UNSUPPORTED_REASONS.get(base, f"sampler {recipe.sampler!r} trains networks on every class")
+        problem = f"sampler {recipe.sampler!r} trains networks on every class"
+    elif recipe.sampler == "pool" and config.get("pool_augment", True):
+        problem = ("pool_augment=true draws per-sample augmentations of every class's training images "
+                   "(set pool_augment false, as the idm row does)")
     elif recipe.discrepancy == "gradient_cosine_joint":
         problem = UNSUPPORTED_REASONS["dcc"]
     elif recipe.discrepancy in _GENERATOR_DISCREPANCIES:
-        problem = f"discrepancy {recipe.discrepancy!r} draws random projections per class from the run's generator"
+        problem = (f"discrepancy {recipe.discrepancy!r} draws from the run's generator per class, as much as the "
+                   "class's data asks")
     elif recipe.synthetic != "pixels":
         problem = f"synthetic {recipe.synthetic!r} is not class-blocked pixels"
-    elif (recipe.real_batches or "random") != "random":
-        problem = f"real_batches {recipe.real_batches!r} is not supported (only 'random')"
+    elif (recipe.real_batches or "random") not in ("random", "dream"):
+        problem = f"real_batches {recipe.real_batches!r} is not supported (only 'random' and 'dream')"
     elif float(config.get("lcmat_weight") or 0.0) > 0:
         problem = UNSUPPORTED_REASONS["lcmat"]
-    elif any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in network.modules()):
+    if problem is None and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in network.modules()):
         problem = f"arch {config.get('arch')!r} has batch normalisation (features would depend on the batch's classes)"
     if problem is not None:
         raise ValueError(
@@ -156,6 +194,38 @@ class ClassShard:
             state["state"][index] = entry
         return state
 
+    def train_replicated(self, network: nn.Module, optimizer: torch.optim.Optimizer,
+                         batches: Iterable[tuple[Tensor, Tensor]], global_batch_size: int,
+                         meter: Any = None) -> None:
+        r"""Train a network replicated on every rank on real batches split over the ranks by class.
+
+        Each ``(images, labels)`` batch holds this rank's classes only (the rows of one class-balanced batch of
+        ``global_batch_size`` images in all); the step minimises the batch's mean cross-entropy
+        :math:`\frac{1}{|B|}\sum_{i \in B} \ell_i = \sum_r \frac{1}{|B|}\sum_{i \in B_r} \ell_i`: each rank
+        back-propagates its own part, the parameter gradients are summed over the ranks (one all-reduce of the
+        flattened gradient per step) and every rank takes the same optimiser step, so the replicas stay equal.
+        ``meter`` (an :class:`~ipmcondense.condensation.samplers.AccuracyMeter`) counts every rank's hits: the
+        counts of the batches are summed over the ranks at the end (one all-reduce). Equal to the one-process
+        training up to the rounding of the split sum. Cost per step: the forward/backward of the own rows and
+        an all-reduce of the parameter count.
+        """
+        from ipmcondense.training import train_on_batches
+
+        before = (meter.correct, meter.seen) if meter is not None else (0, 0)
+
+        def own_part_of_mean_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+            if meter is not None:
+                meter.add(logits, labels)
+            return F.cross_entropy(logits, labels, reduction="sum") / global_batch_size
+
+        network.requires_grad_(True)
+        network.train()
+        train_on_batches(network, _RankSummedSteps(optimizer), batches, loss_fn=own_part_of_mean_cross_entropy)
+        if meter is not None:
+            counts = torch.tensor([meter.correct - before[0], meter.seen - before[1]], dtype=torch.float64)
+            counts = distributed.all_reduce_float64(counts)
+            meter.correct, meter.seen = before[0] + int(counts[0]), before[1] + int(counts[1])
+
     def keep_own_optimizer_rows(self, optimizer: torch.optim.Optimizer, synthetic: Any) -> None:
         """Zero the other ranks' rows of the images' optimizer buffers (after loading a merged checkpoint), so
         this rank's step leaves those rows where their owner put them."""
@@ -168,6 +238,30 @@ class ClassShard:
                 for value in optimizer.state.get(param, {}).values():
                     if isinstance(value, Tensor) and value.shape == param.shape:
                         value.mul_(mask.to(value.dtype))
+
+
+class _RankSummedSteps:
+    """An optimizer whose ``step`` first sums every parameter's gradient over the ranks (one all-reduce of
+    the flattened gradients; a missing gradient counts as zero)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        flat = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in params])
+        device = distributed.communication_device()
+        sent = flat.to(device)
+        torch.distributed.all_reduce(sent, op=torch.distributed.ReduceOp.SUM)
+        summed = sent.to(flat.device)
+        offset = 0
+        for p in params:
+            p.grad = summed[offset:offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+        self.optimizer.step()
 
 
 class ClassShardRealBatches(RealBatchSelector):
@@ -188,11 +282,17 @@ class ClassShardRealBatches(RealBatchSelector):
         own_images, own_labels = images[keep.to(images.device)], labels[keep]
         super().__init__(own_images, own_labels.to(images.device), num_classes, generator)
         self.classes = classes
+        #: the index in the whole training set of each kept image (for checkpoints in the one-process format)
+        self.global_index = torch.nonzero(keep.cpu(), as_tuple=True)[0]
         self.counts = [int(v) for v in torch.bincount(labels.cpu(), minlength=num_classes)]
         self._indices = {c: torch.nonzero(self.labels == c, as_tuple=True)[0] for c in classes}
         empty = [c for c, n in enumerate(self.counts) if n == 0]
         if empty:
             raise ValueError(f"labels has no example of class(es) {empty}")
+
+    def global_batch_size(self, n_per_class: int) -> int:
+        """The size of the whole class-balanced batch (every class, every rank) of ``n_per_class`` per class."""
+        return sum(min(int(n_per_class), count) for count in self.counts)
 
     def sample(self, n_per_class: int) -> tuple[Tensor, Tensor]:
         n = int(n_per_class)
@@ -208,3 +308,129 @@ class ClassShardRealBatches(RealBatchSelector):
         labels = torch.repeat_interleave(torch.tensor(list(self.classes), device=index.device),
                                          torch.tensor(sizes, device=index.device))
         return self.images[index], labels
+
+
+class ClassShardDreamBatches(ClassShardRealBatches):
+    r"""DREAM's representative real batches (:class:`~ipmcondense.condensation.real_batches.DreamRealBatches`)
+    for this rank's classes, equal to the one-process batches of those classes.
+
+    DREAM's k-means is per class, so the owner of a class embeds that class's images and clusters them alone;
+    the k-means seed of *every* class with more than ``n`` images is drawn from the run's generator in class
+    order (the other ranks' seeds are drawn and dropped), and the uniform batches (before the first network,
+    and for training) are :class:`ClassShardRealBatches`', so the generator advances as in one process.
+    The cached picks are exchanged for a checkpoint (:meth:`state_dict` is a collective: every rank's picks,
+    as indices into the whole training set, concatenated in class order: the one-process format) and each rank
+    keeps its own classes' picks on resume. Cost per refresh: one forward pass over the own classes' images
+    and their k-means (the work splits over the ranks).
+    """
+
+    name = "dream"
+
+    def __init__(self, images: Tensor, labels: Tensor, num_classes: int, generator: torch.Generator,
+                 classes: range, *, interval: int = 10, max_iter: int = 100) -> None:
+        super().__init__(images, labels, num_classes, generator, classes)
+        for key, value in (("dream_interval", interval), ("dream_max_iter", max_iter)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        self.interval, self.max_iter = int(interval), int(max_iter)
+        self._networks: list[nn.Module] = []
+        self._cache: dict[int, dict[str, Any]] = {}  # n -> {"indices": own picks (local) or None, "age": int}
+        self._warned: set[int] = set()
+
+    def observe(self, networks: Any) -> None:
+        self._networks = list(networks)
+
+    def sample_for_training(self, n_per_class: int) -> tuple[Tensor, Tensor]:
+        return super().sample(n_per_class)
+
+    def sample(self, n_per_class: int) -> tuple[Tensor, Tensor]:
+        n = int(n_per_class)
+        entry = self._cache.get(n)
+        if entry is None or entry["age"] >= self.interval:
+            entry = {"indices": self._query(n), "age": 0}
+            self._cache[n] = entry
+        entry["age"] += 1
+        if entry["indices"] is None:  # no network yet: uniform, drawn afresh each call
+            return super().sample(n)
+        index = entry["indices"].to(self.labels.device)
+        return self.images[index], self.labels[index]
+
+    def _query(self, n: int) -> Tensor | None:
+        import warnings
+
+        from .real_batches import kmeans_representatives
+
+        if not self._networks:
+            return None
+        net = self._networks[0]
+        picks = []
+        for c in range(self.num_classes):
+            own = c in self.classes
+            if self.counts[c] <= n:  # DREAM's fallback: all of the class's images (no seed drawn)
+                if own:
+                    if n not in self._warned:
+                        self._warned.add(n)
+                        warnings.warn(f"dream: class {c} has {self.counts[c]} training images, not more than the "
+                                      f"batch of {n} per class (batch_real): all of them are used", stacklevel=3)
+                    picks.append(self._indices[c].cpu())
+                continue
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator))
+            if not own:
+                continue
+            idx = self._indices[c]
+            with torch.no_grad():
+                embed = getattr(net, "embed", net)
+                feats = torch.cat([embed(self.images[idx[i:i + 512]]) for i in range(0, idx.numel(), 512)])
+            picks.append(idx.cpu()[kmeans_representatives(feats.flatten(1), n, seed=seed, max_iter=self.max_iter)])
+        return torch.cat(picks)
+
+    def state_dict(self) -> dict[str, Any]:
+        own = {n: {"indices": None if e["indices"] is None else self.global_index[e["indices"].cpu()],
+                   "age": e["age"]} for n, e in sorted(self._cache.items())}
+        gathered = distributed.all_gather_objects(own)  # ranks own contiguous class blocks, in rank order
+        cache = {}
+        for n, entry in own.items():
+            parts = [rank_cache[n]["indices"] for rank_cache in gathered]
+            cache[n] = {"indices": None if entry["indices"] is None else torch.cat(parts), "age": entry["age"]}
+        return {"cache": cache}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        local_of = {int(g): i for i, g in enumerate(self.global_index.tolist())}
+        self._cache = {}
+        for n, entry in state.get("cache", {}).items():
+            indices = entry["indices"]
+            if indices is not None:
+                indices = torch.tensor([local_of[int(g)] for g in indices.tolist() if int(g) in local_of],
+                                       dtype=torch.long)
+            self._cache[int(n)] = {"indices": indices, "age": int(entry["age"])}
+
+
+class DrawsOfEveryClass:
+    """A discrepancy that draws a seed from the run's generator at every call (``draw_seed``: the ``sliced``
+    projections), called for this rank's classes only, consuming the generator as one process that calls it
+    for every class: ``before(generator)`` draws and drops the seeds of the classes before this rank's block,
+    ``after(generator)`` those of the classes after it (``calls_per_class`` calls per class: one per feature block).
+
+    One process draws, per network, the seeds of class 0's blocks, then class 1's, ...; the rank's own calls
+    come in the middle, with the seeds one process gives them. Cost: one random number per dropped call.
+    """
+
+    def __init__(self, discrepancy: Any, classes: range, num_classes: int, calls_per_class: int) -> None:
+        self.discrepancy, self.classes = discrepancy, classes
+        self.num_classes, self.calls_per_class = int(num_classes), int(calls_per_class)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.discrepancy, name)
+
+    def __call__(self, real: Tensor, synthetic: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        return self.discrepancy(real, synthetic, generator=generator)
+
+    def _drop(self, generator: torch.Generator, classes: int) -> None:
+        for _ in range(classes * self.calls_per_class):
+            self.discrepancy.draw_seed(generator)
+
+    def before(self, generator: torch.Generator) -> None:
+        self._drop(generator, self.classes.start)
+
+    def after(self, generator: torch.Generator) -> None:
+        self._drop(generator, self.num_classes - self.classes.stop)

@@ -79,6 +79,10 @@ class SamplerContext:
         augmentation: training-time augmentation, ``augmentation(x, generator=...)`` (per-sample draws).
         synthetic: a callable returning the current ``(images, labels)`` of S, detached.
         parameter_gradients: whether the returned networks' parameters must require grad.
+        class_shard: class-parallel condensation: this rank's
+            :class:`~ipmcondense.condensation.parallel.ClassShard` (``real_batches`` then holds its classes only,
+            and a sampler that trains a network on real data sums its gradients over the ranks); ``None``: one
+            process.
     """
 
     build_network: Callable[[], nn.Module]
@@ -88,6 +92,7 @@ class SamplerContext:
     augmentation: Any
     synthetic: Callable[[], tuple[Tensor, Tensor]]
     parameter_gradients: bool
+    class_shard: Any = None
 
 
 def fresh_network(ctx: SamplerContext) -> nn.Module:
@@ -297,6 +302,12 @@ class PoolSampler(ParameterSampler):
     (with augmentation when ``pool_augment``) first and then used by the image step. The ``idm`` row sets
     IDM's ``initial_pool=3``, ``pool_train_after_step=True``, ``pool_augment=False``.
 
+    Class-parallel (``ctx.class_shard``): every rank holds the same pool (same seeds, same picks); a pool
+    network is trained on each rank's classes' rows of the class-balanced batch with the gradients summed over
+    the ranks (:meth:`~ipmcondense.condensation.parallel.ClassShard.train_replicated`), and the accuracy
+    meters count every rank's hits, so the replicas and the meters stay those of one process (up to the
+    rounding of the split sums).
+
     Deviations from IDM: training batches are class-balanced (``batch_pool`` per class, 26 x 10 = 260)
     instead of 256 images drawn uniformly over the training set; the meters are reset on a fixed
     schedule, not by the evaluation.
@@ -371,6 +382,12 @@ class PoolSampler(ParameterSampler):
         # training batches stay uniform under a loss-side selector (dream); duck-typed selectors: sample
         draw_real = getattr(ctx.real_batches, "sample_for_training", ctx.real_batches.sample)
         batches = (draw_real(self.batch_pool) for _ in range(self.train_steps))
+        if ctx.class_shard is not None:  # class-parallel: own classes' rows, gradients summed over the ranks
+            if self.augment:
+                raise ValueError("pool_augment=true cannot run class-parallel (per-sample draws over every class)")
+            ctx.class_shard.train_replicated(net, opt, batches, ctx.real_batches.global_batch_size(self.batch_pool),
+                                             meter=meter)
+            return
         net.requires_grad_(True)
         net.train()
         train_on_batches(net, opt, batches, augmentation=ctx.augmentation if self.augment else None,

@@ -88,6 +88,9 @@ class Objective(Component, ABC):
     default_sampler: str = "none"
     #: whether the objective draws real batches (the ``real_batches`` axis applies)
     uses_real_batches: bool = True
+    #: in class-parallel condensation, ``False`` when each rank's loss is the sum over its own classes (the
+    #: engine sums the ranks' values) and ``True`` when every rank computes the same whole loss (MTT's student)
+    loss_replicated_over_ranks: bool = False
 
     def __init__(self, ctx: ObjectiveContext) -> None:
         self.ctx = ctx

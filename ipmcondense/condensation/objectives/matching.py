@@ -123,8 +123,20 @@ class MatchingObjective(Objective):
         return total
 
     def _one(self, net, real, real_labels, syn, syn_labels, extras=True):
-        return matching_loss(
-            net, self.feature_map, self.discrepancy, real, real_labels, syn, syn_labels,
+        discrepancy = self.discrepancy
+        if self.ctx.classes is not None and hasattr(discrepancy, "draw_seed"):
+            # class-parallel with a discrepancy drawing a seed per call (sliced): the other classes' seeds are
+            # drawn and dropped around this rank's calls, as one process draws them (one call per feature block)
+            from ..parallel import DrawsOfEveryClass
+
+            blocks = len(self.feature_map(net, syn[:1], syn_labels[:1], [slice(0, 1)], differentiable=False))
+            discrepancy = DrawsOfEveryClass(discrepancy, self.ctx.classes, self.ctx.synthetic.num_classes, blocks)
+            discrepancy.before(self.ctx.generator)
+        total = matching_loss(
+            net, self.feature_map, discrepancy, real, real_labels, syn, syn_labels,
             class_batching=bool(self.config["class_batching"]),
             extra_terms=self.extra_terms if extras else (), generator=self.ctx.generator,
         ).total
+        if discrepancy is not self.discrepancy:
+            discrepancy.after(self.ctx.generator)
+        return total

@@ -101,6 +101,8 @@ def trajectory_matching_loss_and_grads(
     augment: Augmenter | None = None,
     generator: torch.Generator | None = None,
     soft_labels: bool = False,
+    *,
+    owned: Tensor | None = None,
 ) -> TrajectoryMatchingGradients:
     r"""MTT loss and its gradients by a reverse pass with recomputation (TESLA-like memory).
 
@@ -121,7 +123,10 @@ def trajectory_matching_loss_and_grads(
     same ``generator`` state) up to floating-point rounding.
 
     Args: as :func:`unrolled_sgd`; ``expert_start`` / ``expert_target`` are :math:`\theta^*_t` and
-    :math:`\theta^*_{t+M}` (``(P,)``), the student starts at ``expert_start``.
+    :math:`\theta^*_{t+M}` (``(P,)``), the student starts at ``expert_start``. ``owned`` (class-parallel):
+    this rank's rows of ``images``; every step sums the ranks' gradients of their own rows and the reverse
+    pass sums their Hessian-vector products (:func:`~ipmcondense.autodiff.sgd_step`), so the iterates and
+    adjoints are replicated and ``images_grad`` is nonzero on the own rows only.
 
     Returns:
         :class:`TrajectoryMatchingGradients`. To feed an optimizer, set ``images.grad`` (or call
@@ -149,7 +154,7 @@ def trajectory_matching_loss_and_grads(
         iterates.append(theta)
         nxt = sgd_step(
             net, layout, theta.detach().requires_grad_(True), images_leaf.detach(), labels_leaf.detach(),
-            step_size_at(lrs_leaf.detach(), step), plan, step, augment, create_graph=False,
+            step_size_at(lrs_leaf.detach(), step), plan, step, augment, create_graph=False, owned=owned,
         )
         theta = nxt.detach()
     student_end = theta
@@ -166,7 +171,7 @@ def trajectory_matching_loss_and_grads(
         theta_i = iterates[step].detach().requires_grad_(True)  # type: ignore[union-attr]
         nxt = sgd_step(
             net, layout, theta_i, images_leaf, labels_leaf, step_size_at(lrs_leaf, step), plan, step, augment,
-            create_graph=True,
+            create_graph=True, owned=owned,
         )
         inputs = [theta_i, images_leaf, lrs_leaf] + ([labels_leaf] if soft_labels else [])
         grads = torch.autograd.grad(nxt, inputs, grad_outputs=adjoint, allow_unused=True)
@@ -208,6 +213,8 @@ class TrajectoryMatchingObjective(Objective):
     name = "mtt"
     relation_to_ipm = "first-order approximation: accumulated gradient matching along the expert trajectory"
     uses_real_batches = False
+    #: in class-parallel condensation the student (hence the loss) is replicated on every rank
+    loss_replicated_over_ranks = True
 
     @dataclass(frozen=True)
     class Options:
@@ -285,10 +292,13 @@ class TrajectoryMatchingObjective(Objective):
         soft = bool(cfg["soft_labels"])
         steps, batch = int(cfg["syn_steps"]), cfg["batch_syn"]
         params = list(params)
+        owned = None
+        if ctx.classes is not None:  # class-parallel: own rows' gradients, summed over the ranks in every step
+            owned = (syn.labels >= ctx.classes.start) & (syn.labels < ctx.classes.stop)
         if cfg["memory_lean"]:
             result = trajectory_matching_loss_and_grads(
                 self.template, sample.params_start, sample.params_target, images.detach(), labels.detach(),
-                lr.detach(), steps, batch, self.augment, ctx.generator, soft,
+                lr.detach(), steps, batch, self.augment, ctx.generator, soft, owned=owned,
             )
             outputs, seeds = [images, lr], [result.images_grad, result.lrs_grad.reshape(lr.shape)]
             if soft:
@@ -298,6 +308,7 @@ class TrajectoryMatchingObjective(Objective):
             return result.loss, list(grads)
         end = unrolled_sgd(
             self.template, sample.params_start, images, labels, lr, steps, batch, self.augment, ctx.generator, soft,
+            owned=owned,
         )
         total = trajectory_matching_loss(end, sample.params_start, sample.params_target)
         grads = torch.autograd.grad(total, params, allow_unused=True)

@@ -28,8 +28,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--generator", default=None, help="an existing digits generator run (default: train one)")
     parser.add_argument("--work", default="/tmp/dcgm_digits", help="where the generator run is written")
-    parser.add_argument("--ipc", type=int, nargs="+", default=[1, 10])
-    parser.add_argument("--methods", nargs="+", default=["glad", "dcgm"])
+    parser.add_argument("--ipc", type=int, nargs="+", default=[10, 1])
+    parser.add_argument("--methods", nargs="+", default=["dcgm", "glad"])
     parser.add_argument("--models", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -46,8 +46,8 @@ def main() -> None:
                                "quality": run.metrics.get("quality")}
     else:
         report["generator"] = {"dir": generator}
-    for ipc in args.ipc:
-        for method in args.methods:
+    for method in args.methods:
+        for ipc in args.ipc:
             start = time.perf_counter()
             result = condense(method, "digits", ipc=ipc, iterations=600, batch_real=64, seed=0, progress=False,
                               generator=generator)

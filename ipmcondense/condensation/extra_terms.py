@@ -315,10 +315,12 @@ class ClassContrast(ExtraTerm):
                                           "value released, this library's choice")
         dcgm_temperature: float = option(0.1, "temperature of DCGM's two contrastive terms (this library's choice)")
 
-    def __init__(self, intra_weight: float, inter_weight: float, temperature: float = 0.1) -> None:
+    def __init__(self, intra_weight: float, inter_weight: float | None = None, temperature: float = 0.1) -> None:
+        """``inter_weight=None``: the same weight for both terms (:func:`get_extra_term` passes one weight)."""
         from ipmcondense.ipm._validation import check_positive_number
 
         self.intra_weight = check_positive_number(intra_weight, "intra_weight", allow_zero=True)
+        inter_weight = self.intra_weight if inter_weight is None else inter_weight
         self.inter_weight = check_positive_number(inter_weight, "inter_weight", allow_zero=True)
         self.temperature = check_positive_number(temperature, "dcgm_temperature")
         super().__init__(1.0)

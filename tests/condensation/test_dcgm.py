@@ -19,6 +19,7 @@ from ipmcondense.condensation.api import condense
 from ipmcondense.condensation.dcgm import GeneratorAdversary
 from ipmcondense.condensation.extra_terms import (
     ClassContrast,
+    get_extra_term,
     inter_class_discrimination_loss,
     intra_class_diversity_loss,
 )
@@ -106,6 +107,8 @@ def test_the_extra_terms_use_the_step_networks_embedding(digits):
     assert float(both) == pytest.approx(float(intra) + float(inter), rel=1e-6)
     assert torch.autograd.grad(both, syn)[0].abs().sum() > 0
     assert float(ClassContrast(0.0, 0.0)(net, real, labels_r, syn, labels_s, rs, ss)) == 0.0
+    one_weight = get_extra_term("class_contrast", 0.3)
+    assert (one_weight.intra_weight, one_weight.inter_weight, one_weight.temperature) == (0.3, 0.3, 0.1)
 
 
 def _gan_set(digits, ipc=2, **options):

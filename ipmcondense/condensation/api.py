@@ -251,7 +251,7 @@ def condense(
         eval_every: evaluate every N iterations (``eval_models`` models, ``eval_epochs`` epochs).
         feature_map, discrepancy, sampler, augmentation: replace axes of ``method`` (free composition).
         synthetic: the parameterisation of S (:data:`~ipmcondense.condensation.synthetic.SYNTHETIC_NAMES`,
-            default the row's, ``"pixels"``). ``"latent"`` (GLaD, IT-GAN) also needs ``generator=``: a generator
+            default the row's, ``"pixels"``). ``"latent"`` (GLaD, IT-GAN) and ``"latent_gan"`` (DCGM) also need ``generator=``: a generator
             run directory (:func:`ipmcondense.generators.train_generator`) or an ``nn.Module`` with an integer
             ``latent_dim`` mapping ``(latents, labels)`` to normalised images.
         real_batches: how real images are drawn per step
@@ -318,8 +318,9 @@ def condense(
     images, labels = initial_images(ds, _initial_per_class(recipe, config, ds, ipc), config["init"], init_generator,
                                     seed=seed, arch=config["arch"])
     extras = None if objective is None else objective.synthetic_extras(images, labels, ds, config)
-    if generator_module is not None and recipe.synthetic != "latent":
-        raise ValueError(f"generator is used by synthetic 'latent' only; method {recipe.name!r} uses {recipe.synthetic!r}")
+    if generator_module is not None and not getattr(SYNTHETIC_SETS.get(recipe.synthetic), "needs_generator", False):
+        raise ValueError(f"generator is used by synthetic 'latent' and 'latent_gan' only; method {recipe.name!r} uses "
+                         f"{recipe.synthetic!r}")
     synthetic_set = build_synthetic_set(recipe.synthetic, images, labels, ds.num_classes, config, extras,
                                         generator=generator_module, rng=init_generator).to(dev)
 

@@ -19,7 +19,9 @@ from .discrepancies import class_means
 from .samplers import running_accuracy_percent
 
 __all__ = ["ExtraTerm", "SyntheticCrossEntropy", "PrototypeDiscrimination", "ClassNormStatistics", "TeacherCrossEntropy",
-           "AnchorFeatureDistance", "class_norm_statistics", "EXTRA_TERMS", "EXTRA_TERM_NAMES", "get_extra_term"]
+           "AnchorFeatureDistance", "ClassContrast", "intra_class_diversity_loss",
+           "inter_class_discrimination_loss", "class_norm_statistics", "EXTRA_TERMS", "EXTRA_TERM_NAMES",
+           "get_extra_term"]
 
 
 
@@ -237,10 +239,116 @@ class AnchorFeatureDistance(ExtraTerm):
         return self.weight * (decoded - anchor).pow(2).sum(dim=1).mean()
 
 
+def _cosine_logits(a: Tensor, b: Tensor, temperature: float) -> Tensor:
+    """``(n, m)`` cosine similarities of the rows of ``a`` and ``b`` divided by ``temperature``."""
+    return F.normalize(a, dim=1) @ F.normalize(b, dim=1).t() / temperature
+
+
+def intra_class_diversity_loss(synthetic_features: Tensor, real_features: Tensor,
+                               synthetic_segments: Sequence[slice], real_segments: Sequence[slice],
+                               temperature: float) -> Tensor:
+    r"""DCGM's intra-class term: each synthetic sample pulled to its real class centre, pushed from its class-mates.
+
+    With :math:`s(a, b) = \cos(a, b)/\tau`, :math:`f_i` the synthetic features of class :math:`c` and
+    :math:`\mu^T_c` the mean real feature of the class (the positive), the other synthetic samples of the
+    same class being the negatives:
+
+    .. math:: L_{intra} = \frac1{|S|}\sum_c \sum_{i \in S_c}
+        \Big[\log\Big(e^{s(f_i, \mu^T_c)} + \sum_{j \in S_c, j \neq i} e^{s(f_i, f_j)}\Big) - s(f_i, \mu^T_c)\Big].
+
+    Zero for one sample per class (no negatives); decreasing in every same-class cosine similarity
+    :math:`\cos(f_i, f_j)`: the samples of a class are spread apart. ``synthetic_segments[k]`` and
+    ``real_segments[k]`` hold the same class. Cost: :math:`O(\sum_c |S_c|^2 d)`.
+    """
+    total, count = synthetic_features.new_zeros(()), 0
+    for ss, rs in zip(synthetic_segments, real_segments):
+        f = synthetic_features[ss]
+        centre = real_features[rs].mean(dim=0, keepdim=True)
+        positive = _cosine_logits(f, centre, temperature)  # (n_c, 1)
+        same = _cosine_logits(f, f, temperature)
+        same = same.masked_fill(torch.eye(f.shape[0], dtype=torch.bool, device=f.device), float("-inf"))
+        total = total + (torch.logsumexp(torch.cat([positive, same], dim=1), dim=1) - positive[:, 0]).sum()
+        count += f.shape[0]
+    return total / max(count, 1)
+
+
+def inter_class_discrimination_loss(synthetic_features: Tensor, real_features: Tensor,
+                                    synthetic_segments: Sequence[slice], real_segments: Sequence[slice],
+                                    temperature: float) -> Tensor:
+    r"""DCGM's inter-class term: every synthetic class centre pulled to its real centre, pushed from the other
+    synthetic class centres.
+
+    With :math:`\mu^S_c, \mu^T_c` the synthetic and real mean features of class :math:`c` and
+    :math:`s(a, b) = \cos(a, b)/\tau`:
+
+    .. math:: L_{inter} = \frac1C\sum_c \Big[\log\Big(e^{s(\mu^S_c, \mu^T_c)}
+        + \sum_{c' \neq c} e^{s(\mu^S_c, \mu^S_{c'})}\Big) - s(\mu^S_c, \mu^T_c)\Big]:
+
+    a cross-entropy that classifies each synthetic centre as its own class; it widens the gaps between the
+    centres of different classes. Cost: :math:`O(|S| d + C^2 d)`.
+    """
+    syn_centres = class_means(synthetic_features, synthetic_segments)
+    real_centres = class_means(real_features, real_segments)
+    positive = (F.normalize(syn_centres, dim=1) * F.normalize(real_centres, dim=1)).sum(dim=1, keepdim=True) / temperature
+    others = _cosine_logits(syn_centres, syn_centres, temperature)
+    others = others.masked_fill(torch.eye(others.shape[0], dtype=torch.bool, device=others.device), float("-inf"))
+    return (torch.logsumexp(torch.cat([positive, others], dim=1), dim=1) - positive[:, 0]).mean()
+
+
+class ClassContrast(ExtraTerm):
+    r"""DCGM's two relation terms, :math:`w_{intra} L_{intra} + w_{inter} L_{inter}`, in the step network's embedding.
+
+    :math:`L_{intra}` is :func:`intra_class_diversity_loss` (each synthetic sample pushed away from the others of
+    its class) and :math:`L_{inter}` :func:`inter_class_discrimination_loss` (the synthetic class centres pushed
+    apart), both on ``net.embed`` of the step's augmented batches (the real side without a graph). One component
+    so the two share one embedding pass per side. Not an IPM (contrastive penalties on the synthetic set's own
+    geometry). Cost: one embedding forward pass per side plus :math:`O(\sum_c |S_c|^2 d + C^2 d)`.
+    """
+
+    name = "class_contrast"
+
+    @dataclass(frozen=True)
+    class Options:
+        intra_weight: float = option(0.1, "DCGM (Zhang et al. 2023): weight of the intra-class loss; no code or "
+                                          "value released, this library's choice")
+        inter_weight: float = option(0.1, "DCGM (Zhang et al. 2023): weight of the inter-class loss; no code or "
+                                          "value released, this library's choice")
+        dcgm_temperature: float = option(0.1, "temperature of DCGM's two contrastive terms (this library's choice)")
+
+    def __init__(self, intra_weight: float, inter_weight: float | None = None, temperature: float = 0.1) -> None:
+        """``inter_weight=None``: the same weight for both terms (:func:`get_extra_term` passes one weight)."""
+        from ipmcondense.ipm._validation import check_positive_number
+
+        self.intra_weight = check_positive_number(intra_weight, "intra_weight", allow_zero=True)
+        inter_weight = self.intra_weight if inter_weight is None else inter_weight
+        self.inter_weight = check_positive_number(inter_weight, "inter_weight", allow_zero=True)
+        self.temperature = check_positive_number(temperature, "dcgm_temperature")
+        super().__init__(1.0)
+
+    @classmethod
+    def from_options(cls, options, **context):
+        return cls(options.intra_weight, options.inter_weight, options.dcgm_temperature)
+
+    def __call__(self, net, real_images, real_labels, synthetic_images, synthetic_labels, real_segments, synthetic_segments):
+        if self.intra_weight == 0 and self.inter_weight == 0:
+            return synthetic_images.new_zeros(())
+        with torch.no_grad():
+            real = net.embed(real_images).flatten(1)
+        synthetic = net.embed(synthetic_images).flatten(1)
+        total = synthetic.new_zeros(())
+        if self.intra_weight:
+            total = total + self.intra_weight * intra_class_diversity_loss(
+                synthetic, real, synthetic_segments, real_segments, self.temperature)
+        if self.inter_weight:
+            total = total + self.inter_weight * inter_class_discrimination_loss(
+                synthetic, real, synthetic_segments, real_segments, self.temperature)
+        return total
+
+
 #: The registered extra terms by name.
 EXTRA_TERMS: Registry = Registry("extra term")
 for _cls in (SyntheticCrossEntropy, PrototypeDiscrimination, ClassNormStatistics, TeacherCrossEntropy,
-             AnchorFeatureDistance):
+             AnchorFeatureDistance, ClassContrast):
     EXTRA_TERMS.register(_cls)
 EXTRA_TERM_NAMES = EXTRA_TERMS.names
 

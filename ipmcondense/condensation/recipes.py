@@ -388,6 +388,27 @@ _ROWS = (
                           "(5000 in IT-GAN); the regulariser weight anchor_weight 0.01 and fresh random networks "
                           "are this library's reading of the paper (the file names mention fixed networks of "
                           "accuracy 0.4-1.0: try --sampler pool); SGD momentum 0.5 as DM"),
+    MatchingRecipe(name="dcgm", feature_map="embedding", discrepancy="mean_embedding", sampler="fresh",
+                   augmentation="dsa", synthetic="latent_gan",
+                   extra_terms=("class_contrast",), relation_to_ipm=APPROXIMATE,
+                   why="DM's linear-kernel IPM^2 between the real set and the push-forward G_psi#nu_Z, with both the "
+                       "latents and the generator psi learned, plus a learned-critic GAN term (hinge, spectral norm: "
+                       "W1-like only for a 1-Lipschitz critic) and two contrastive penalties on the synthetic set's "
+                       "own geometry (not IPMs).",
+                   defaults={**_DM, "iterations": 1000, "lr_images": 0.01, "latent_init": "gaussian"},
+                   source="Zhang et al. arXiv 2309.07698 (DCGM). No official code is public (code index, the authors, "
+                          "awesome-dataset-distillation lists no code), and the paper's full text could not be read "
+                          "offline: the row follows its abstract and issue 18: latents and generator both optimised, "
+                          "DM feature matching in random ConvNets, a GAN loss against a discriminator, an intra-class "
+                          "loss pushing each sample away from the others of its class and an inter-class loss "
+                          "widening the gaps between class centres. This library's choices (not the paper's): the "
+                          "two losses are InfoNCE forms over cosine similarities in the step network's embedding "
+                          "(intra: positive the real class centre, negatives the class-mates; inter: positive the "
+                          "real centre, negatives the other synthetic centres), temperature 0.1, weights "
+                          "intra/inter 0.1 and gan 0.1; the hinge GAN with the projection discriminator of the "
+                          "generator run (fresh if none), one Adam step per iteration on ipc real images per class; "
+                          "SGD on generator weights at lr_generator 1e-4; a small class-conditional DCGAN trained "
+                          "here instead of a pretrained BigGAN; latents/lr/iterations as glad (DM host)"),
     # ------------------------------------------------------------------ other objectives
     ObjectiveRecipe(name="mtt", objective="mtt", augmentation="dsa", real_batches=None, relation_to_ipm=FIRST_ORDER,
                     why="first-order approximation: as the synthetic lr eta -> 0 the student's displacement after N "

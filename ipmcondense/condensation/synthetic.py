@@ -574,6 +574,12 @@ class LatentSet(SyntheticSet):
         ``generator``: an ``nn.Module`` (used as given) or ``None`` (``options.generator``, a run directory, is
         loaded); ``rng``: the ``torch.Generator`` of the Gaussian draw (seeded 0 if ``None``).
         """
+        z, generator = cls._initial_latents(images, labels, num_classes, options, generator, rng)
+        return cls(z, labels, num_classes, generator, anchors=images.detach().float(), extras=extras)
+
+    @staticmethod
+    def _initial_latents(images, labels, num_classes, options, generator, rng) -> tuple[Tensor, nn.Module]:
+        """The initial latents ``(n, d)`` and the checked generator (:meth:`from_images`)."""
         from ipmcondense.generators import check_generator, load_generator
 
         check_choice(options.latent_init, LATENT_INITS, "latent_init")
@@ -590,7 +596,7 @@ class LatentSet(SyntheticSet):
         z = torch.randn(images.shape[0], generator.latent_dim, generator=rng)
         if options.latent_init == "inversion":
             z = invert_generator(generator, images, labels, z, int(options.inversion_steps), float(options.inversion_lr))
-        return cls(z, labels, num_classes, generator, anchors=images, extras=extras)
+        return z, generator
 
     def train(self, mode: bool = True) -> LatentSet:
         """Set the module's mode; the fixed generator always stays in ``eval()`` mode (pure decoding)."""
@@ -637,6 +643,9 @@ SYNTHETIC_SETS.register(LatentSet)
 from .haba import HaBaSet  # noqa: E402  (haba builds on the classes above)
 
 SYNTHETIC_SETS.register(HaBaSet)
+from .dcgm import LatentGANSet  # noqa: E402  (builds on LatentSet)
+
+SYNTHETIC_SETS.register(LatentGANSet)
 SYNTHETIC_NAMES = SYNTHETIC_SETS.names
 
 
@@ -652,7 +661,7 @@ def build_synthetic_set(
     HaBa's hallucinator weights; ``None``: a fixed seed); the others ignore them.
     """
     cls = SYNTHETIC_SETS.get(name)
-    if getattr(cls, "needs_generator", False):
+    if getattr(cls, "needs_generator", False):  # latent, latent_gan
         return cls.from_images(images, labels, num_classes, cls.options_from(config), extras, generator=generator, rng=rng)
     if generator is not None:
         raise ValueError(f"generator is only used by synthetic 'latent', not {name!r}")

@@ -22,7 +22,8 @@ and the pooled embedding matched twice, embedding_weight 2), ``rcig`` and ``rcig
 algorithm, a pool of 2 models here trained online on S, the network linearised around the pool model with 3 inner
 Adam steps on the tangent, the closed-form KRR last layer, learned labels and temperature, the implicit gradient by
 3 CG/Neumann steps clipped to the direct gradient's norm, as yolky/RCIG). New cases: ``wmdd`` (the WMDD
-row, issue 11 item 7), ``kip-conv`` (KIP with the infinite-width ConvNet NTK and learned labels; issue 11 item 3).
+row, issue 11 item 7), ``kip-conv`` (KIP with the infinite-width ConvNet NTK and learned labels; issue 11 item 3),
+``dcgm`` (latents and generator trained with DM, a GAN term and DCGM's two contrastive terms; issue 18).
 ``kip-labels`` changed on purpose: KIP learns its labels at the image rate (one Adam(0.04) over images and
 labels, as KIP.ipynb), no longer at the separate rate 2.0 inherited from DATM's soft labels.
 """
@@ -81,6 +82,7 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
                               "rcig_solver": "neumann"}),
     "glad": ("glad", {**_TINY, **_LATENT}),
     "itgan": ("itgan", {**_TINY, **_LATENT, "inversion_steps": 5}),
+    "dcgm": ("dcgm", {**_TINY, **_LATENT}),
     "random": ("random", {}),
     "herding": ("herding", {}),
     "kcenter": ("kcenter", {}),

@@ -54,7 +54,7 @@ def test_each_recipe_runs_end_to_end_and_decreases_its_loss(method, digits):
     # gradient-cosine and layer losses are very non-smooth on 8x8 digits: small steps from noise
     inner = RECIPES[method].sampler in ("fresh_inner", "fresh_watched")
     settings = {**TINY, **({"lr_images": 0.001, "init": "noise"} if inner else {}),
-                **(LATENT if RECIPES[method].synthetic == "latent" else {})}
+                **(LATENT if RECIPES[method].synthetic in ("latent", "latent_gan") else {})}
     iterations = 4 if inner else 6 if method == "wasserstein" else 12
     before = condense(method, "digits", ipc=2, iterations=0, progress=False, seed=1, **settings)
     after = condense(method, "digits", ipc=2, iterations=iterations, progress=False, seed=1, **settings)
@@ -199,5 +199,5 @@ def test_evaluate_missing_path(tmp_path):
 
 def test_registry_lists_every_method():
     assert set(METHOD_NAMES) == {"dm", "m3d", "wasserstein", "wmdd", "dc", "dsa", "cafe", "datadam", "lcmat", "idm",
-                                 "idc", "dcc", "channel_efficient", "glad", "itgan", "mtt", "haba", "esp", "kip", "rfad",
+                                 "idc", "dcc", "channel_efficient", "glad", "itgan", "dcgm", "mtt", "haba", "esp", "kip", "rfad",
                                  "dd", "rcig", "random", "herding", "kcenter"}

@@ -41,7 +41,9 @@ def test_known_keys_and_values_of_the_reference_table():
     # + 5: latent (4) and anchor_weight (IT-GAN's anchor term; issue 18)
     # + 2: conv_depth, conv_readout (kip's ConvNet kernel; issue 11 item 3)
     # + 6: RCIG's pool, online training, inner Adam step and temperature step (issue 11 item 2)
-    assert len(COMMON_DEFAULTS) == 62 + 5 + 5 + 2 + 6 + 2 + 6 + 10 + 1 + 5 + 2 + 6 and COMMON_DEFAULTS["factor"] == 2
+    # + 6: DCGM (issue 18): lr_generator, gan_weight, lr_discriminator (latent_gan), intra_weight, inter_weight,
+    # dcgm_temperature (its two extra terms)
+    assert len(COMMON_DEFAULTS) == 62 + 5 + 5 + 2 + 6 + 2 + 6 + 10 + 1 + 5 + 2 + 6 + 6 and COMMON_DEFAULTS["factor"] == 2
     assert (COMMON_DEFAULTS["dream_interval"], COMMON_DEFAULTS["dream_max_iter"]) == (10, 100)
     assert (COMMON_DEFAULTS["sinkhorn_p"], COMMON_DEFAULTS["steps_per_network"]) == (2, 1)
 

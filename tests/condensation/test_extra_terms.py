@@ -19,7 +19,9 @@ def test_unknown_term():
 
 def test_weights_come_from_the_declared_options():
     assert EXTRA_TERMS.option_defaults() == {"ce_weight": 0.5, "inner_weight": 0.01, "bn_weight": 0.01,
-                                             "teacher_ce_weight": 1.0, "anchor_weight": 0.01}
+                                             "teacher_ce_weight": 1.0, "anchor_weight": 0.01,
+                                             # DCGM's class_contrast (issue 18)
+                                             "intra_weight": 0.1, "inter_weight": 0.1, "dcgm_temperature": 0.1}
     assert EXTRA_TERMS.get("synthetic_ce").from_config({"ce_weight": 3.0}).weight == 3.0
     assert EXTRA_TERMS.get("prototype_discrimination").from_config({}).weight == 0.01
 

@@ -142,7 +142,7 @@ def test_user_module_generator_and_bad_input(digits, tmp_path):
         assert torch.equal(result.images, tiny(stored["latents"], stored["labels"]))
     with pytest.raises(ValueError, match="needs a generator"):
         condense("glad", "digits", ipc=1, iterations=1, progress=False)
-    with pytest.raises(ValueError, match="generator is used by synthetic 'latent' only"):
+    with pytest.raises(ValueError, match="generator is used by synthetic 'latent'"):
         condense("dm", "digits", ipc=1, iterations=1, progress=False, generator=tiny)
     with pytest.raises(TypeError, match="generator must be"):
         condense("glad", "digits", ipc=1, iterations=1, progress=False, generator=3)

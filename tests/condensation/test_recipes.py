@@ -69,7 +69,7 @@ def test_compose_recipe():
 
 #: Rows whose synthetic set is not plain pixels.
 SYNTHETIC_OF = {"idc": "multiformation", "channel_efficient": "channelwise", "haba": "haba", "glad": "latent",
-                "itgan": "latent"}
+                "itgan": "latent", "dcgm": "latent_gan"}
 
 
 def test_the_two_data_axes_compose_and_unknown_names_list_the_choices():
@@ -92,7 +92,7 @@ def test_rows_are_a_tagged_union():
     kinds = {name: type(row) for name, row in RECIPES.items()}
     assert {n for n, k in kinds.items() if k is MatchingRecipe} == {
         "dm", "m3d", "wasserstein", "wmdd", "dc", "dsa", "cafe", "datadam", "lcmat", "idm", "idc", "dcc",
-        "channel_efficient", "glad", "itgan"}
+        "channel_efficient", "glad", "itgan", "dcgm"}
     assert {n for n, k in kinds.items() if k is ObjectiveRecipe} == {"mtt", "haba", "kip", "rfad", "dd", "esp", "rcig"}
     assert {n for n, k in kinds.items() if k is SelectionRecipe} == {"random", "herding", "kcenter"}
     assert not hasattr(get_recipe("kip"), "feature_map") and get_recipe("kip").sampler == "none"

@@ -43,7 +43,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", required=True, help="run directory (created)")
     p.add_argument("--epochs", type=int, default=None,
                    help="training epochs (gan: 50 for digits, 5 for mnist / fashion-mnist, 50 otherwise; "
-                        "diffusion: 100 for digits, 3 for mnist / fashion-mnist, 100 otherwise)")
+                        "diffusion: 100 for digits, 2 for mnist / fashion-mnist, 100 otherwise)")
     p.add_argument("--data-root", default=None, help="folder holding the torchvision datasets")
     p.add_argument("--image-size", type=int, default=None, metavar="N",
                    help="resize and centre-crop the dataset's images to NxN")

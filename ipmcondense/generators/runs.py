@@ -70,7 +70,7 @@ _RESUMABLE = ("epochs",)
 #: Default epochs per dataset (2-core CPU budgets measured in docs/guides/generative.md).
 DEFAULT_EPOCHS = {"digits": 50, "mnist": 5, "fashion-mnist": 5}
 #: Default epochs of ``kind="diffusion"`` per dataset (budgets in docs/guides/generative.md).
-DIFFUSION_DEFAULT_EPOCHS = {"digits": 100, "mnist": 3, "fashion-mnist": 3}
+DIFFUSION_DEFAULT_EPOCHS = {"digits": 100, "mnist": 2, "fashion-mnist": 2}
 #: Default Adam step per kind.
 DEFAULT_LR = {"gan": 2e-4, "diffusion": 1e-3}
 

@@ -58,7 +58,9 @@ __all__ = [
     "epsilon_loss",
     "ddpm_sample",
     "ddim_sample",
+    "ddim_timesteps",
     "predict_x0",
+    "timestep_embedding",
 ]
 
 NOISE_SCHEDULES = ("linear", "cosine")

@@ -29,10 +29,6 @@ from .diffusion import DiffusionGenerator, epsilon_loss
 
 __all__ = ["train_diffusion_epochs", "save_diffusion_checkpoint"]
 
-#: Extra terms of a step: ``(x0, predicted_x0, labels) -> {name: scalar tensor}`` (added to the loss).
-ExtraTerms = Callable[[Tensor, Tensor, Tensor], dict[str, Tensor]]
-
-
 @torch.no_grad()
 def _update_ema(ema: DiffusionGenerator, model: DiffusionGenerator, decay: float) -> None:
     for e, p in zip(ema.parameters(), model.parameters()):
@@ -55,9 +51,13 @@ def save_diffusion_checkpoint(out_path: Path, epoch: int, settings: dict, model,
 def train_diffusion_epochs(model: DiffusionGenerator, ema: DiffusionGenerator, optimizer, images: Tensor,
                            labels: Tensor, *, epoch: int, epochs: int, batch_size: int, rng: torch.Generator,
                            class_dropout: float, ema_decay: float, history: dict[str, list[float]],
-                           on_epoch_end: Callable[[int], None], extra_terms: ExtraTerms | None = None,
+                           on_epoch_end: Callable[[int], None], extra_terms: Callable[..., dict[str, Tensor]] | None = None,
                            progress: bool = True, desc: str = "diffusion") -> int:
-    """Run epochs ``epoch + 1 .. epochs`` of the loop of the module docstring; returns the final epoch."""
+    """Run epochs ``epoch + 1 .. epochs`` of the loop of the module docstring; returns the final epoch.
+
+    ``extra_terms(x0, predicted_x0, labels)`` (optional) returns a dict of named scalar tensors added to the loss
+    of each step (minimax diffusion's terms).
+    """
     from tqdm.auto import tqdm
 
     dev = images.device

@@ -55,7 +55,7 @@ from .runs import _CHECKPOINT_FORMAT, GENERATOR_CHECKPOINT_FILE, GeneratorRun, _
 
 __all__ = ["minimax_terms", "MinimaxMemory", "minimax_finetune", "MINIMAX_TRAINABLE"]
 
-#: Which weights minimax fine-tuning trains: the DiffFit subset (official) or all of them.
+#: The weights minimax fine-tuning may train, the DiffFit subset (official) or all of them.
 MINIMAX_TRAINABLE = ("difffit", "all")
 # name fragments of the DiffFit subset (official mark_difffit_trainable: bias, norm, gamma, y_embed)
 _DIFFFIT_NAMES = ("bias", "norm", "class_embedding")

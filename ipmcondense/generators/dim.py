@@ -75,6 +75,11 @@ def _load_stage_one(path: Path) -> dict[str, Any]:
     data = torch_load_weights_only(file, "generator checkpoint")
     if not isinstance(data, dict) or data.get("format") != _CHECKPOINT_FORMAT:
         raise ValueError(f"{file} is not an ipmcondense generator checkpoint")
+    if data["settings"].get("kind") != "gan":
+        raise ValueError(
+            f"DiM fine-tunes a GAN: generator run {str(path)!r} is of kind {data['settings'].get('kind')!r} "
+            "(train one with `ipmcondense generator --kind gan`)"
+        )
     return data
 
 

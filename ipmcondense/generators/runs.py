@@ -14,6 +14,10 @@ A generator run directory ``out`` holds
 
 Every file is written atomically (:mod:`ipmcondense.files`).
 
+Training (``kind="diffusion"``): a small class-conditional DDPM
+(:mod:`ipmcondense.generators.diffusion`, trained by :mod:`ipmcondense.generators.diffusion_training`); the
+checkpoint then holds the model, its EMA and one Adam state instead of the two networks.
+
 Training (``kind="gan"``): per mini-batch of ``batch_size`` real images, one discriminator step on the hinge
 loss (real batch vs ``G(z, y)`` with the real batch's labels and fresh ``z ~ N(0, I)``), then one generator
 step on :math:`-E[D(G(z, y), y)]`; Adam(``lr``, betas (0.5, 0.999)) for both. Every random draw (shuffles,
@@ -37,6 +41,7 @@ from ipmcondense.files import atomic_torch_save, atomic_write, atomic_write_json
 from ipmcondense.ipm._validation import check_choice, check_positive_int, check_positive_number
 from ipmcondense.nets import build_isolated, draw_seed
 
+from .diffusion import NOISE_SCHEDULES, DiffusionGenerator
 from .gan import ConditionalDiscriminator, ConditionalGenerator, hinge_losses
 from .quality import QUALITY_EMBEDDING, random_convnet_mmd2
 
@@ -51,7 +56,7 @@ __all__ = [
     "save_sample_grid",
 ]
 
-GENERATOR_KINDS = ("gan",)
+GENERATOR_KINDS = ("gan", "diffusion")
 GENERATOR_FILE = "generator.pt"
 GENERATOR_CHECKPOINT_FILE = "checkpoint.pt"
 SAMPLES_FILE = "samples.png"
@@ -64,13 +69,17 @@ _RESUMABLE = ("epochs",)
 
 #: Default epochs per dataset (2-core CPU budgets measured in docs/guides/generative.md).
 DEFAULT_EPOCHS = {"digits": 50, "mnist": 5, "fashion-mnist": 5}
+#: Default epochs of ``kind="diffusion"`` per dataset (budgets in docs/guides/generative.md).
+DIFFUSION_DEFAULT_EPOCHS = {"digits": 100, "mnist": 2, "fashion-mnist": 2}
+#: Default Adam step per kind.
+DEFAULT_LR = {"gan": 2e-4, "diffusion": 1e-3}
 
 
 @dataclass
 class GeneratorRun:
     """What :func:`train_generator` returns: the trained generator (eval mode) and the run's metrics."""
 
-    generator: ConditionalGenerator
+    generator: ConditionalGenerator | DiffusionGenerator
     metrics: dict[str, Any]
     out: Path | None
 
@@ -113,8 +122,9 @@ def save_sample_grid(images: Tensor, per_row: int, path: str | os.PathLike, deno
     atomic_write(path, lambda handle: save_image(pixels, handle, nrow=max(1, int(per_row)), padding=1, format="png"))
 
 
-def load_generator(path: str | os.PathLike, device: str | torch.device | None = None) -> ConditionalGenerator:
-    """The generator of a run directory (or its ``generator.pt``), in ``eval()`` mode with ``requires_grad=False``."""
+def load_generator(path: str | os.PathLike, device: str | torch.device | None = None) -> nn.Module:
+    """The generator of a run directory (or its ``generator.pt``), in ``eval()`` mode with ``requires_grad=False``:
+    a :class:`ConditionalGenerator` (``kind="gan"``) or a :class:`DiffusionGenerator` (``kind="diffusion"``)."""
     from ipmcondense.data.files import torch_load_weights_only
 
     file = Path(path)
@@ -128,7 +138,8 @@ def load_generator(path: str | os.PathLike, device: str | torch.device | None = 
     if not isinstance(data, dict) or data.get("format") != GENERATOR_FORMAT or data.get("kind") not in GENERATOR_KINDS:
         raise ValueError(f"{file} is not an ipmcondense generator (format {GENERATOR_FORMAT!r} expected)")
     try:
-        generator = ConditionalGenerator(**data["architecture"])
+        cls = DiffusionGenerator if data["kind"] == "diffusion" else ConditionalGenerator
+        generator = cls(**data["architecture"])
         generator.load_state_dict(data["state_dict"])
     except (KeyError, TypeError, RuntimeError) as err:
         raise ValueError(f"generator file {file} is damaged ({err})") from err
@@ -143,6 +154,20 @@ def _settings(dataset: Any, kind: str, latent_dim: int, width: int, batch_size: 
             "image_shape": [dataset.channels, *dataset.image_size]}
 
 
+def _diffusion_settings(timesteps: Any, schedule: Any, sample_steps: Any, guidance: Any, class_dropout: Any,
+                        ema_decay: Any) -> dict:
+    timesteps = check_positive_int(timesteps, "timesteps")
+    sample_steps = check_positive_int(sample_steps, "sample_steps")
+    if sample_steps > timesteps:
+        raise ValueError(f"sample_steps ({sample_steps}) cannot exceed timesteps ({timesteps})")
+    for value, name in ((class_dropout, "class_dropout"), (ema_decay, "ema_decay")):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+    return {"timesteps": timesteps, "schedule": check_choice(schedule, NOISE_SCHEDULES, "schedule"),
+            "sample_steps": sample_steps, "guidance": check_positive_number(guidance, "guidance", allow_zero=True),
+            "class_dropout": float(class_dropout), "ema_decay": float(ema_decay)}
+
+
 def train_generator(
     dataset: Any,
     out: str | os.PathLike | None = None,
@@ -152,13 +177,19 @@ def train_generator(
     latent_dim: int = 64,
     width: int = 32,
     batch_size: int = 64,
-    lr: float = 2e-4,
+    lr: float | None = None,
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: bool = True,
     resume: bool = False,
     overwrite: bool = False,
     samples_per_class: int = 10,
+    timesteps: int = 1000,
+    schedule: str = "linear",
+    sample_steps: int = 25,
+    guidance: float = 1.0,
+    class_dropout: float = 0.1,
+    ema_decay: float = 0.995,
 ) -> GeneratorRun:
     """Train a class-conditional generator on ``dataset`` (a ``LabelledImages``) and write the run to ``out``.
 
@@ -167,9 +198,18 @@ def train_generator(
     (an error if there is none or if its settings differ, except ``epochs``); an ``out`` that already holds
     a run needs ``resume`` or ``overwrite``. Cost: ``epochs * N / batch_size`` steps, each one forward and
     backward pass of the discriminator on ``2 * batch_size`` images and of both networks on ``batch_size``.
+
+    ``kind="diffusion"`` trains a :class:`DiffusionGenerator` instead (``latent_dim`` is then ``C*H*W``, the
+    noise :math:`x_T`): ``timesteps`` :math:`T` (1000), ``schedule`` (``"linear"``), ``sample_steps`` (25 DDIM
+    steps per sample), ``guidance`` (1.0: no classifier-free guidance), ``class_dropout`` (0.1) and
+    ``ema_decay`` (0.995) apply to it only; ``lr`` defaults to :data:`DEFAULT_LR` of the kind and ``epochs``
+    to :data:`DIFFUSION_DEFAULT_EPOCHS` (100 otherwise). Cost: one U-Net forward/backward pass on
+    ``batch_size`` images per step, plus ``sample_steps`` passes per generated image at the end.
     """
     kind = check_choice(kind, GENERATOR_KINDS, "kind")
-    epochs = DEFAULT_EPOCHS.get(dataset.name, 50) if epochs is None else epochs
+    table = DIFFUSION_DEFAULT_EPOCHS if kind == "diffusion" else DEFAULT_EPOCHS
+    epochs = table.get(dataset.name, 100 if kind == "diffusion" else 50) if epochs is None else epochs
+    lr = DEFAULT_LR[kind] if lr is None else lr
     epochs = check_positive_int(epochs, "epochs")
     latent_dim = check_positive_int(latent_dim, "latent_dim")
     width = check_positive_int(width, "width")
@@ -179,11 +219,20 @@ def train_generator(
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
     dev = torch.device(device or "cpu")
+    if kind == "diffusion":
+        latent_dim = dataset.channels * dataset.image_size[0] * dataset.image_size[1]
     settings = _settings(dataset, kind, latent_dim, width, batch_size, lr, seed)
+    if kind == "diffusion":
+        settings.update(_diffusion_settings(timesteps, schedule, sample_steps, guidance, class_dropout, ema_decay))
+    if resume and out is None:
+        raise ValueError("resume=True needs out: the run directory whose checkpoint to continue")
     out_path = Path(out) if out is not None else None
     checkpoint = _check_out(out_path, resume, overwrite, settings) if out_path is not None else None
-    if resume and out_path is None:
-        raise ValueError("resume=True needs out: the run directory whose checkpoint to continue")
+    if kind == "diffusion":
+        from .diffusion_training import run_diffusion
+
+        return run_diffusion(dataset, settings, out_path, checkpoint, epochs=epochs, seed=seed, dev=dev,
+                             progress=progress, samples_per_class=samples_per_class)
 
     rng = torch.Generator().manual_seed(int(seed))
     channels, size = dataset.channels, dataset.image_size

@@ -565,7 +565,7 @@ def _value_and_gradients(plan: _TilePlan, x, y, a, b, need_x, need_y, need_a, ne
         if grad_b is not None:
             grad_b[c0:c1].add_(cols, alpha=mult)
         if repaired is not None and (row_grad or col_grad):
-            if direct_rows is None:
+            if direct_rows is None and direct_cols is None:
                 direct_rows = torch.zeros(x.shape[0], dim, **acc) if row_grad else None
                 direct_cols = (direct_rows if plan.symmetric else torch.zeros(y.shape[0], dim, **acc)) if col_grad else None
             _direct_terms(plan, repaired, flagged * (scale * mult), r0, c0, a, b, direct_rows, direct_cols)

@@ -10,8 +10,8 @@ Backends (``backend=``):
 ``"dense"``
     The full Gram matrix with plain autograd: ``O(nmd)`` time, ``O(nm)`` memory.
 ``"tiled"``
-    Pure torch, memory ``O(tile)`` in the forward *and* the backward pass. Tiles of
-    256 x 2048 entries (cache-sized; for a symmetric self-sum only the upper triangle is computed:
+    Pure torch, memory ``O(tile)`` beyond ``O((n + m) d)`` for the points and their gradients. Tiles
+    of 256 x 2048 entries per torch thread (cache-sized; for a symmetric self-sum only the upper triangle is computed:
     per 256-row block the diagonal square once and the tiles right of it counted twice, so
     :math:`K_{xx}` and :math:`K_{yy}` cost half their Gram products) are built with one GEMM each
     on augmented points, :math:`[x, \\|x\\|^2, 1] \\cdot [-2y, 1, \\|y\\|^2]^\\top = \\|x - y\\|^2`
@@ -19,9 +19,12 @@ Backends (``backend=``):
     reduced (row sums in the input dtype, tile sums accumulated in float64). Entries that lost
     accuracy to cancellation are recomputed directly (see
     :func:`~ipmcondense.ipm.kernels.squared_distances`). A custom
-    ``autograd.Function`` recomputes each tile in the backward pass and applies the analytic
-    gradient (radial kernels: :math:`\\partial_{x_i} = 2 a_i \\sum_j b_j \\varphi'_{ij} (x_i - y_j)`;
-    dot-product kernels: :math:`a_i \\sum_j b_j \\psi'_{ij} y_j`). Kernels of any other form are
+    ``autograd.Function`` applies the analytic gradient (radial kernels:
+    :math:`\\partial_{x_i} = 2 a_i \\sum_j b_j \\varphi'_{ij} (x_i - y_j)`; dot-product kernels:
+    :math:`a_i \\sum_j b_j \\psi'_{ij} y_j`), built in the same sweep over the tiles as the value when
+    autograd records (the sum is a scalar: the backward pass only scales it by ``grad_output``), so no
+    tile is computed twice; a forward pass under autograd whose result is never differentiated pays
+    for the gradient GEMMs all the same (call it under ``torch.no_grad()``). Kernels of any other form are
     recomputed tile by tile under autograd (activation checkpointing), so memory stays bounded too.
     The analytic backward is first-order only (a second derivative raises an error; use ``dense``).
 ``"keops"``
@@ -73,11 +76,13 @@ DENSE_MAX_ENTRIES_CPU = 65_536
 #: Tile shape: 256 x 2048 float32 entries (2 MB) stay in this CPU's L2 cache (2 MB per core) through the
 #: GEMM, the in-place kernel profile and the row sums; larger tiles spill and are up to 2x slower
 #: (measured at N = 10,000, D = 64). ``SYMMETRIC_BLOCK`` is the row-block height of a symmetric self-sum.
+#: With several torch threads the columns are multiplied by their number (see ``_tile_shape``).
 TILE_ROWS = 256
 TILE_COLS = 2048
 SYMMETRIC_BLOCK = 256
 #: Column-gradient GEMMs accumulate in the input dtype over this many row blocks, then in float64.
 FLUSH_BLOCKS = 8
+
 
 def resolve_backend(backend: str, n: int, m: int, device: torch.device) -> str:
     """The concrete backend (``dense``/``tiled``/``keops``) that ``backend`` means for an ``n x m`` sum."""
@@ -241,9 +246,11 @@ def _dense_sum(kernel: Kernel, x, y, a, b, exclude: bool) -> Tensor:
 
 
 def _tile_shape() -> tuple[int, int, int]:
-    """``(rows, cols, symmetric block)`` of the tiles: the cache-sized shape per thread, with the columns
-    widened by the number of torch threads, so that each thread's share stays cache-sized while each tile
-    opens as few parallel regions (one thread wake-up and barrier each) as one thread's tile."""
+    """``(rows, cols, symmetric block)`` of the tiles: the cache-sized shape per thread, the columns
+    multiplied by the number of torch threads. Every GEMM and every elementwise pass over a tile is one
+    OpenMP parallel region ending in a barrier, whose cost is a thread wake-up: ~10 us on idle cores, a
+    scheduler time slice (measured 10-20 ms) when other processes hold the cores. Wider tiles keep each
+    thread's share cache-sized and open fewer regions per sum."""
     threads = max(1, torch.get_num_threads())
     return TILE_ROWS, TILE_COLS * threads, SYMMETRIC_BLOCK
 

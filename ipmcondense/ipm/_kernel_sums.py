@@ -10,8 +10,8 @@ Backends (``backend=``):
 ``"dense"``
     The full Gram matrix with plain autograd: ``O(nmd)`` time, ``O(nm)`` memory.
 ``"tiled"``
-    Pure torch, memory ``O(tile)`` in the forward *and* the backward pass. Tiles of
-    256 x 2048 entries (cache-sized; for a symmetric self-sum only the upper triangle is computed:
+    Pure torch, memory ``O(tile)`` beyond ``O((n + m) d)`` for the points and their gradients. Tiles
+    of 256 x 2048 entries per torch thread (cache-sized; for a symmetric self-sum only the upper triangle is computed:
     per 256-row block the diagonal square once and the tiles right of it counted twice, so
     :math:`K_{xx}` and :math:`K_{yy}` cost half their Gram products) are built with one GEMM each
     on augmented points, :math:`[x, \\|x\\|^2, 1] \\cdot [-2y, 1, \\|y\\|^2]^\\top = \\|x - y\\|^2`
@@ -19,9 +19,12 @@ Backends (``backend=``):
     reduced (row sums in the input dtype, tile sums accumulated in float64). Entries that lost
     accuracy to cancellation are recomputed directly (see
     :func:`~ipmcondense.ipm.kernels.squared_distances`). A custom
-    ``autograd.Function`` recomputes each tile in the backward pass and applies the analytic
-    gradient (radial kernels: :math:`\\partial_{x_i} = 2 a_i \\sum_j b_j \\varphi'_{ij} (x_i - y_j)`;
-    dot-product kernels: :math:`a_i \\sum_j b_j \\psi'_{ij} y_j`). Kernels of any other form are
+    ``autograd.Function`` applies the analytic gradient (radial kernels:
+    :math:`\\partial_{x_i} = 2 a_i \\sum_j b_j \\varphi'_{ij} (x_i - y_j)`; dot-product kernels:
+    :math:`a_i \\sum_j b_j \\psi'_{ij} y_j`), built in the same sweep over the tiles as the value when
+    autograd records (the sum is a scalar: the backward pass only scales it by ``grad_output``), so no
+    tile is computed twice; a forward pass under autograd whose result is never differentiated pays
+    for the gradient GEMMs all the same (call it under ``torch.no_grad()``). Kernels of any other form are
     recomputed tile by tile under autograd (activation checkpointing), so memory stays bounded too.
     The analytic backward is first-order only (a second derivative raises an error; use ``dense``).
 ``"keops"``
@@ -59,6 +62,7 @@ from .kernels import (
     cancelled_entries,
     direct_squared_distances,
 )
+from .pairwise import RECOMPUTE_CHUNK
 
 __all__ = ["BACKENDS", "kernel_sum", "kernel_matvec", "keops_available", "resolve_backend"]
 
@@ -72,9 +76,13 @@ DENSE_MAX_ENTRIES_CPU = 65_536
 #: Tile shape: 256 x 2048 float32 entries (2 MB) stay in this CPU's L2 cache (2 MB per core) through the
 #: GEMM, the in-place kernel profile and the row sums; larger tiles spill and are up to 2x slower
 #: (measured at N = 10,000, D = 64). ``SYMMETRIC_BLOCK`` is the row-block height of a symmetric self-sum.
+#: With several torch threads the columns are multiplied by their number (see ``_tile_shape``).
 TILE_ROWS = 256
 TILE_COLS = 2048
 SYMMETRIC_BLOCK = 256
+#: Column-gradient GEMMs accumulate in the input dtype over this many row blocks, then in float64.
+FLUSH_BLOCKS = 8
+
 
 def resolve_backend(backend: str, n: int, m: int, device: torch.device) -> str:
     """The concrete backend (``dense``/``tiled``/``keops``) that ``backend`` means for an ``n x m`` sum."""
@@ -237,6 +245,16 @@ def _dense_sum(kernel: Kernel, x, y, a, b, exclude: bool) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
+def _tile_shape() -> tuple[int, int, int]:
+    """``(rows, cols, symmetric block)`` of the tiles: the cache-sized shape per thread, the columns
+    multiplied by the number of torch threads. Every GEMM and every elementwise pass over a tile is one
+    OpenMP parallel region ending in a barrier, whose cost is a thread wake-up: ~10 us on idle cores, a
+    scheduler time slice (measured 10-20 ms) when other processes hold the cores. Wider tiles keep each
+    thread's share cache-sized and open fewer regions per sum."""
+    threads = max(1, torch.get_num_threads())
+    return TILE_ROWS, TILE_COLS * threads, SYMMETRIC_BLOCK
+
+
 class _TilePlan:
     """Everything one tiled sum needs: prepared points, the tile list and the per-tile kernel maths."""
 
@@ -247,23 +265,28 @@ class _TilePlan:
         self.symmetric = symmetric
         self.self_pairs = self_pairs
         self.exclude = exclude
+        self.exponent_scale = None
+        #: whether autograd was recording when the sum was called (inside ``forward`` it is always off)
+        self.grad_enabled = torch.is_grad_enabled()
         n, m = x.shape[0], y.shape[0]
+        tile_rows, tile_cols, block = _tile_shape()
         if symmetric:
             # Upper triangle only: per block of rows, the diagonal square once, the rest twice (symmetry).
             self.tiles = []
-            for r0 in range(0, n, SYMMETRIC_BLOCK):
-                r1 = min(r0 + SYMMETRIC_BLOCK, n)
+            for r0 in range(0, n, block):
+                r1 = min(r0 + block, n)
                 self.tiles.append((r0, r1, r0, r1, 1.0))
-                self.tiles.extend((r0, r1, c0, min(c0 + TILE_COLS, n), 2.0) for c0 in range(r1, n, TILE_COLS))
-            rows, cols = SYMMETRIC_BLOCK, max(SYMMETRIC_BLOCK, TILE_COLS)
+                self.tiles.extend((r0, r1, c0, min(c0 + tile_cols, n), 2.0) for c0 in range(r1, n, tile_cols))
+            rows, cols = block, max(block, tile_cols)
         else:
             self.tiles = [
-                (r0, min(r0 + TILE_ROWS, n), c0, min(c0 + TILE_COLS, m), 1.0)
-                for r0 in range(0, n, TILE_ROWS)
-                for c0 in range(0, m, TILE_COLS)
+                (r0, min(r0 + tile_rows, n), c0, min(c0 + tile_cols, m), 1.0)
+                for r0 in range(0, n, tile_rows)
+                for c0 in range(0, m, tile_cols)
             ]
-            rows, cols = TILE_ROWS, TILE_COLS
-        self.buffer_size = min(rows, n) * min(cols, m)
+            rows, cols = tile_rows, tile_cols
+        self.max_rows, self.max_cols = min(rows, n), min(cols, m)
+        self.buffer_size = self.max_rows * self.max_cols
 
     def prepare(self, x: Tensor, y: Tensor) -> None:
         """Centre (radial kernels) and precompute squared norms; detached."""
@@ -298,39 +321,48 @@ class _TilePlan:
             self.xs, self.ys = x, y
         self.flat = torch.empty(self.buffer_size, dtype=x.dtype, device=x.device)
 
-    def base(self, r0: int, r1: int, c0: int, c1: int) -> Tensor:
+    def release(self) -> None:
+        """Drop the prepared copies (a plan is kept by autograd until the backward pass)."""
+        self.flat = self.xs = self.ys = self.x0 = self.y0 = self.left = self.right_t = None
+        self.x_sq = self.y_sq = None
+
+    def base(self, r0: int, r1: int, c0: int, c1: int) -> tuple[Tensor, Tensor | None]:
         """Squared distances (radial; times the Gaussian exponent scale when it is folded in) or inner
-        products (dot) of one tile, in the shared buffer."""
+        products (dot) of one tile, in the shared buffer, and the ``(K, 2)`` tile-local indices of the
+        entries recomputed directly (``None`` when none were)."""
         out = self.flat[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
+        repaired = None
         if self.family == "radial":
             torch.mm(self.left[r0:r1], self.right_t[:, c0:c1], out=out)
             if self.exponent_scale is None:
                 out.clamp_min_(0.0)
             else:
                 out.clamp_max_(0.0)  # scaled by a negative number
-            self._repair_cancellation(out, r0, r1, c0, c1)
+            repaired = self._repair_cancellation(out, r0, r1, c0, c1)
             offset = _diagonal_offset(r0, r1, c0, c1)
             if self.self_pairs and offset is not None:
                 out.diagonal(offset).zero_()
         else:
             torch.mm(self.xs[r0:r1], self.ys[c0:c1].T, out=out)
-        return out
+        return out, repaired
 
-    def _repair_cancellation(self, out: Tensor, r0: int, r1: int, c0: int, c1: int) -> None:
+    def _repair_cancellation(self, out: Tensor, r0: int, r1: int, c0: int, c1: int) -> Tensor | None:
         """Recompute directly the entries of a tile that cancellation made inaccurate (see
         :func:`~ipmcondense.ipm.kernels.squared_distances`); free when the tile's norms are small."""
         if not self.check_tiles:
-            return
+            return None
         x_sq, y_sq = self.x_sq[r0:r1], self.y_sq[c0:c1]
         if self.check_limit is not None and float(x_sq.max() + y_sq.max()) <= self.check_limit:
-            return
+            return None
         index = cancelled_entries(out, x_sq, y_sq)
-        if index.shape[0]:
-            rows, cols = index[:, 0], index[:, 1]
-            out[rows, cols] = direct_squared_distances(self.x0, self.y0, rows + r0, cols + c0)
+        if not index.shape[0]:
+            return None
+        rows, cols = index[:, 0], index[:, 1]
+        out[rows, cols] = direct_squared_distances(self.x0, self.y0, rows + r0, cols + c0)
+        return index
 
     def tile_value(self, r0: int, r1: int, c0: int, c1: int) -> Tensor:
-        base = self.base(r0, r1, c0, c1)
+        base, _ = self.base(r0, r1, c0, c1)
         if self.family == "radial":
             value = base.exp_() if self.exponent_scale is not None else self.kernel.profile_(base)
         else:
@@ -338,8 +370,11 @@ class _TilePlan:
         self._exclude(value, r0, r1, c0, c1)
         return value
 
-    def tile_value_and_slope(self, r0, r1, c0, c1) -> tuple[Tensor, Tensor, float]:
-        base = self.base(r0, r1, c0, c1)
+    def tile_value_and_slope(self, r0, r1, c0, c1) -> tuple[Tensor, Tensor, float, Tensor | None]:
+        """``(value, slope, scale, repaired)``: the kernel tile, its derivative ``slope * scale`` in
+        the squared distance (radial) or inner product (dot), and the directly recomputed entries.
+        ``slope`` may be ``value`` itself (Gaussian)."""
+        base, repaired = self.base(r0, r1, c0, c1)
         if self.family == "radial" and self.exponent_scale is not None:
             value = base.exp_()
             slope, scale = value, self.exponent_scale
@@ -348,8 +383,9 @@ class _TilePlan:
         else:
             value, slope, scale = self.kernel.dot_profile_and_slope(base)
         self._exclude(value, r0, r1, c0, c1)
-        self._exclude(slope, r0, r1, c0, c1)
-        return value, slope, scale
+        if slope is not value:
+            self._exclude(slope, r0, r1, c0, c1)
+        return value, slope, scale, repaired
 
     def _exclude(self, tile: Tensor, r0, r1, c0, c1) -> None:
         offset = _diagonal_offset(r0, r1, c0, c1)
@@ -357,76 +393,230 @@ class _TilePlan:
             tile.diagonal(offset).zero_()
 
 
+def _augmented(points: Tensor, weights: Tensor | None) -> Tensor:
+    """``[w * p, w]`` (``w`` all ones when ``None``): one GEMM with a kernel-slope tile gives both the
+    weighted point sums and the weighted slope mass of every row."""
+    if weights is None:
+        return torch.cat((points, torch.ones_like(points[:, :1])), dim=1)
+    w = weights.detach().to(points.dtype)[:, None]
+    return torch.cat((points * w, w), dim=1)
+
+
 class _TiledKernelSum(torch.autograd.Function):
-    """Tiled :math:`\\sum_{ij} a_i b_j k(x_i, y_j)` with an analytic, tile-by-tile backward."""
+    """Tiled :math:`\\sum_{ij} a_i b_j k(x_i, y_j)`; the gradient is built in the same sweep over the
+    tiles as the value (when autograd records), so no tile is computed twice.
+
+    The sum is a scalar, so its gradient is ``grad_output`` times the gradient of the sum: the forward
+    pass accumulates the latter (``O((n + m) d)`` memory, float64) while each tile is in cache, and the
+    backward pass only scales it. Radial kernels,
+    :math:`\\partial_{x_i} = 2 a_i \\sum_j b_j \\varphi'_{ij} (x_i - y_j)`: one GEMM of the slope tile
+    with ``[b y, b]`` gives :math:`\\sum_j b_j \\varphi'_{ij} y_j` and the mass
+    :math:`\\sum_j b_j \\varphi'_{ij}` together (for the Gaussian, whose slope is its value, that mass is
+    also the forward row sum). Entries recomputed directly for cancellation get their gradient terms
+    directly too, :math:`b_j \\varphi'_{ij} (x_i - y_j)` from the original coordinates, so a point far
+    from the others does not cost the near ones their gradient's accuracy. Dot-product kernels:
+    :math:`a_i \\sum_j b_j \\psi'_{ij} y_j`.
+    """
 
     @staticmethod
     def forward(ctx, x, y, a, b, plan: _TilePlan):  # noqa: D102
-        ctx.plan = plan
-        ctx.save_for_backward(x, y, a, b)
+        needs = ctx.needs_input_grad[:4] if plan.grad_enabled else (False,) * 4
+        need_x, need_y, need_a, need_b = needs
+        ctx.plan_dtypes = (x.dtype, y.dtype, None if a is None else a.dtype, None if b is None else b.dtype)
+        ctx.symmetric = plan.symmetric
+        ctx.grads = (None, None, None, None)
         plan.prepare(x, y)
-        total = torch.zeros((), dtype=torch.float64, device=x.device)
-        for r0, r1, c0, c1, mult in plan.tiles:
-            value = plan.tile_value(r0, r1, c0, c1)
-            rows = value.sum(1) if b is None else value @ b[c0:c1]
-            part = _weighted_total(rows, None if a is None else a[r0:r1])
-            total.add_(part, alpha=mult)
-        plan.flat = plan.xs = plan.ys = plan.x0 = plan.y0 = plan.left = plan.right_t = None  # rebuilt by the backward pass: hold no copies meanwhile
+        try:
+            if any(needs):
+                total, ctx.grads = _value_and_gradients(plan, x, y, a, b, need_x, need_y, need_a, need_b)
+            else:
+                total = _value_only(plan, a, b)
+        finally:
+            plan.release()
         return total
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):  # noqa: D102
-        x, y, a, b = ctx.saved_tensors
-        plan: _TilePlan = ctx.plan
-        need_x, need_y, need_a, need_b = ctx.needs_input_grad[:4]
-        g = float(grad_output)
-        plan.prepare(x, y)
-        acc = dict(dtype=torch.float64, device=x.device)
-        grad_x = torch.zeros(x.shape, **acc) if (need_x or need_y and plan.symmetric) else None
-        grad_a = torch.zeros(x.shape[0], **acc) if a is not None and (need_a or need_b and plan.symmetric) else None
-        if plan.symmetric:
-            grad_y, grad_b = grad_x, grad_a
+        g = grad_output.to(torch.float64)
+
+        def scaled(t: Tensor | None, dtype) -> Tensor | None:
+            return None if t is None or dtype is None else (t * g).to(dtype)
+
+        grad_x, grad_y, grad_a, grad_b = ctx.grads
+        x_dtype, y_dtype, a_dtype, b_dtype = ctx.plan_dtypes
+        if ctx.symmetric:
+            return scaled(grad_x, x_dtype), None, scaled(grad_a, a_dtype), None, None
+        return (scaled(grad_x, x_dtype), scaled(grad_y, y_dtype), scaled(grad_a, a_dtype),
+                scaled(grad_b, b_dtype), None)
+
+
+def _value_only(plan: _TilePlan, a: Tensor | None, b: Tensor | None) -> Tensor:
+    total = torch.zeros((), dtype=torch.float64, device=plan.flat.device)
+    for r0, r1, c0, c1, mult in plan.tiles:
+        value = plan.tile_value(r0, r1, c0, c1)
+        rows = value.sum(1) if b is None else value @ b[c0:c1]
+        total.add_(_weighted_total(rows, None if a is None else a[r0:r1]), alpha=mult)
+    return total
+
+
+def _gaussian_value_and_gradients(plan: _TilePlan, x, y, a, b, need_x, need_y, need_a, need_b):
+    """The common case in one sweep (Gaussian, exponent folded, no tile needing the repair, gradient
+    w.r.t. the row points wanted): two passes over each tile (exp, then the clamp-free GEMMs), no
+    separate sums. The slope of the Gaussian is its value, so ``value @ [b y, b]`` gives the gradient
+    terms and the row sums at once; those GEMMs accumulate in place (``addmm_``) over a row block (rows)
+    and over ``FLUSH_BLOCKS`` row blocks (columns) in the input dtype before being added in float64."""
+    dim = x.shape[1]
+    acc = dict(dtype=torch.float64, device=x.device)
+    col_grad = need_y or plan.symmetric
+    row_acc = torch.zeros(x.shape[0], dim + 1, **acc)
+    col_acc = (row_acc if plan.symmetric else torch.zeros(y.shape[0], dim + 1, **acc)) if col_grad else None
+    right = _augmented(plan.ys, b)  # [b y, b]
+    left = _augmented(plan.xs, a) if col_grad else None  # [a x, a]
+    row_buf = x.new_empty(plan.max_rows, dim + 1)
+    col_buf = x.new_zeros(y.shape[0], dim + 1) if col_grad else None
+    block, blocks_done = None, 0
+    for r0, r1, c0, c1, mult in plan.tiles:
+        if block != (r0, r1):
+            if block is not None:
+                row_acc[block[0] : block[1]].add_(row_buf[: block[1] - block[0]])
+                blocks_done += 1
+                if col_buf is not None and blocks_done % FLUSH_BLOCKS == 0:
+                    col_acc.add_(col_buf)
+                    col_buf.zero_()
+            block, beta = (r0, r1), 0.0
         else:
-            grad_y = torch.zeros(y.shape, **acc) if need_y else None
-            grad_b = torch.zeros(y.shape[0], **acc) if b is not None and need_b else None
-        xs, ys = plan.xs, plan.ys
-        x_scaled = xs if a is None else xs * a[:, None]
-        y_scaled = ys if b is None else ys * b[:, None]
-        radial = plan.family == "radial"
-        for r0, r1, c0, c1, mult in plan.tiles:
-            a_i = None if a is None else a[r0:r1]
-            b_j = None if b is None else b[c0:c1]
-            value, slope, scale = plan.tile_value_and_slope(r0, r1, c0, c1)
-            coef = (2.0 if radial else 1.0) * scale * mult * g
-            if grad_x is not None:
-                gx = slope @ y_scaled[c0:c1]
-                if radial:
-                    row_mass = slope.sum(1) if b_j is None else slope @ b_j
-                    gx = xs[r0:r1] * row_mass[:, None] - gx
-                if a_i is not None:
-                    gx = gx * a_i[:, None]
-                grad_x[r0:r1].add_(gx, alpha=coef)
-            if grad_y is not None:
-                gy = slope.T @ x_scaled[r0:r1]
-                if radial:
-                    col_mass = slope.sum(0) if a_i is None else slope.T @ a_i
-                    gy = ys[c0:c1] * col_mass[:, None] - gy
-                if b_j is not None:
-                    gy = gy * b_j[:, None]
-                grad_y[c0:c1].add_(gy, alpha=coef)
-            if grad_a is not None:
-                grad_a[r0:r1].add_(value.sum(1) if b_j is None else value @ b_j, alpha=mult * g)
-            if grad_b is not None:
-                grad_b[c0:c1].add_(value.sum(0) if a_i is None else value.T @ a_i, alpha=mult * g)
-        plan.flat = plan.xs = plan.ys = plan.x0 = plan.y0 = plan.left = plan.right_t = None
+            beta = 1.0
+        value = plan.tile_value(r0, r1, c0, c1)
+        row_buf[: r1 - r0].addmm_(value, right[c0:c1], beta=beta, alpha=mult)
+        if col_buf is not None:
+            col_buf[c0:c1].addmm_(value.T, left[r0:r1], alpha=mult)
+    if block is not None:
+        row_acc[block[0] : block[1]].add_(row_buf[: block[1] - block[0]])
+    if col_buf is not None:
+        col_acc.add_(col_buf)
+    # row_acc[i] = sum_j mult b_j k_ij [y_j, 1] (a symmetric sum: its rows and columns, so twice)
+    mass = row_acc[:, dim]
+    total = (mass.sum() if a is None else mass @ a.detach().double()) / (2.0 if plan.symmetric else 1.0)
+    scale = 2.0 * plan.exponent_scale
 
-        def cast(t: Tensor | None, like: Tensor | None) -> Tensor | None:
-            return None if t is None or like is None else t.to(like.dtype)
+    def point_grad(points, gemm_acc, weights):
+        grad = (points.double() * gemm_acc[:, dim:] - gemm_acc[:, :dim]).mul_(scale)
+        return grad if weights is None else grad * weights.detach().double()[:, None]
 
-        if plan.symmetric:
-            return cast(grad_x, x), None, cast(grad_a, a), None, None
-        return cast(grad_x, x), cast(grad_y, y), cast(grad_a, a), cast(grad_b, b), None
+    grad_x = point_grad(plan.xs, row_acc, a) if need_x or plan.symmetric else None
+    grad_a = mass.clone() if a is not None and (need_a or plan.symmetric and need_b) else None
+    if plan.symmetric:
+        return total, (grad_x, None, grad_a, None)
+    grad_y = point_grad(plan.ys, col_acc, b) if need_y else None
+    grad_b = col_acc[:, dim].clone() if b is not None and need_b else None
+    return total, (grad_x, grad_y, grad_a if need_a else None, grad_b)
+
+
+def _value_and_gradients(plan: _TilePlan, x, y, a, b, need_x, need_y, need_a, need_b):
+    """One sweep over the tiles: the sum and the gradients of the sum (float64)."""
+    if plan.exponent_scale is not None and (need_x or plan.symmetric and need_y) and (
+        not need_b or plan.symmetric or need_y
+    ):
+        return _gaussian_value_and_gradients(plan, x, y, a, b, need_x, need_y, need_a, need_b)
+    acc = dict(dtype=torch.float64, device=x.device)
+    radial = plan.family == "radial"
+    dim = x.shape[1]
+    # Gradient w.r.t. the row points (x) from each tile, and w.r.t. the column points (y) from its
+    # transpose; a symmetric sum needs both, into the same accumulator.
+    row_grad = need_x or (need_y and plan.symmetric)
+    col_grad = need_y or (need_x and plan.symmetric)
+    row_acc = torch.zeros(x.shape[0], dim + 1, **acc) if row_grad else None
+    col_acc = (row_acc if plan.symmetric else torch.zeros(y.shape[0], dim + 1, **acc)) if col_grad else None
+    direct_rows = direct_cols = None  # gradient terms of directly recomputed entries (lazily allocated)
+    row_weight_grad = need_a or (need_b and plan.symmetric)
+    col_weight_grad = need_b or (need_a and plan.symmetric)
+    grad_a = torch.zeros(x.shape[0], **acc) if a is not None and row_weight_grad else None
+    grad_b = (grad_a if plan.symmetric else torch.zeros(y.shape[0], **acc)) if b is not None and col_weight_grad else None
+    right = _augmented(plan.ys, b) if row_grad else None  # [b y, b]
+    left = _augmented(plan.xs, a) if col_grad else None  # [a x, a]
+    row_buf = x.new_empty(plan.max_rows, dim + 1) if row_grad else None
+    col_buf = x.new_empty(plan.max_cols, dim + 1) if col_grad else None
+    total = torch.zeros((), **acc)
+    for r0, r1, c0, c1, mult in plan.tiles:
+        a_i = None if a is None else a[r0:r1]
+        b_j = None if b is None else b[c0:c1]
+        value, slope, scale, repaired = plan.tile_value_and_slope(r0, r1, c0, c1)
+        # The value's row (column) sums come free from the gradient GEMM when the slope is the value.
+        free_rows = slope is value and row_grad and repaired is None
+        free_cols = slope is value and col_grad and repaired is None
+        rows = cols = None
+        if not free_rows and (grad_a is not None or not free_cols):
+            rows = value.sum(1) if b_j is None else value @ b_j
+        if grad_b is not None and not free_cols:
+            cols = value.sum(0) if a_i is None else value.T @ a_i
+        if repaired is not None:
+            flagged = slope[repaired[:, 0], repaired[:, 1]]
+            slope[repaired[:, 0], repaired[:, 1]] = 0.0  # their terms are added directly below
+        if row_grad:
+            gemm = torch.mm(slope, right[c0:c1], out=row_buf[: r1 - r0])
+            row_acc[r0:r1].add_(gemm, alpha=scale * mult)
+            if free_rows:
+                rows = gemm[:, dim]
+        if col_grad:
+            gemm_t = torch.mm(slope.T, left[r0:r1], out=col_buf[: c1 - c0])
+            col_acc[c0:c1].add_(gemm_t, alpha=scale * mult)
+            if free_cols:
+                cols = gemm_t[:, dim]
+        if rows is not None:
+            total.add_(_weighted_total(rows, a_i), alpha=mult)
+        else:
+            total.add_(_weighted_total(cols, b_j), alpha=mult)
+        if grad_a is not None:
+            grad_a[r0:r1].add_(rows, alpha=mult)
+        if grad_b is not None:
+            grad_b[c0:c1].add_(cols, alpha=mult)
+        if repaired is not None and (row_grad or col_grad):
+            if direct_rows is None and direct_cols is None:
+                direct_rows = torch.zeros(x.shape[0], dim, **acc) if row_grad else None
+                direct_cols = (direct_rows if plan.symmetric else torch.zeros(y.shape[0], dim, **acc)) if col_grad else None
+            _direct_terms(plan, repaired, flagged * (scale * mult), r0, c0, a, b, direct_rows, direct_cols)
+    grad_x = grad_y = None
+    for points, weights, gemm_acc, direct, wanted in (
+        (plan.xs, a, row_acc, direct_rows, need_x or plan.symmetric),
+        (plan.ys, b, col_acc, direct_cols, need_y and not plan.symmetric),
+    ):
+        if gemm_acc is None or not wanted:
+            continue
+        if radial:
+            # sum_j b_j phi'_ij (x_i - y_j) = x_i * mass_i - sum_j b_j phi'_ij y_j (centred coordinates)
+            grad = points.double() * gemm_acc[:, dim:] - gemm_acc[:, :dim]
+            if direct is not None:
+                grad.add_(direct)
+            grad.mul_(2.0)
+        else:
+            grad = gemm_acc[:, :dim]
+        if weights is not None:
+            grad = grad * weights.detach().double()[:, None]
+        if points is plan.xs:
+            grad_x = grad
+        else:
+            grad_y = grad
+    if plan.symmetric:
+        return total, (grad_x, None, grad_a, None)
+    return total, (grad_x if need_x else None, grad_y, grad_a if need_a else None, grad_b if need_b else None)
+
+
+def _direct_terms(plan: _TilePlan, index: Tensor, coef: Tensor, r0: int, c0: int, a, b,
+                  direct_rows: Tensor | None, direct_cols: Tensor | None) -> None:
+    """Gradient terms of the directly recomputed entries, from the original coordinates:
+    ``coef_k b_j (x_i - y_j)`` into the row ``i``, ``coef_k a_i (y_j - x_i)`` into the column ``j``."""
+    rows_all, cols_all = index[:, 0] + r0, index[:, 1] + c0
+    for s in range(0, rows_all.shape[0], RECOMPUTE_CHUNK):
+        rows, cols = rows_all[s : s + RECOMPUTE_CHUNK], cols_all[s : s + RECOMPUTE_CHUNK]
+        diff = (plan.x0[rows] - plan.y0[cols]).double()
+        weight = coef[s : s + RECOMPUTE_CHUNK].double()
+        if direct_rows is not None:
+            w = weight if b is None else weight * b.detach()[cols].double()
+            direct_rows.index_add_(0, rows, diff * w[:, None])
+        if direct_cols is not None:
+            w = weight if a is None else weight * a.detach()[rows].double()
+            direct_cols.index_add_(0, cols, diff * (-w)[:, None])
 
 
 def _tiled_sum(kernel: Kernel, x, y, a, b, exclude: bool) -> Tensor:

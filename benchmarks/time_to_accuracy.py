@@ -25,7 +25,11 @@ Three measurements, each a *cell* cached in ``benchmarks/results/time_to_accurac
     ours the mean of the engine's own per-iteration times over the same window. Also seconds per
     evaluated model (``--eval-epochs`` epochs of the exact protocol on a 10-per-class real set: the
     reference's ``evaluate_synset`` at iteration 0 against ``ipmcondense``'s ``evaluate_synthetic``).
-    Reported: medians and the ratio ours / reference (below 1 is faster).
+    Reported: medians and the ratio ours / reference (below 1 is faster). Also, per side and round, the
+    CPU seconds (user, system) and minor page faults of the whole processes (``getrusage``; start-up and
+    data loading included) and the load average before each round and at the end: on a shared machine
+    the wall times move with the load, the system time and page faults much less (they showed what made
+    the whole-batch real side slow: fresh memory for every activation; see ``ipmcondense.nets._common.run_block``).
 ``accuracy``
     Accuracy at equal (half) wall time: the reference condenses for its target iterations; its set is
     read back from the ``res_*.pt`` it saves and evaluated with *our* evaluator (one evaluator for both,
@@ -57,6 +61,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -126,6 +131,8 @@ class StampedRun:
     lines: list[tuple[float, str]] = field(default_factory=list)
     returncode: int = 0
     seconds: float = 0.0
+    #: CPU seconds (user, system) and minor page faults of the process, from ``getrusage(RUSAGE_CHILDREN)``
+    cpu: dict[str, float] = field(default_factory=dict)
 
     def stamps(self, pattern: str) -> list[tuple[float, re.Match]]:
         rx = re.compile(pattern)
@@ -140,9 +147,23 @@ def _environment(threads: int) -> dict[str, str]:
     return env
 
 
+_USAGE_LOG: list[dict[str, float]] = []  # run_stamped appends each finished process's CPU usage
+
+
+def _with_usage(usage: dict[str, list[dict[str, float]]], label: str, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, recording under ``label`` the summed CPU usage of the processes it ran (whole processes:
+    start-up and data loading included, so compare the two sides' system time and page faults, not totals)."""
+    first = len(_USAGE_LOG)
+    value = fn(*args, **kwargs)
+    runs = _USAGE_LOG[first:]
+    usage.setdefault(label, []).append({k: sum(r[k] for r in runs) for k in runs[0]} if runs else {})
+    return value
+
+
 def run_stamped(cmd: list[str], *, threads: int, cwd: Path | None = None, timeout: float | None = None) -> StampedRun:
     """Run ``cmd``, stamping every output line on arrival; raise with the tail of the output on failure."""
     run = StampedRun()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd,
                             env=_environment(threads))
@@ -154,6 +175,10 @@ def run_stamped(cmd: list[str], *, threads: int, cwd: Path | None = None, timeou
             break
     run.returncode = proc.wait()
     run.seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    run.cpu = {"user_seconds": after.ru_utime - before.ru_utime, "system_seconds": after.ru_stime - before.ru_stime,
+               "minor_page_faults": after.ru_minflt - before.ru_minflt}
+    _USAGE_LOG.append(run.cpu)
     if run.returncode != 0:
         tail = "\n".join(line for _, line in run.lines[-25:])
         raise RuntimeError(f"command failed ({run.returncode}): {' '.join(cmd)}\n{tail}")
@@ -311,19 +336,23 @@ def speed_cell(setting: Setting, args: argparse.Namespace, scratch: Path) -> dic
     ref_data = prepare_reference_data(args.data_root, scratch / "ref-data") if args.reference else None
     timings: dict[str, list[float]] = {"ours_iteration": [], "reference_iteration": [], "ours_model": [],
                                        "reference_model": []}
+    usage: dict[str, list[dict[str, float]]] = {}
+    load_average: list[list[float]] = []
     for round_ in range(args.rounds):
         print(f"[{setting.name}] speed round {round_ + 1}/{args.rounds}", flush=True)
+        load_average.append(list(os.getloadavg()))
         if args.reference:
-            timings["reference_iteration"].append(reference_seconds_per_iteration(
+            timings["reference_iteration"].append(_with_usage(usage, "reference_iteration", reference_seconds_per_iteration,
                 setting, args.reference, ref_data, scratch, args.iterations, args.warmup, args.threads))
-        timings["ours_iteration"].append(ours_seconds_per_iteration(
+        timings["ours_iteration"].append(_with_usage(usage, "ours_iteration", ours_seconds_per_iteration,
             setting, args.data_root, scratch, args.iterations, args.warmup, args.threads))
         if args.eval_epochs:
             if args.reference:
-                timings["reference_model"].append(reference_seconds_per_model(
+                timings["reference_model"].append(_with_usage(usage, "reference_model", reference_seconds_per_model,
                     setting, args.reference, ref_data, scratch, args.eval_epochs, args.threads))
-            timings["ours_model"].append(ours_seconds_per_model(setting, args.data_root, args.eval_epochs,
-                                                                args.threads))
+            timings["ours_model"].append(_with_usage(usage, "ours_model", ours_seconds_per_model, setting,
+                                                     args.data_root, args.eval_epochs, args.threads))
+    load_average.append(list(os.getloadavg()))
     medians = {k: statistics.median(v) for k, v in timings.items() if v}
     ratios = {}
     if "reference_iteration" in medians:
@@ -331,7 +360,8 @@ def speed_cell(setting: Setting, args: argparse.Namespace, scratch: Path) -> dic
     if "reference_model" in medians:
         ratios["model"] = medians["ours_model"] / medians["reference_model"]
     record = {"status": "ok", "key": key, "timings": timings, "medians": medians,
-              "ratios_ours_over_reference": ratios, "hardware": _hardware(args.threads),
+              "ratios_ours_over_reference": ratios, "process_usage": usage,
+              "load_average_1_5_15_min": load_average, "hardware": _hardware(args.threads),
               "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     _save(path, record)
     return record

@@ -125,3 +125,16 @@ def test_report_lines_show_the_ratios():
              "ratios_ours_over_reference": {"iteration": 0.5, "model": 0.25}, "key": {"eval_epochs": 20}}
     (line,) = tta.report_lines({"dm-ipc10": {"speed": speed}})
     assert "ratio 0.50" in line and "ratio 0.25" in line and "20 epochs" in line
+
+
+def test_each_process_s_cpu_time_and_page_faults_are_recorded(tmp_path):
+    # a child that touches 64 MiB of fresh memory: at least 16384 fresh 4 KiB pages (fewer with huge pages)
+    burn = "import array; a = bytearray(64 * 2**20); a[::4096] = b'x' * len(a[::4096]); sum(range(3 * 10**6))"
+    usage: dict = {}
+    run = tta._with_usage(usage, "child", tta.run_stamped, [sys.executable, "-c", burn], threads=1)
+    assert run.cpu["user_seconds"] > 0.0 and run.cpu["system_seconds"] >= 0.0
+    assert run.cpu["minor_page_faults"] > 1000
+    assert usage["child"] == [run.cpu]
+    idle = tta._with_usage(usage, "child", tta.run_stamped, [sys.executable, "-c", "pass"], threads=1)
+    assert idle.cpu["minor_page_faults"] < run.cpu["minor_page_faults"]
+    assert len(usage["child"]) == 2

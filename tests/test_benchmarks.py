@@ -231,6 +231,14 @@ def test_plan_cells_skips_with_reasons(tmp_path):
     assert {c.method for c in mnist_like} >= {"random", "herding", "kcenter", "dm"}
 
 
+def test_rows_that_need_a_generator_are_a_recorded_skip():
+    profile = bench.PROFILES["cpu-small"]
+    cells = bench.plan_cells(profile, ["digits"], [1], ["glad", "itgan", "dcgm", "dm"], dataset_cache={})
+    reasons = {c.method: c.skip_reason for c in cells}
+    assert all(reasons[m].startswith("needs a generator run") for m in ("glad", "itgan", "dcgm"))
+    assert reasons["dm"] is None
+
+
 def test_profile_ipc_restriction_is_a_recorded_skip():
     profile = bench.PROFILES["cpu-small"]
     cache = {"mnist": (None, None)}  # pretend the data are present without loading them

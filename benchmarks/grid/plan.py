@@ -70,8 +70,8 @@ def plan_cells(
     published protocol is skipped with the reason, and the whole-dataset bound is not planned.
     """
     from ipmcondense.condensation.published import protocol_settings
-
     from ipmcondense.condensation.recipes import METHOD_NAMES, get_recipe
+    from ipmcondense.condensation.synthetic import SYNTHETIC_SETS
 
     cache = dataset_cache if dataset_cache is not None else {}
     explicit = methods is not None
@@ -109,6 +109,10 @@ def plan_cells(
                     reason = (f"not in the {profile.name} method list for {dataset} (name it with --methods to run it)")
                 if reason is None and getattr(get_recipe(method), "objective", None) in EXPERT_OBJECTIVES and not experts:
                     reason = f"the {profile.name} profile defines no expert buffer for {dataset}"
+                if reason is None and getattr(SYNTHETIC_SETS.get(getattr(get_recipe(method), "synthetic", "pixels")),
+                                              "needs_generator", False):
+                    reason = ("needs a generator run (`ipmcondense generator`, then condense with --generator DIR); "
+                              "the grid trains none: see benchmarks/results/dcgm_digits.json and docs/guides/generative.md")
                 if reason is None and ds is not None:
                     smallest = int(ds.train_labels.bincount(minlength=ds.num_classes).min())
                     if ipc > smallest:

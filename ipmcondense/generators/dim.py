@@ -46,12 +46,11 @@ from ipmcondense.nets import NETWORK_NAMES, build_isolated, draw_seed, get_netwo
 
 from .gan import ConditionalDiscriminator, ConditionalGenerator, hinge_losses
 from .runs import (
-    _CHECKPOINT_FORMAT,
-    GENERATOR_CHECKPOINT_FILE,
     GeneratorRun,
     _check_out,
     _finish,
     _save_checkpoint,
+    load_stage_one,
 )
 
 __all__ = ["distill_into_generator", "logit_matching_loss"]
@@ -61,26 +60,6 @@ def logit_matching_loss(real_logits, generated_logits, weight: float = 0.01):
     r"""DiM's ``--match logit`` term: :math:`w \cdot \mathrm{mean}\big((\log\mathrm{softmax}(a) - \log\mathrm{softmax}(b))^2\big)`,
     the mean over every row and class of the paired ``(B, C)`` logits."""
     return weight * (F.log_softmax(real_logits, dim=1) - F.log_softmax(generated_logits, dim=1)).pow(2).mean()
-
-
-def _load_stage_one(path: Path) -> dict[str, Any]:
-    from ipmcondense.data.files import torch_load_weights_only
-
-    file = path / GENERATOR_CHECKPOINT_FILE
-    if not file.exists():
-        raise ValueError(
-            f"DiM fine-tunes a GAN with its discriminator: generator run {str(path)!r} has no {GENERATOR_CHECKPOINT_FILE} "
-            "(train one with `ipmcondense generator --kind gan`)"
-        )
-    data = torch_load_weights_only(file, "generator checkpoint")
-    if not isinstance(data, dict) or data.get("format") != _CHECKPOINT_FORMAT:
-        raise ValueError(f"{file} is not an ipmcondense generator checkpoint")
-    if data["settings"].get("kind") != "gan":
-        raise ValueError(
-            f"DiM fine-tunes a GAN: generator run {str(path)!r} is of kind {data['settings'].get('kind')!r} "
-            "(train one with `ipmcondense generator --kind gan`)"
-        )
-    return data
 
 
 def distill_into_generator(
@@ -119,7 +98,7 @@ def distill_into_generator(
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
     source = Path(generator_dir)
-    stage_one = _load_stage_one(source)
+    stage_one = load_stage_one(source, "gan", "DiM fine-tunes a GAN with its discriminator")
     base = stage_one["settings"]
     if base["dataset"] != dataset.name or base["image_shape"] != [dataset.channels, *dataset.image_size]:
         raise ValueError(

@@ -51,7 +51,7 @@ from ipmcondense.ipm._validation import check_choice, check_positive_int, check_
 
 from .diffusion import DiffusionGenerator
 from .diffusion_training import new_ema, save_diffusion_checkpoint, train_diffusion_epochs
-from .runs import _CHECKPOINT_FORMAT, GENERATOR_CHECKPOINT_FILE, GeneratorRun, _check_out, _finish
+from .runs import GeneratorRun, _check_out, _finish, load_stage_one
 
 __all__ = ["minimax_terms", "MinimaxMemory", "minimax_finetune", "MINIMAX_TRAINABLE"]
 
@@ -114,26 +114,6 @@ class MinimaxMemory:
         self.real, self.generated = list(state["real"]), list(state["generated"])
 
 
-def _load_stage_one(path: Path) -> dict[str, Any]:
-    from ipmcondense.data.files import torch_load_weights_only
-
-    file = path / GENERATOR_CHECKPOINT_FILE
-    if not file.exists():
-        raise ValueError(
-            f"minimax diffusion fine-tunes a trained diffusion model: generator run {str(path)!r} has no "
-            f"{GENERATOR_CHECKPOINT_FILE} (train one with `ipmcondense generator --kind diffusion`)"
-        )
-    data = torch_load_weights_only(file, "generator checkpoint")
-    if not isinstance(data, dict) or data.get("format") != _CHECKPOINT_FORMAT:
-        raise ValueError(f"{file} is not an ipmcondense generator checkpoint")
-    if data["settings"].get("kind") != "diffusion":
-        raise ValueError(
-            f"minimax diffusion needs a diffusion generator: run {str(path)!r} is of kind "
-            f"{data['settings'].get('kind')!r} (train one with `ipmcondense generator --kind diffusion`)"
-        )
-    return data
-
-
 def minimax_finetune(
     dataset: Any,
     generator_dir: str | os.PathLike,
@@ -167,7 +147,7 @@ def minimax_finetune(
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
     source = Path(generator_dir)
-    stage_one = _load_stage_one(source)
+    stage_one = load_stage_one(source, "diffusion", "minimax diffusion needs a diffusion generator")
     base = stage_one["settings"]
     if base["dataset"] != dataset.name or base["image_shape"] != [dataset.channels, *dataset.image_size]:
         raise ValueError(

@@ -317,6 +317,24 @@ def _save_checkpoint(out_path: Path, epoch: int, settings: dict, generator, crit
     }, out_path / GENERATOR_CHECKPOINT_FILE)
 
 
+def load_stage_one(run: Path, kind: str, purpose: str) -> dict[str, Any]:
+    """The training checkpoint of generator run ``run``, which a fine-tuning method (DiM, minimax diffusion)
+    starts from; ``ValueError`` naming ``purpose`` when it is missing, not a generator checkpoint, or of
+    another ``kind`` than the one the method fine-tunes."""
+    from ipmcondense.data.files import torch_load_weights_only
+
+    how = f"(train one with `ipmcondense generator --kind {kind}`)"
+    file = run / GENERATOR_CHECKPOINT_FILE
+    if not file.exists():
+        raise ValueError(f"{purpose}: generator run {str(run)!r} has no {GENERATOR_CHECKPOINT_FILE} {how}")
+    data = torch_load_weights_only(file, "generator checkpoint")
+    if not isinstance(data, dict) or data.get("format") != _CHECKPOINT_FORMAT:
+        raise ValueError(f"{file} is not an ipmcondense generator checkpoint")
+    if data["settings"].get("kind") != kind:
+        raise ValueError(f"{purpose}: generator run {str(run)!r} is of kind {data['settings'].get('kind')!r} {how}")
+    return data
+
+
 def _finish(generator, dataset, history, settings, epochs, out_path, samples_per_class, dev) -> dict[str, Any]:
     sample_rng = torch.Generator().manual_seed(int(settings["seed"]) + 1)
     test_labels = dataset.test_labels.to(dev)

@@ -86,6 +86,8 @@ class MatchingObjective(Objective):
             term.bind(ctx.synthetic)
         self.lcmat_weight = float(ctx.config.get("lcmat_weight") or 0.0)
         self.lcmat_rho = float(ctx.config.get("lcmat_rho") or 0.0)
+        # class-parallel with a joint discrepancy (DCC): every rank computes the same joint loss (not a share)
+        self.loss_replicated_over_ranks = bool(getattr(self.discrepancy, "joint_over_classes", False))
         if self.lcmat_weight > 0 and not self.feature_map.needs_parameter_gradients:
             raise ValueError("lcmat_weight > 0 needs a gradient-matching recipe (feature map 'gradients')")
 
@@ -136,6 +138,7 @@ class MatchingObjective(Objective):
             net, self.feature_map, discrepancy, real, real_labels, syn, syn_labels,
             class_batching=bool(self.config["class_batching"]),
             extra_terms=self.extra_terms if extras else (), generator=self.ctx.generator,
+            joint_over_ranks=None if self.ctx.classes is None else self.ctx.synthetic.num_classes,
         ).total
         if discrepancy is not self.discrepancy:
             discrepancy.after(self.ctx.generator)

@@ -47,6 +47,14 @@ Supported rows and what they synchronise (everything else raises a ``ValueError`
                                split by class; the replicated parameters' (temperature, step sizes) gradients
                                summed; RCIG's tangent gradient summed before its solve, its clipping norms
                                taken over the whole gradients
+``idc``, ``pool_augment``      as ``idm``; the per-sample augmentation of a pool network's batch is drawn for
+                               the whole batch, the own rows kept
+                               (:meth:`ClassShard.own_rows_of_whole_batch_augmentation`); multi-formation's
+                               stored rows are exchanged by class block (:meth:`ClassShard.row_labels`)
+``haba``                       as ``mtt`` for the bases (rows of S by class block); the hallucinators
+                               (:meth:`~ipmcondense.condensation.synthetic.SyntheticSet.shared_parameters`) are
+                               replicated, their MTT gradient summed over the ranks; the club term and the
+                               extractor's training run on the whole bases on every rank
 ``dcc``                        each rank's sum of its classes' mean gradients, all-reduced (identity backward);
                                the joint cosine is the same on every rank (``joint_over_ranks`` of
                                :func:`~ipmcondense.condensation.matching.matching_loss`)
@@ -54,16 +62,15 @@ Supported rows and what they synchronise (everything else raises a ``ValueError`
 
 DM, DC (also with DREAM's batches or the sliced discrepancy): bit for bit. IDM and MTT: a sum over ranks replaces a sum inside one batch, so the sets agree up to
 float32 rounding (IDM: 1e-6 of the largest pixel after 3 iterations; MTT: exact in float64, 1e-4 of the
-largest pixel in float32, below float32's own error of the MTT gradient). KIP, RFAD, DD, ESP, RCIG, DCC and
-MTT with soft labels: the real batch's sum and S's gradient are sums of per-rank partial sums; the images,
-learned label rows, step sizes and temperatures agree with one process to 2e-5 of their largest magnitude
-after 2-3 iterations (measured at most 6e-6, KIP under Adam; 1e-6 or less for the others); RCIG's pool
-models, trained by Adam on S, to 5e-4 (ten of their Adam steps).
+largest pixel in float32, below float32's own error of the MTT gradient). KIP, RFAD, DD, ESP, RCIG, DCC, IDC,
+HaBa and MTT with soft labels: the real batch's sum and S's gradient are sums of per-rank partial sums; the
+images, learned label rows, step sizes, temperatures and helper networks agree with one process to 2e-5 of
+their largest magnitude after 1-3 iterations (measured at most 6e-6, KIP under Adam; 3e-6 or less for the
+others); RCIG's pool models, trained by Adam on S, to 5e-4 (ten of their Adam steps).
 
 Not supported, with the reason (:data:`UNSUPPORTED_REASONS`): ``cafe`` (its discriminative extra term sees
-every class), ``lcmat`` (the network perturbation uses every class), ``idc`` (its pool is trained with
-per-sample augmentations of every class and S is multi-formation; any pool with ``pool_augment=true``),
-``haba``, a joint discrepancy (``dcc``'s) composed with extra terms, and the ``w2_barycenter`` discrepancy (it
+every class), ``lcmat`` (the network perturbation uses every class), a synthetic set not stored in class blocks,
+a joint discrepancy (``dcc``'s) composed with extra terms, and the ``w2_barycenter`` discrepancy (it
 draws its initial atoms from the generator in an amount that depends on each class's data). Networks with
 batch normalisation are refused too (their features would depend on which classes share the batch).
 """
@@ -88,8 +95,6 @@ __all__ = ["ClassShard", "WholeSetOnEveryRank", "ClassShardRealBatches", "ClassS
 UNSUPPORTED_REASONS = {
     "cafe": "its prototype_discrimination extra term sees every class",
     "lcmat": "its network perturbation is computed from every class",
-    "idc": "its pool networks are trained with per-sample augmentations of every class and S is multi-formation",
-    "haba": "its hallucinators and extractor are shared by every class",
 }
 _SUPPORTED_SAMPLERS = ("fresh", "fresh_inner", "pool")
 #: extra terms that are sums over the classes' segments of S (each rank adds its own classes' segments)
@@ -115,23 +120,20 @@ def check_class_parallel(recipe: Recipe, config: dict[str, Any], network: nn.Mod
         objective = getattr(recipe, "objective", "?")
         if objective not in _CLASS_PARALLEL_OBJECTIVES:
             problem = f"objective {objective!r} couples all classes"
-        elif recipe.synthetic != "pixels":
+        elif recipe.synthetic != "pixels" and not (objective == "mtt" and recipe.synthetic == "haba"):
             problem = f"synthetic {recipe.synthetic!r} is not class-blocked pixels"
     elif any(term not in _CLASS_SEPARABLE_TERMS for term in recipe.extra_terms):
         problem = f"its extra terms {list(recipe.extra_terms)} see every class"
     elif recipe.sampler not in _SUPPORTED_SAMPLERS:
         problem = f"sampler {recipe.sampler!r} trains networks on every class"
-    elif recipe.sampler == "pool" and config.get("pool_augment", True):
-        problem = ("pool_augment=true draws per-sample augmentations of every class's training images "
-                   "(set pool_augment false, as the idm row does)")
     elif recipe.discrepancy == "gradient_cosine_joint" and recipe.extra_terms:
         problem = (f"its extra terms {list(recipe.extra_terms)} are per-rank shares, its joint discrepancy the same "
                    "on every rank")
     elif recipe.discrepancy in _GENERATOR_DISCREPANCIES:
         problem = (f"discrepancy {recipe.discrepancy!r} draws from the run's generator per class, as much as the "
                    "class's data asks")
-    elif recipe.synthetic != "pixels":
-        problem = f"synthetic {recipe.synthetic!r} is not class-blocked pixels"
+    elif recipe.synthetic not in ("pixels", "multiformation"):
+        problem = f"synthetic {recipe.synthetic!r} is not class-blocked (pixels or multiformation)"
     elif (recipe.real_batches or "random") not in ("random", "dream"):
         problem = f"real_batches {recipe.real_batches!r} is not supported (only 'random' and 'dream')"
     elif float(config.get("lcmat_weight") or 0.0) > 0:
@@ -166,13 +168,24 @@ class ClassShard:
         """Boolean mask of the rows whose (hard) label is one of this rank's classes."""
         return (labels >= self.classes.start) & (labels < self.classes.stop)
 
+    def row_labels(self, tensor: Tensor, labels: Tensor) -> Tensor:
+        """The class of each row of a per-row tensor of the synthetic set: ``labels`` (the decoded rows') when
+        the row counts agree, else equal class blocks (a stored tensor with fewer rows per class than the
+        decoded set, e.g. multi-formation's ``ipc`` stored images per class)."""
+        rows = tensor.shape[0]
+        if rows == labels.shape[0]:
+            return labels
+        if rows % self.num_classes:
+            raise ValueError(f"a per-row tensor of {rows} rows is not made of {self.num_classes} equal class blocks")
+        return torch.arange(self.num_classes, device=labels.device).repeat_interleave(rows // self.num_classes)
+
     def own_rows(self, labels: Tensor) -> Tensor:
         """Indices of this rank's rows (in order)."""
         return torch.nonzero(self.owned(labels), as_tuple=True)[0]
 
     def _merged(self, tensor: Tensor, labels: Tensor) -> Tensor:
         """The tensor whose rows come from their owners: all-reduce of the own rows, zeros elsewhere (exact)."""
-        mask = self.owned(labels).to(tensor.device).reshape(-1, *([1] * (tensor.dim() - 1)))
+        mask = self.owned(self.row_labels(tensor, labels)).to(tensor.device).reshape(-1, *([1] * (tensor.dim() - 1)))
         mine = torch.where(mask, tensor.detach(), torch.zeros((), dtype=tensor.dtype, device=tensor.device))
         device = distributed.communication_device()
         sent = mine.to(device)
@@ -183,7 +196,8 @@ class ClassShard:
     def row_parameters(synthetic: Any) -> list[nn.Parameter]:
         """The synthetic set's per-row parameters, whose rows belong to the classes of ``synthetic.labels``: the
         stored images and the learned labels (KIP/RFAD/RCIG's ``label_values``, MTT's ``soft_labels`` logits)."""
-        rows = list(synthetic.image_parameters())
+        shared = {id(p) for p in synthetic.shared_parameters()}
+        rows = [p for p in synthetic.image_parameters() if id(p) not in shared]
         for name in ("label_values", "label_logits"):
             value = getattr(synthetic, name, None)
             if value is not None:
@@ -213,9 +227,35 @@ class ClassShard:
             state["state"][index] = entry
         return state
 
+    def own_rows_of_whole_batch_augmentation(self, augmentation: Any, counts: list[int], n_per_class: int) -> Any:
+        r"""A per-sample augmentation of this rank's rows of a class-balanced batch, drawn as for the whole batch.
+
+        One process augments the whole batch of :math:`\sum_c \min(n, N_c)` images with ``augmentation(x,
+        generator=g)`` (one family per call, independent parameters per sample, drawn for the batch size). The
+        returned ``augment(own, generator=g)`` places the own rows at their offset in a batch of that size (the
+        other rows zero), augments it with the same draws and keeps the own rows: each sample is transformed
+        alone (DSA's transforms are per sample), so the own rows get what one process gives them and the
+        generator advances as in one process. Cost: the augmentation of the whole batch size on every rank.
+
+        Args:
+            augmentation: the recipe's per-sample augmentation (``__call__(x, generator=)``).
+            counts: every class's number of training images (the batch takes ``min(n, N_c)`` of class ``c``).
+            n_per_class: ``n``.
+        """
+        sizes = [min(int(n_per_class), int(c)) for c in counts]
+        start, total = sum(sizes[: self.classes.start]), sum(sizes)
+
+        def augment(own: Tensor, generator: torch.Generator | None = None) -> Tensor:
+            whole = own.new_zeros((total, *own.shape[1:]))
+            whole[start:start + own.shape[0]] = own
+            return augmentation(whole, generator=generator)[start:start + own.shape[0]]
+
+        return augment
+
     def train_replicated(self, network: nn.Module, optimizer: torch.optim.Optimizer,
                          batches: Iterable[tuple[Tensor, Tensor]], global_batch_size: int,
-                         meter: Any = None) -> None:
+                         meter: Any = None, augmentation: Any = None, generator: torch.Generator | None = None,
+                         ) -> None:
         r"""Train a network replicated on every rank on real batches split over the ranks by class.
 
         Each ``(images, labels)`` batch holds this rank's classes only (the rows of one class-balanced batch of
@@ -225,8 +265,9 @@ class ClassShard:
         flattened gradient per step) and every rank takes the same optimiser step, so the replicas stay equal.
         ``meter`` (an :class:`~ipmcondense.condensation.samplers.AccuracyMeter`) counts every rank's hits: the
         counts of the batches are summed over the ranks at the end (one all-reduce). Equal to the one-process
-        training up to the rounding of the split sum. Cost per step: the forward/backward of the own rows and
-        an all-reduce of the parameter count.
+        training up to the rounding of the split sum. ``augmentation`` (with ``generator``): applied to each
+        batch first (:meth:`own_rows_of_whole_batch_augmentation`). Cost per step: the forward/backward of the
+        own rows and an all-reduce of the parameter count.
         """
         from ipmcondense.training import train_on_batches
 
@@ -239,7 +280,8 @@ class ClassShard:
 
         network.requires_grad_(True)
         network.train()
-        train_on_batches(network, _RankSummedSteps(optimizer), batches, loss_fn=own_part_of_mean_cross_entropy)
+        train_on_batches(network, _RankSummedSteps(optimizer), batches, loss_fn=own_part_of_mean_cross_entropy,
+                         augmentation=augmentation, generator=generator)
         if meter is not None:
             counts = torch.tensor([meter.correct - before[0], meter.seen - before[1]], dtype=torch.float64)
             counts = distributed.all_reduce_float64(counts)
@@ -253,7 +295,8 @@ class ClassShard:
             for param in group["params"]:
                 if id(param) not in images:
                     continue
-                mask = self.owned(synthetic.labels).to(param.device).reshape(-1, *([1] * (param.dim() - 1)))
+                mask = self.owned(self.row_labels(param, synthetic.labels)).to(param.device)
+                mask = mask.reshape(-1, *([1] * (param.dim() - 1)))
                 for value in optimizer.state.get(param, {}).values():
                     if isinstance(value, Tensor) and value.shape == param.shape:
                         value.mul_(mask.to(value.dtype))

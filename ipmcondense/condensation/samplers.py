@@ -383,10 +383,12 @@ class PoolSampler(ParameterSampler):
         draw_real = getattr(ctx.real_batches, "sample_for_training", ctx.real_batches.sample)
         batches = (draw_real(self.batch_pool) for _ in range(self.train_steps))
         if ctx.class_shard is not None:  # class-parallel: own classes' rows, gradients summed over the ranks
-            if self.augment:
-                raise ValueError("pool_augment=true cannot run class-parallel (per-sample draws over every class)")
+            augment = None
+            if self.augment:  # per-sample draws for the whole batch, the own rows kept
+                augment = ctx.class_shard.own_rows_of_whole_batch_augmentation(ctx.augmentation,
+                                                                               ctx.real_batches.counts, self.batch_pool)
             ctx.class_shard.train_replicated(net, opt, batches, ctx.real_batches.global_batch_size(self.batch_pool),
-                                             meter=meter)
+                                             meter=meter, augmentation=augment, generator=ctx.generator)
             return
         net.requires_grad_(True)
         net.train()

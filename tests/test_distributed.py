@@ -61,6 +61,12 @@ COUPLED = {
     # the pool trained with per-sample DSA drawn for the whole batch (pool_augment), S stored multi-formation
     "idc": ("idc", {"ipc": 1, "iterations": 2, "batch_real": 8, "train_steps": 2, "batch_pool": 4}),
     "idm_pool_augment": ("idm", {**IDM, "ipc": 2, "pool_augment": True}),
+    # every class's prototype gathered for the discrimination term; the watched network's per-class accuracies
+    # gathered; two image steps with one epoch of training on the whole S between them
+    "cafe": ("cafe", {"ipc": 1, "iterations": 1, "batch_real": 8, "watch_window": 2, "watch_batch": 4,
+                      "max_steps_per_network": 2, "max_inner_epochs": 1}),
+    # the worst-case perturbation from the loss gap of every class (gap and its gradient summed over the ranks)
+    "lcmat": ("lcmat", {"ipc": 1, "iterations": 1, "outer_loop": 2, "inner_loop": 1}),
     # shared hallucinators (their MTT gradient summed over the ranks), the club term and the extractor's training
     # on the whole bases; one image step: after it, MTT's loss on this 1-epoch buffer amplifies the 1e-6 rounding
     # of the state ~1e4 times (measured: the one-process loss from the 2-rank state moves 5e-3)
@@ -477,11 +483,11 @@ def test_class_blocks_and_unsupported_recipes():
     from ipmcondense.nets import get_network
 
     net = get_network("convnet", 1, 10, (8, 8))
-    for name in ("cafe", "lcmat"):
-        with pytest.raises(ValueError, match=f"recipe '{name}' cannot run class-parallel"):
-            check_class_parallel(RECIPES[name], {"arch": "convnet"}, net, 2, 10)
+    from ipmcondense.condensation.parallel import UNSUPPORTED_REASONS
+
+    assert UNSUPPORTED_REASONS == {}  # every registered row runs class-parallel (the axes below are refused)
     for name in ("dm", "m3d", "dc", "dsa", "datadam", "wasserstein", "mtt", "kip", "rfad", "dd", "esp", "rcig",
-                 "dcc", "idc", "haba"):
+                 "dcc", "idc", "haba", "cafe", "lcmat"):
         check_class_parallel(RECIPES[name], {"arch": "convnet"}, net, 2, 10)
     check_class_parallel(RECIPES["mtt"], {"arch": "convnet", "soft_labels": True}, net, 2, 10)
     with pytest.raises(ValueError, match="are per-rank shares, its joint discrepancy the same on every rank"):

@@ -55,6 +55,11 @@ Supported rows and what they synchronise (everything else raises a ``ValueError`
                                (:meth:`~ipmcondense.condensation.synthetic.SyntheticSet.shared_parameters`) are
                                replicated, their MTT gradient summed over the ranks; the club term and the
                                extractor's training run on the whole bases on every rank
+``cafe``                       every class's prototype rebuilt on every rank (its gradient summed into the
+                               owner's) for the discrimination term; the watched network's per-class accuracies
+                               gathered in class order; S exchanged before its training, as DC's
+``lcmat``                      the loss gap of the perturbation and its parameter gradient summed over the
+                               ranks, so every rank moves the network alike
 ``dcc``                        each rank's sum of its classes' mean gradients, all-reduced (identity backward);
                                the joint cosine is the same on every rank (``joint_over_ranks`` of
                                :func:`~ipmcondense.condensation.matching.matching_loss`)
@@ -63,14 +68,14 @@ Supported rows and what they synchronise (everything else raises a ``ValueError`
 DM, DC (also with DREAM's batches or the sliced discrepancy): bit for bit. IDM and MTT: a sum over ranks replaces a sum inside one batch, so the sets agree up to
 float32 rounding (IDM: 1e-6 of the largest pixel after 3 iterations; MTT: exact in float64, 1e-4 of the
 largest pixel in float32, below float32's own error of the MTT gradient). KIP, RFAD, DD, ESP, RCIG, DCC, IDC,
-HaBa and MTT with soft labels: the real batch's sum and S's gradient are sums of per-rank partial sums; the
+HaBa, CAFE, LCMat and MTT with soft labels: the real batch's sum and S's gradient are sums of per-rank partial sums; the
 images, learned label rows, step sizes, temperatures and helper networks agree with one process to 2e-5 of
 their largest magnitude after 1-3 iterations (measured at most 6e-6, KIP under Adam; 3e-6 or less for the
 others); RCIG's pool models, trained by Adam on S, to 5e-4 (ten of their Adam steps).
 
-Not supported, with the reason (:data:`UNSUPPORTED_REASONS`): ``cafe`` (its discriminative extra term sees
-every class), ``lcmat`` (the network perturbation uses every class), a synthetic set not stored in class blocks,
-a joint discrepancy (``dcc``'s) composed with extra terms, and the ``w2_barycenter`` discrepancy (it
+Not supported, with the reason (:func:`check_class_parallel`): extra terms other than ``synthetic_ce`` and
+``prototype_discrimination`` (wmdd, itgan, dcgm), samplers that train networks on every class otherwise
+(wmdd's ``pretrained``), a synthetic set not stored in class blocks (channel_efficient, glad), a joint discrepancy (``dcc``'s) composed with extra terms, and the ``w2_barycenter`` discrepancy (it
 draws its initial atoms from the generator in an amount that depends on each class's data). Networks with
 batch normalisation are refused too (their features would depend on which classes share the batch).
 """
@@ -91,14 +96,14 @@ from .recipes import MatchingRecipe, Recipe
 
 __all__ = ["ClassShard", "WholeSetOnEveryRank", "ClassShardRealBatches", "ClassShardDreamBatches", "DrawsOfEveryClass", "check_class_parallel", "UNSUPPORTED_REASONS"]
 
-#: why a row cannot be split over classes (the error names the recipe and quotes this)
+#: why a row cannot be split over classes, quoted by the error that names the recipe; empty, since no row is
+#: refused by name any more and the remaining refusals are by axis (see check_class_parallel)
 UNSUPPORTED_REASONS = {
-    "cafe": "its prototype_discrimination extra term sees every class",
-    "lcmat": "its network perturbation is computed from every class",
 }
-_SUPPORTED_SAMPLERS = ("fresh", "fresh_inner", "pool")
-#: extra terms that are sums over the classes' segments of S (each rank adds its own classes' segments)
-_CLASS_SEPARABLE_TERMS = ("synthetic_ce",)
+_SUPPORTED_SAMPLERS = ("fresh", "fresh_inner", "pool", "fresh_watched")
+#: extra terms with a class-parallel form: sums over the classes' segments of S (each rank adds its own) or over
+#: the real rows against every class's prototype (gathered from their owners)
+_CLASS_SEPARABLE_TERMS = ("synthetic_ce", "prototype_discrimination")
 #: objectives (besides matching) with a class-parallel form: MTT's student sums the ranks' gradients; the
 #: objectives coupling all of S solve their inner problem on the whole S on every rank (:class:`WholeSetOnEveryRank`)
 _CLASS_PARALLEL_OBJECTIVES = ("mtt", "kip", "rfad", "dd", "esp", "rcig")
@@ -136,8 +141,6 @@ def check_class_parallel(recipe: Recipe, config: dict[str, Any], network: nn.Mod
         problem = f"synthetic {recipe.synthetic!r} is not class-blocked (pixels or multiformation)"
     elif (recipe.real_batches or "random") not in ("random", "dream"):
         problem = f"real_batches {recipe.real_batches!r} is not supported (only 'random' and 'dream')"
-    elif float(config.get("lcmat_weight") or 0.0) > 0:
-        problem = UNSUPPORTED_REASONS["lcmat"]
     if problem is None and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in network.modules()):
         problem = f"arch {config.get('arch')!r} has batch normalisation (features would depend on the batch's classes)"
     if problem is not None:

@@ -550,7 +550,12 @@ def real_accuracy_per_class(net: nn.Module, ctx: SamplerContext, n_per_class: in
     images, labels = draw_real(n_per_class)
     correct = (net(images).argmax(dim=1) == labels).float()
     classes = torch.unique(labels)
-    return torch.stack([correct[labels == c].mean() for c in classes])
+    per_class = torch.stack([correct[labels == c].mean() for c in classes])
+    if ctx.class_shard is not None:  # class-parallel: every rank's classes, gathered in class order (exact)
+        from ipmcondense.distributed import all_gather_rows
+
+        per_class = all_gather_rows(per_class)
+    return per_class
 class PretrainedSampler(ParameterSampler):
     r"""One network trained on the real data once, then used frozen for every iteration (WMDD's teacher).
 

@@ -5,8 +5,8 @@ Starting processes is the expensive part (each imports torch), so two launches s
 1. ``torch.multiprocessing.spawn`` of 2 ranks (module fixture ``two_ranks``) computes, on shards of the
    data: the sharded MMD (biased, unbiased; dense and tiled kernel sums) and mean embedding, the streamed
    mean embedding of an ``IterableDataset``, a parallel evaluation, DM and DC class-parallel condensation, the
-   rows that couple all of S (KIP, RFAD, DD, ESP, RCIG), DCC, MTT with soft labels, IDC, IDM with
-   ``pool_augment`` and HaBa (``COUPLED``);
+   rows that couple all of S (KIP, RFAD, DD, ESP, RCIG), DCC, MTT with soft labels, IDC (its pool with
+   ``pool_augment``), HaBa, CAFE and LCMat (``COUPLED``);
    then it starts a checkpointed DM run in which rank 1 is SIGKILLed right after the checkpoint of
    iteration 1 of 2 (the launch fails, as it must);
 2. ``torchrun --standalone --nproc_per_node 2 -m ipmcondense condense ... --resume`` continues that run from
@@ -57,16 +57,15 @@ COUPLED = {
     "rcig": ("rcig", {"ipc": 1, "iterations": 3, "batch_real": 10, "rcig_pool_models": 2, "rcig_inner_steps": 3,
                       "rcig_hinv_steps": 3, "arch": "convnet-w32"}),
     "mtt_soft_labels": ("mtt", {**MTT, "ipc": 2, "soft_labels": True, "memory_lean": True}),
-    "dcc": ("dcc", {"ipc": 1, "iterations": 1, "outer_loop": 2, "inner_loop": 1}),
-    # the pool trained with per-sample DSA drawn for the whole batch (pool_augment), S stored multi-formation
+    "dcc": ("dcc", {"ipc": 1, "iterations": 1, "outer_loop": 1, "inner_loop": 1}),
+    # the pool trained with per-sample DSA drawn for the whole batch (IDC's pool_augment), S stored multi-formation
     "idc": ("idc", {"ipc": 1, "iterations": 2, "batch_real": 8, "train_steps": 2, "batch_pool": 4}),
-    "idm_pool_augment": ("idm", {**IDM, "ipc": 2, "pool_augment": True}),
     # every class's prototype gathered for the discrimination term; the watched network's per-class accuracies
     # gathered; two image steps with one epoch of training on the whole S between them
     "cafe": ("cafe", {"ipc": 1, "iterations": 1, "batch_real": 8, "watch_window": 2, "watch_batch": 4,
                       "max_steps_per_network": 2, "max_inner_epochs": 1}),
     # the worst-case perturbation from the loss gap of every class (gap and its gradient summed over the ranks)
-    "lcmat": ("lcmat", {"ipc": 1, "iterations": 1, "outer_loop": 2, "inner_loop": 1}),
+    "lcmat": ("lcmat", {"ipc": 1, "iterations": 1, "outer_loop": 1, "inner_loop": 1}),
     # shared hallucinators (their MTT gradient summed over the ranks), the club term and the extractor's training
     # on the whole bases; one image step: after it, MTT's loss on this 1-epoch buffer amplifies the 1e-6 rounding
     # of the state ~1e4 times (measured: the one-process loss from the 2-rank state moves 5e-3)
@@ -372,9 +371,10 @@ def test_class_parallel_mtt_equals_one_process_within_the_stated_tolerance(two_r
 def test_class_parallel_coupled_rows_equal_one_process_within_the_stated_tolerance(two_ranks, name, tmp_path):
     """KIP, RFAD, DD, ESP, RCIG (the inner problem on the whole S on every rank, the real loss split by class,
     S's gradient and the replicated parameters' gradients summed over the ranks), MTT with soft labels (the
-    label rows exchanged like the image rows), DCC (the class sums of its joint gradients all-reduced), IDC and
-    IDM with pool_augment (per-sample augmentations drawn for the whole batch) and HaBa (the hallucinators'
-    gradients summed, the club term and extractor on the whole bases): the run's checkpoint (rank 0's, every
+    label rows exchanged like the image rows), DCC (the class sums of its joint gradients all-reduced), IDC
+    (its pool's per-sample augmentations drawn for the whole batch), HaBa (the hallucinators' gradients
+    summed, the club term and extractor on the whole bases), CAFE (every prototype gathered) and LCMat (the
+    perturbation's gap gradient summed): the run's checkpoint (rank 0's, every
     rank's rows merged) holds the one-process images, learned label rows, step sizes / temperature, helper
     networks and loss history, to the stated tolerance."""
     from ipmcondense.condensation.api import condense

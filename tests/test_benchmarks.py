@@ -96,6 +96,7 @@ STALE_ON_PURPOSE = {
     "dd",  # issue 11 item 5: a batch per unrolled step, 3 epochs of learned step sizes, Adam betas (0.5, 0.999)
     "cafe",  # issue 11 item 6: the accuracy-watched loops, the pooled embedding matched twice
     "rcig",  # issue 11 item 2: RCIG's algorithm (online-trained pool, linearised network, KRR head, clipped implicit gradient)
+    "esp",  # the distance of the synthetic steps from the experts' span added to the loss (esp_residual_weight 10)
     "kip",  # lr_labels 0.04 (KIP.ipynb's one Adam over images and labels) changes the key; the committed cells do not
     #         learn labels, so a rerun reproduces their numbers
 }

@@ -440,7 +440,9 @@ _ROWS = (
                            "batch_syn chunk; the evaluation trains on all n_hallucinators x ipc decoded images "
                            "instead of one random hallucination per basis per epoch; the learned lr uses MTT's "
                            "momentum 0.5 (HaBa 0.9) and is not clipped at 0.001; the extractor is a ConvNet of the "
-                           "row's arch (HaBa: ConvNet-3 width 128); no ZCA on digits/MNIST (as mtt)"),
+                           "row's arch (HaBa: ConvNet-3 width 128); no ZCA on digits/MNIST (as mtt); the evaluation does "
+                           "not standardise each batch by its own mean and std (HaBa utils.py epoch() does, in "
+                           "training and test), so the hallucinators' output scale matters here"),
     ObjectiveRecipe(name="kip", objective="kip", relation_to_ipm=NOT_AN_IPM,
                     why="not an IPM: KRR regression loss of the predictor fitted on S; its witness class is the "
                         "RKHS of the (NTK) kernel, the MMD with that kernel is the IPM counterpart.",

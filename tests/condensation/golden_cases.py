@@ -28,6 +28,8 @@ row, issue 11 item 7), ``kip-conv`` (KIP with the infinite-width ConvNet NTK and
 labels, as KIP.ipynb), no longer at the separate rate 2.0 inherited from DATM's soft labels.
 ``esp`` changed on purpose: its row adds esp_residual_weight 10 times the mean relative distance of the
 unprojected synthetic steps from the experts' span to the loss (the projection alone let S leave the span).
+``haba`` changed on purpose: its digits budget steps the hallucinators at lr_hallucinators 0.01 (at the image
+rate 10 their weights blew up).
 """
 
 from __future__ import annotations

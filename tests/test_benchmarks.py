@@ -96,6 +96,9 @@ STALE_ON_PURPOSE = {
     "dd",  # issue 11 item 5: a batch per unrolled step, 3 epochs of learned step sizes, Adam betas (0.5, 0.999)
     "cafe",  # issue 11 item 6: the accuracy-watched loops, the pooled embedding matched twice
     "rcig",  # issue 11 item 2: RCIG's algorithm (online-trained pool, linearised network, KRR head, clipped implicit gradient)
+    "esp",  # the distance of the synthetic steps from the experts' span added to the loss (esp_residual_weight 10)
+    "haba",  # digits budget: 500 iterations, lr_hallucinators 0.01 (the hallucinators blew up at lr_images 10)
+    "channel_efficient",  # digits budget: image step 0.01 (0.001 left the 4x4 start below random images)
     "kip",  # lr_labels 0.04 (KIP.ipynb's one Adam over images and labels) changes the key; the committed cells do not
     #         learn labels, so a rerun reproduces their numbers
 }

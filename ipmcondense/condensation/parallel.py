@@ -371,6 +371,13 @@ class WholeSetOnEveryRank:
             return mean_loss
         return mean_loss * (int(own_rows) / self.real_batches.global_batch_size(int(n_per_class)))
 
+    def once(self, value: Tensor) -> Tensor:
+        """A term computed identically on every rank (from :meth:`rows` and :meth:`shared` inputs), counted once
+        in the ranks' sum: ``value / W`` (its gradient, summed over the ranks, is the term's gradient)."""
+        if not self.active:
+            return value
+        return value / distributed.world_size()
+
     def norm(self, tensor: Tensor, rows: bool) -> Tensor:
         """The Euclidean norm of a whole gradient: of a row parameter's (each rank holds its own rows, zeros
         elsewhere: the squared norms are summed over the ranks in float64) or of a replicated one's."""

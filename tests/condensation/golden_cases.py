@@ -26,6 +26,10 @@ row, issue 11 item 7), ``kip-conv`` (KIP with the infinite-width ConvNet NTK and
 ``dcgm`` (latents and generator trained with DM, a GAN term and DCGM's two contrastive terms; issue 18).
 ``kip-labels`` changed on purpose: KIP learns its labels at the image rate (one Adam(0.04) over images and
 labels, as KIP.ipynb), no longer at the separate rate 2.0 inherited from DATM's soft labels.
+``esp`` changed on purpose: its row adds esp_residual_weight 10 times the mean relative distance of the
+unprojected synthetic steps from the experts' span to the loss (the projection alone let S leave the span).
+``haba`` changed on purpose: its digits budget steps the hallucinators at lr_hallucinators 0.01 (at the image
+rate 10 their weights blew up). ``channel_efficient`` changed on purpose: its digits budget's image step is 0.01.
 """
 
 from __future__ import annotations

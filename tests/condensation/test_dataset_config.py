@@ -98,8 +98,8 @@ ADDED_OPTIONS = {"sinkhorn_p": 2, "steps_per_network": 1,
                  "n_hallucinators": 5, "hallucinator_kernel": 3, "basis_channels": None, "lr_hallucinators": None,
                  "haba_club_weight": 0.1, "haba_cls_weight": 1.0, "haba_likelihood_weight": 0.1,
                  "haba_contrast_weight": 0.1, "haba_temperature": 0.07, "lr_extractor": 0.001,
-                 # the esp objective
-                 "esp_rank": None,
+                 # the esp objective (esp_residual_weight: 0 the projection alone; the esp row sets 10)
+                 "esp_rank": None, "esp_residual_weight": 0.0,
                  # kip's ConvNet kernel (issue 11 item 3)
                  "conv_depth": 3, "conv_readout": "flatten",
                  # DCGM's latent_gan synthetic set and its two extra terms (issue 18; used by dcgm only)

@@ -16,7 +16,8 @@ loop, checkpoints, resume, outputs, evaluation) is shared.
 * ``dd``: :math:`\mathrm{CE}(f_{\theta_N(S)}(X_T), Y_T)` after N unrolled SGD steps on S with learnable step
   sizes; not an IPM (bilevel).
 * ``esp``: DD's loss after N *projected* SGD steps on S, the inner parameters kept in the span of the expert
-  trajectories (:math:`\theta_{i+1} = P_V(\theta_i - \eta_i \nabla \ell_S)`); not an IPM (bilevel).
+  trajectories (:math:`\theta_{i+1} = P_V(\theta_i - \eta_i \nabla \ell_S)`), plus the weighted relative distance
+  of the unprojected steps from that span; not an IPM (bilevel).
 * ``rcig``: :math:`\mathrm{CE}(X_T W^*(S), Y_T)` with :math:`W^* = \arg\min_W` a convex inner loss on S, gradient
   by implicit differentiation; not an IPM (bilevel).
 
@@ -38,7 +39,13 @@ from .bilevel import (
 )
 from .kernel import KERNEL_NAMES, KernelInducingPointsObjective, RandomFeatureKRRObjective, build_kernel
 from .matching import MatchingObjective, lcmat_perturbation
-from .subspace import SubspaceBilevelObjective, expert_subspace, project_onto_subspace, projected_unrolled_sgd
+from .subspace import (
+    SubspaceBilevelObjective,
+    expert_subspace,
+    project_onto_subspace,
+    projected_unrolled_sgd,
+    subspace_residual,
+)
 from .trajectory import (
     TrajectoryMatchingGradients,
     TrajectoryMatchingObjective,
@@ -58,6 +65,7 @@ __all__ = [
     "SubspaceBilevelObjective",
     "expert_subspace",
     "project_onto_subspace",
+    "subspace_residual",
     "projected_unrolled_sgd",
     "OBJECTIVES",
     "OBJECTIVE_NAMES",

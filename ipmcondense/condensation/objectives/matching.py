@@ -136,6 +136,7 @@ class MatchingObjective(Objective):
             net, self.feature_map, discrepancy, real, real_labels, syn, syn_labels,
             class_batching=bool(self.config["class_batching"]),
             extra_terms=self.extra_terms if extras else (), generator=self.ctx.generator,
+            precision=str(self.config["precision"]),
         ).total
         if discrepancy is not self.discrepancy:
             discrepancy.after(self.ctx.generator)

@@ -41,6 +41,17 @@ Three measurements, each a *cell* cached in ``benchmarks/results/time_to_accurac
     evaluated model trained for one epoch (so the full test pass, a fixed cost per model, is in it:
     over 1000 epochs it is amortised); the top entries by self CPU time are stored and printed.
 
+Profiles of ipmcondense (``--ours-profile``; the reference always runs as it is):
+
+``reference`` (default)
+    the library's defaults, which are the reference's settings: float32 everywhere. Cells ``<mode>.json``.
+``fast``
+    ``--precision bfloat16`` in condensation (the networks' forward passes under bfloat16 autocast,
+    features and losses in float32) and in the evaluated models (``EvaluationProtocol(precision=
+    "bfloat16")``). Cells ``<mode>-fast.json``. In the accuracy cell both condensed sets are evaluated by
+    the float32 protocol (the comparison of the condensations), and ours once more with the bfloat16
+    evaluator (does the fast evaluation give the same accuracy?).
+
 Compatibility shim (stated, numerically neutral): with torch >= 2 the reference's ``ConvNet.forward``
 and ``ConvNet.embed`` call ``.view`` on the non-contiguous output of its DSA and fail; the runner
 replaces them, in the reference's process only, by the same code with ``.reshape`` (a copy instead of a
@@ -74,6 +85,11 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "time_to_accuracy"
+#: ipmcondense's side of a cell: extra ``condense`` arguments and the evaluation precision (module docstring)
+OURS_PROFILES: dict[str, dict[str, Any]] = {
+    "reference": {"condense": (), "eval_precision": "float32"},
+    "fast": {"condense": ("--precision", "bfloat16"), "eval_precision": "bfloat16"},
+}
 MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 
@@ -254,11 +270,13 @@ def reference_seconds_per_model(setting: Setting, reference: Path, ref_data: Pat
     return end[0] - begin[0]
 
 
-def ours_seconds_per_model(setting: Setting, data_root: Path, epochs: int, threads: int) -> float:
+def ours_seconds_per_model(setting: Setting, data_root: Path, epochs: int, threads: int,
+                           precision: str = "float32") -> float:
     """Wall time of one model of :func:`ipmcondense.evaluation.evaluate_synthetic` on an ``ipc``-per-class real set."""
     run = run_stamped([sys.executable, __file__, "_eval-worker", "--data-root", str(data_root), "--ipc",
                        str(setting.ipc), "--epochs", str(epochs), "--augmentation",
-                       "none" if "None" in setting.reference_args else "dsa"], threads=threads)
+                       "none" if "None" in setting.reference_args else "dsa", "--precision", precision],
+                      threads=threads)
     return float(json.loads(run.lines[-1][1])["wall_seconds"][0])
 
 
@@ -271,6 +289,7 @@ def _eval_worker(argv: list[str]) -> int:
     parser.add_argument("--models", type=int, default=1)
     parser.add_argument("--set", default=None, help="a .pt file with images/labels to evaluate")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", default="float32")
     args = parser.parse_args(argv)
     import torch
 
@@ -284,15 +303,21 @@ def _eval_worker(argv: list[str]) -> int:
         images, labels = payload["images"], payload["labels"]
     else:
         images, labels = select_random(data, args.ipc, seed=args.seed)
-    protocol = EvaluationProtocol(epochs=args.epochs, augmentation=args.augmentation)
+    protocol = EvaluationProtocol(epochs=args.epochs, augmentation=args.augmentation, precision=args.precision)
     result = evaluate_synthetic(images, labels, data, protocol, n_models=args.models, seed=args.seed)
     print(json.dumps({"accuracies": result.accuracies, "wall_seconds": result.wall_seconds}))
     return 0
 
 
 # ------------------------------------------------------------------------------------------ the cells
-def _cell_path(setting: Setting, mode: str) -> Path:
-    return RESULTS / setting.name / f"{mode}.json"
+def _cell_path(setting: Setting, mode: str, ours_profile: str = "reference") -> Path:
+    suffix = "" if ours_profile == "reference" else f"-{ours_profile}"
+    return RESULTS / setting.name / f"{mode}{suffix}.json"
+
+
+def _with_profile(key: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The key of a cell of ``args.ours_profile`` (the reference profile's keys predate profiles: unchanged)."""
+    return key if args.ours_profile == "reference" else {**key, "ours_profile": args.ours_profile}
 
 
 def _hardware(threads: int) -> dict[str, Any]:
@@ -327,10 +352,9 @@ def _save(path: Path, record: dict[str, Any]) -> None:
 
 
 def speed_cell(setting: Setting, args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
-    key = {"setting": asdict(setting), "iterations": args.iterations, "warmup": args.warmup, "rounds": args.rounds,
-           "eval_epochs": args.eval_epochs, "threads": args.threads,
-           "reference_commit": _reference_commit(args.reference)}
-    path = _cell_path(setting, "speed")
+    key = speed_cell_key(setting, args)
+    path = _cell_path(setting, "speed", args.ours_profile)
+    profile = OURS_PROFILES[args.ours_profile]
     if (record := _cached(path, key, args.force)) is not None:
         return record
     ref_data = prepare_reference_data(args.data_root, scratch / "ref-data") if args.reference else None
@@ -345,13 +369,15 @@ def speed_cell(setting: Setting, args: argparse.Namespace, scratch: Path) -> dic
             timings["reference_iteration"].append(_with_usage(usage, "reference_iteration", reference_seconds_per_iteration,
                 setting, args.reference, ref_data, scratch, args.iterations, args.warmup, args.threads))
         timings["ours_iteration"].append(_with_usage(usage, "ours_iteration", ours_seconds_per_iteration,
-            setting, args.data_root, scratch, args.iterations, args.warmup, args.threads))
+            setting, args.data_root, scratch, args.iterations, args.warmup, args.threads,
+            extra=profile["condense"]))
         if args.eval_epochs:
             if args.reference:
                 timings["reference_model"].append(_with_usage(usage, "reference_model", reference_seconds_per_model,
                     setting, args.reference, ref_data, scratch, args.eval_epochs, args.threads))
             timings["ours_model"].append(_with_usage(usage, "ours_model", ours_seconds_per_model, setting,
-                                                     args.data_root, args.eval_epochs, args.threads))
+                                                     args.data_root, args.eval_epochs, args.threads,
+                                                     profile["eval_precision"]))
     load_average.append(list(os.getloadavg()))
     medians = {k: statistics.median(v) for k, v in timings.items() if v}
     ratios = {}
@@ -370,13 +396,15 @@ def speed_cell(setting: Setting, args: argparse.Namespace, scratch: Path) -> dic
 def accuracy_cell(setting: Setting, args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     if args.reference is None:
         raise SystemExit("--modes accuracy needs --reference (it compares with the reference's set)")
-    speed = _cached(_cell_path(setting, "speed"), speed_cell_key(setting, args), False)
+    speed = _cached(_cell_path(setting, "speed", args.ours_profile), speed_cell_key(setting, args), False)
     if speed is None or "reference_iteration" not in speed["medians"]:
         raise SystemExit(f"[{setting.name}] run --modes speed with --reference first (accuracy uses its timings)")
     iterations = args.target_iterations or setting.target_iterations
-    key = {"setting": asdict(setting), "iterations": iterations, "models": args.models, "epochs": args.epochs,
-           "threads": args.threads, "reference_commit": _reference_commit(args.reference)}
-    path = _cell_path(setting, "accuracy")
+    key = _with_profile({"setting": asdict(setting), "iterations": iterations, "models": args.models,
+                         "epochs": args.epochs, "threads": args.threads,
+                         "reference_commit": _reference_commit(args.reference)}, args)
+    path = _cell_path(setting, "accuracy", args.ours_profile)
+    profile = OURS_PROFILES[args.ours_profile]
     if (record := _cached(path, key, args.force)) is not None:
         return record
     import torch
@@ -396,22 +424,27 @@ def accuracy_cell(setting: Setting, args: argparse.Namespace, scratch: Path) -> 
     ours_run = run_stamped([sys.executable, "-m", "ipmcondense", "condense", "--method", setting.method,
                             "--dataset", "mnist", "--ipc", str(setting.ipc), "--iterations", str(ours_iterations),
                             "--data-root", str(args.data_root), "--out", str(ours_out), "--overwrite",
-                            "--no-progress"], threads=args.threads)
+                            "--no-progress", *profile["condense"]], threads=args.threads)
     ours_seconds = json.loads((ours_out / "metrics.json").read_text())["seconds"]
     payload = torch.load(ours_out / "synthetic.pt", map_location="cpu", weights_only=False)
     ours_set = scratch / "ours-set.pt"
     torch.save({"images": payload["images"], "labels": payload["labels"]}, ours_set)
-    accuracies = {}
-    for side, file in (("reference", reference_set), ("ours", ours_set)):
+    accuracies, evaluation_seconds = {}, {}
+    evaluations = [("reference", reference_set, "float32"), ("ours", ours_set, "float32")]
+    if profile["eval_precision"] != "float32":  # the fast evaluator on our set too: the same accuracy?
+        evaluations.append((f"ours_evaluated_{profile['eval_precision']}", ours_set, profile["eval_precision"]))
+    for side, file, precision in evaluations:
         worker = run_stamped([sys.executable, __file__, "_eval-worker", "--data-root", str(args.data_root),
                               "--ipc", str(setting.ipc), "--epochs", str(args.epochs), "--models", str(args.models),
                               "--set", str(file), "--augmentation",
-                              "none" if "None" in setting.reference_args else "dsa"], threads=args.threads)
-        accuracies[side] = json.loads(worker.lines[-1][1])["accuracies"]
+                              "none" if "None" in setting.reference_args else "dsa", "--precision", precision],
+                             threads=args.threads)
+        report = json.loads(worker.lines[-1][1])
+        accuracies[side], evaluation_seconds[side] = report["accuracies"], report["wall_seconds"]
     record = {"status": "ok", "key": key, "reference_condensation_seconds": reference_seconds,
               "ours_iterations": ours_iterations, "ours_condensation_seconds": ours_seconds,
               "ours_process_seconds": ours_run.seconds, "wall_time_ratio": ours_seconds / reference_seconds,
-              "accuracies": accuracies,
+              "accuracies": accuracies, "evaluation_seconds_per_model": evaluation_seconds,
               "accuracy_mean": {k: statistics.fmean(v) for k, v in accuracies.items()},
               "target_accuracy": setting.target_accuracy, "hardware": _hardware(args.threads),
               "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -420,18 +453,20 @@ def accuracy_cell(setting: Setting, args: argparse.Namespace, scratch: Path) -> 
 
 
 def speed_cell_key(setting: Setting, args: argparse.Namespace) -> dict[str, Any]:
-    return {"setting": asdict(setting), "iterations": args.iterations, "warmup": args.warmup, "rounds": args.rounds,
-            "eval_epochs": args.eval_epochs, "threads": args.threads,
-            "reference_commit": _reference_commit(args.reference)}
+    return _with_profile({"setting": asdict(setting), "iterations": args.iterations, "warmup": args.warmup,
+                          "rounds": args.rounds, "eval_epochs": args.eval_epochs, "threads": args.threads,
+                          "reference_commit": _reference_commit(args.reference)}, args)
 
 
 def profile_cell(setting: Setting, args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
-    key = {"setting": asdict(setting), "steps": args.profile_steps, "threads": args.threads}
-    path = _cell_path(setting, "profile")
+    key = _with_profile({"setting": asdict(setting), "steps": args.profile_steps, "threads": args.threads}, args)
+    path = _cell_path(setting, "profile", args.ours_profile)
+    precision = OURS_PROFILES[args.ours_profile]["eval_precision"]
     if (record := _cached(path, key, args.force)) is not None:
         return record
     run = run_stamped([sys.executable, __file__, "_profile-worker", "--data-root", str(args.data_root),
-                       "--method", setting.method, "--ipc", str(setting.ipc), "--steps", str(args.profile_steps)],
+                       "--method", setting.method, "--ipc", str(setting.ipc), "--steps", str(args.profile_steps),
+                       "--precision", precision],
                       threads=args.threads)
     report = json.loads(run.lines[-1][1])
     record = {"status": "ok", "key": key, **report, "hardware": _hardware(args.threads),
@@ -447,6 +482,7 @@ def _profile_worker(argv: list[str]) -> int:
     parser.add_argument("--ipc", type=int, required=True)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--precision", default="float32")
     args = parser.parse_args(argv)
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -456,7 +492,8 @@ def _profile_worker(argv: list[str]) -> int:
     from ipmcondense.evaluation import EvaluationProtocol, evaluate_synthetic
 
     data = load_dataset("mnist", root=args.data_root)
-    condense(args.method, data, args.ipc, iterations=1, progress=False)  # warm-up: allocations, first calls
+    condense(args.method, data, args.ipc, iterations=1, progress=False,
+             precision=args.precision)  # warm-up: allocations, first calls
 
     def top(prof) -> list[dict[str, Any]]:
         events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[: args.top]
@@ -465,10 +502,11 @@ def _profile_worker(argv: list[str]) -> int:
                  "share": e.self_cpu_time_total / total} for e in events]
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        result = condense(args.method, data, args.ipc, iterations=args.steps, progress=False)
+        result = condense(args.method, data, args.ipc, iterations=args.steps, progress=False, precision=args.precision)
     step = top(prof)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        evaluate_synthetic(result.images, result.labels, data, EvaluationProtocol(epochs=1), n_models=1)
+        evaluate_synthetic(result.images, result.labels, data, EvaluationProtocol(epochs=1, precision=args.precision),
+                           n_models=1)
     epoch = top(prof)
     print(json.dumps({"outer_steps": step, "evaluation_one_epoch_and_test": epoch,
                       "torch_threads": torch.get_num_threads()}))
@@ -494,7 +532,9 @@ def report_lines(records: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
             lines.append(f"{name}: reference {acc['key']['iterations']} iterations in "
                          f"{acc['reference_condensation_seconds']:.0f} s -> {a['reference']:.2%}; ours "
                          f"{acc['ours_iterations']} iterations in {acc['ours_condensation_seconds']:.0f} s "
-                         f"(ratio {acc['wall_time_ratio']:.2f}) -> {a['ours']:.2%}")
+                         f"(ratio {acc['wall_time_ratio']:.2f}) -> {a['ours']:.2%}"
+                         + "".join(f"; {k.replace('_', ' ')} -> {v:.2%}" for k, v in a.items()
+                                   if k not in ("reference", "ours")))
         if (prof := modes.get("profile")) is not None:
             lines.append(f"{name}: top of {prof['key']['steps']} outer steps (self CPU):")
             lines += [f"    {e['share']:6.1%}  {e['self_cpu_ms']:9.1f} ms  {e['name']}" for e in prof["outer_steps"][:8]]
@@ -527,6 +567,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target-iterations", type=int, default=None,
                         help="reference iterations of the accuracy cell (default: the setting's)")
     parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--ours-profile", choices=sorted(OURS_PROFILES), default="reference",
+                        help="ipmcondense's settings: reference (its defaults, float32) or fast (bfloat16 autocast in "
+                             "condensation and evaluation); cells of fast end in -fast")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--force", action="store_true", help="recompute cached cells")
     parser.add_argument("--quick", action="store_true",
@@ -551,7 +594,8 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix=f"tta-{name}-") as tmp:
             for mode in args.modes:
                 records.setdefault(name, {})[mode] = cells[mode](setting, args, Path(tmp))
-        for line in report_lines({name: records[name]}):
+        label = name if args.ours_profile == "reference" else f"{name} ({args.ours_profile})"
+        for line in report_lines({label: records[name]}):
             print(line, flush=True)
     if args.quick:
         shutil.rmtree(RESULTS, ignore_errors=True)

@@ -36,6 +36,12 @@ Three measurements, each a *cell* cached in ``benchmarks/results/time_to_accurac
     so the difference is the condensation); ipmcondense then condenses for as many iterations as fit in
     half the reference's measured condensation time (from the ``speed`` cell) and is evaluated with the
     same models and seeds. Hours on a CPU: meant to be run once, in the background.
+``levers``
+    One DM step's network work in isolation, in one process, interleaved over rounds: the real side
+    (``ipc``-setting's ``batch_real`` images per class, all classes in one pass, no autograd) and the
+    synthetic side (forward and backward of the synthetic set) of the library's MNIST ConvNet, for every
+    combination of precision (float32, bfloat16 autocast) and memory format (contiguous, channels_last).
+    Reported: medians and ratios to float32/contiguous (what each lever buys before it is wired in).
 ``profile``
     Where the time of ipmcondense goes: :mod:`torch.profiler` over a few outer steps and over one
     evaluated model trained for one epoch (so the full test pass, a fixed cost per model, is in it:
@@ -47,7 +53,9 @@ Profiles of ipmcondense (``--ours-profile``; the reference always runs as it is)
     the library's defaults, which are the reference's settings: float32 everywhere. Cells ``<mode>.json``.
 ``fast``
     ``--precision bfloat16`` in condensation (the networks' forward passes under bfloat16 autocast,
-    features and losses in float32) and in the evaluated models (``EvaluationProtocol(precision=
+    features and losses in float32) and ``precision="bfloat16"`` in the evaluated models. (``--channels-last``
+    is left out: 0.53x on the isolated real side in the ``levers`` cell, but 0.89x alone and 0.92x with
+    bfloat16 on whole DM steps, against 0.60x for bfloat16 alone, measured in one process under load.) (``EvaluationProtocol(precision=
     "bfloat16")``). Cells ``<mode>-fast.json``. In the accuracy cell both condensed sets are evaluated by
     the float32 protocol (the comparison of the condensations), and ours once more with the bfloat16
     evaluator (does the fast evaluation give the same accuracy?).
@@ -475,6 +483,67 @@ def profile_cell(setting: Setting, args: argparse.Namespace, scratch: Path) -> d
     return record
 
 
+def levers_cell(setting: Setting, args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
+    key = {"setting": asdict(setting), "rounds": args.rounds, "threads": args.threads}
+    path = _cell_path(setting, "levers")
+    if (record := _cached(path, key, args.force)) is not None:
+        return record
+    batch_real = int(setting.reference_args[setting.reference_args.index("--batch_real") + 1])
+    run = run_stamped([sys.executable, __file__, "_levers-worker", "--ipc", str(setting.ipc), "--batch-real",
+                       str(batch_real), "--rounds", str(args.rounds)], threads=args.threads)
+    report = json.loads(run.lines[-1][1])
+    record = {"status": "ok", "key": key, **report, "load_average_1_5_15_min": list(os.getloadavg()),
+              "hardware": _hardware(args.threads), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    _save(path, record)
+    return record
+
+
+def _levers_worker(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ipc", type=int, required=True)
+    parser.add_argument("--batch-real", type=int, required=True)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    import torch
+
+    from ipmcondense.nets import get_network
+    from ipmcondense.training import autocast
+
+    torch.manual_seed(0)
+    net = get_network("convnet", 1, 10, (28, 28))
+    real = torch.randn(10 * args.batch_real, 1, 28, 28)
+    syn = torch.randn(10 * args.ipc, 1, 28, 28)
+    combos = [(p, f) for p in ("float32", "bfloat16") for f in ("contiguous", "channels_last")]
+    times: dict[str, dict[str, list[float]]] = {f"{p}/{f}": {"real_side": [], "synthetic_side": []} for p, f in combos}
+
+    def one(precision: str, fmt: str) -> tuple[float, float]:
+        memory = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+        model = net.to(memory_format=memory)
+        x_real = real.contiguous(memory_format=memory)
+        x_syn = syn.contiguous(memory_format=memory).requires_grad_(True)
+        start = time.perf_counter()
+        with torch.no_grad(), autocast(precision, "cpu"):
+            model.embed(x_real)
+        middle = time.perf_counter()
+        with autocast(precision, "cpu"):
+            out = model.embed(x_syn)
+        out.float().square().mean().backward()
+        return middle - start, time.perf_counter() - middle
+
+    one("float32", "contiguous")  # warm-up
+    for _ in range(args.rounds):
+        for precision, fmt in combos:
+            real_s, syn_s = one(precision, fmt)
+            times[f"{precision}/{fmt}"]["real_side"].append(real_s)
+            times[f"{precision}/{fmt}"]["synthetic_side"].append(syn_s)
+    medians = {k: {side: statistics.median(v) for side, v in sides.items()} for k, sides in times.items()}
+    base = medians["float32/contiguous"]
+    ratios = {k: {side: m[side] / base[side] for side in m} for k, m in medians.items()}
+    print(json.dumps({"seconds": times, "medians": medians, "ratios_to_float32_contiguous": ratios,
+                      "torch_threads": torch.get_num_threads()}))
+    return 0
+
+
 def _profile_worker(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data-root", required=True)
@@ -535,6 +604,10 @@ def report_lines(records: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
                          f"(ratio {acc['wall_time_ratio']:.2f}) -> {a['ours']:.2%}"
                          + "".join(f"; {k.replace('_', ' ')} -> {v:.2%}" for k, v in a.items()
                                    if k not in ("reference", "ours")))
+        if (levers := modes.get("levers")) is not None:
+            for combo, r in levers["ratios_to_float32_contiguous"].items():
+                lines.append(f"{name}: {combo}: real side {r['real_side']:.2f}x, synthetic side "
+                             f"{r['synthetic_side']:.2f}x of float32/contiguous")
         if (prof := modes.get("profile")) is not None:
             lines.append(f"{name}: top of {prof['key']['steps']} outer steps (self CPU):")
             lines += [f"    {e['share']:6.1%}  {e['self_cpu_ms']:9.1f} ms  {e['name']}" for e in prof["outer_steps"][:8]]
@@ -550,6 +623,8 @@ def main(argv: list[str] | None = None) -> int:
         return _eval_worker(argv[1:])
     if argv[:1] == ["_profile-worker"]:
         return _profile_worker(argv[1:])
+    if argv[:1] == ["_levers-worker"]:
+        return _levers_worker(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", type=Path, default=os.environ.get("IPMCONDENSE_DATA_ROOT"),
@@ -557,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference", type=Path, default=None,
                         help="a checkout of VICO-UoE/DatasetCondensation (omit: ipmcondense alone)")
     parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=sorted(SETTINGS))
-    parser.add_argument("--modes", nargs="+", choices=("speed", "accuracy", "profile"), default=["speed"])
+    parser.add_argument("--modes", nargs="+", choices=("speed", "accuracy", "profile", "levers"), default=["speed"])
     parser.add_argument("--iterations", type=int, default=40, help="last iteration of the timed window")
     parser.add_argument("--warmup", type=int, default=10, help="first iteration of the timed window")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians are reported)")
@@ -588,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
         args.iterations, args.warmup, args.rounds, args.eval_epochs = 20, 10, 1, 2
         args.profile_steps, args.force = 1, True
     records: dict[str, dict[str, dict[str, Any]]] = {}
-    cells = {"speed": speed_cell, "accuracy": accuracy_cell, "profile": profile_cell}
+    cells = {"speed": speed_cell, "accuracy": accuracy_cell, "profile": profile_cell, "levers": levers_cell}
     for name in args.settings:
         setting = SETTINGS[name]
         with tempfile.TemporaryDirectory(prefix=f"tta-{name}-") as tmp:

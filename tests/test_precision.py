@@ -133,3 +133,48 @@ def test_cli_precision_flags(tmp_path, capsys):
     assert main(["evaluate", str(out), "--models", "1", "--epochs", "1", "--precision", "bfloat16"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["protocol"]["precision"] == "bfloat16"
+
+
+def _sorted_batch(digits, n_real=60, ipc=2, seed=0):
+    order = torch.argsort(digits.train_labels[:n_real], stable=True)
+    real, real_labels = digits.train_images[:n_real][order], digits.train_labels[:n_real][order]
+    present = torch.unique(real_labels)
+    g = torch.Generator().manual_seed(seed)
+    syn = torch.randn(ipc * present.numel(), 1, 8, 8, generator=g, requires_grad=True)
+    return real, real_labels, syn, present.repeat_interleave(ipc)
+
+
+def test_channels_last_real_side_is_the_float32_loss_and_restores_the_network(digits):
+    net = _net().requires_grad_(False)
+    real, real_labels, syn, syn_labels = _sorted_batch(digits)
+    seen = []
+    embed = net.embed
+
+    def spy(x):  # the 16 -> 16 convolutions' weights tell the memory format (1-channel images look the same in both)
+        wide = [p for p in net.parameters() if p.dim() == 4 and p.shape[1] > 1]
+        seen.append(all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in wide))
+        return embed(x)
+
+    net.embed = spy
+    losses, grads = [], []
+    for channels_last in (False, True):
+        seen.clear()
+        loss = matching_loss(net, EmbeddingFeatures(), MeanEmbeddingDiscrepancy(), real, real_labels, syn, syn_labels,
+                             channels_last=channels_last).total
+        losses.append(loss.detach())
+        grads.append(torch.autograd.grad(loss, syn)[0])
+        # the real side (first call) ran in channels_last only when asked; the synthetic side never did
+        assert seen == [channels_last, False]
+        assert all(p.is_contiguous() for p in net.parameters())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+
+
+def test_channels_last_leaves_gradient_matching_alone(digits):
+    net = _net()
+    real, real_labels, syn, syn_labels = _sorted_batch(digits)
+    a, b = (matching_loss(net, GradientFeatures(), MeanEmbeddingDiscrepancy(), real, real_labels, syn, syn_labels,
+                          channels_last=flag).total for flag in (False, True))
+    assert torch.equal(a, b)  # the real side needs parameter gradients: it stays contiguous, bit for bit
+    with pytest.raises(TypeError, match="channels_last"):
+        condense("dm", "digits", 1, iterations=1, progress=False, channels_last="yes")

@@ -87,6 +87,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=("float32", "bfloat16"), default=None,
                    help="float32 (default, the references) or bfloat16: autocast the networks' forward passes of a "
                         "matching recipe (about 2x faster on CPUs with AMX/AVX512-BF16 and on GPUs)")
+    p.add_argument("--channels-last", action="store_const", const=True, default=None,
+                   help="run the no-autograd real-side passes of a matching recipe in channels_last memory format "
+                        "(float32 arithmetic in another order; about 2x faster for large real batches on CPU)")
     p.add_argument("--set", dest="overrides", type=_override, action="append", default=[], metavar="KEY=VALUE",
                    help="any other hyperparameter, e.g. --set inner_loop=5 --set bandwidth=2.0")
     p.set_defaults(func=run_condense)
@@ -130,7 +133,8 @@ def run_condense(args: argparse.Namespace) -> int:
     from ipmcondense.condensation.api import condense
 
     overrides = dict(args.overrides)
-    for key in ("lr_images", "batch_real", "init", "arch", "experts", "checkpoint_every", "generator", "precision"):
+    for key in ("lr_images", "batch_real", "init", "arch", "experts", "checkpoint_every", "generator", "precision",
+                "channels_last"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     result = condense(

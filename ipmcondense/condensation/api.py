@@ -128,6 +128,8 @@ def _check_config(config: dict[str, Any], recipe: Recipe, dataset: Any, ipc: int
         check_positive_number(config[key], key)
     check_choice(config["init"], INIT_CHOICES, "init")
     check_choice(config["precision"], PRECISIONS, "precision")
+    if not isinstance(config["channels_last"], bool):
+        raise TypeError(f"channels_last must be True or False, got {config['channels_last']!r}")
     if config["precision"] != "float32" and not isinstance(recipe, MatchingRecipe):
         raise ValueError(
             f"precision {config['precision']!r} is only available for matching recipes (their networks' forward "

@@ -61,6 +61,7 @@ def matching_loss(
     extra_terms: Sequence[ExtraTerm] = (),
     generator: torch.Generator | None = None,
     precision: str = "float32",
+    channels_last: bool = False,
 ) -> MatchingLoss:
     r""":math:`\sum_c \sum_b w_b D(\phi^b(T_c), \phi^b(S_c))` + extra terms, for class-blocked inputs.
 
@@ -76,7 +77,11 @@ def matching_loss(
 
     ``precision="bfloat16"`` runs the feature-map calls under bfloat16 autocast
     (:func:`ipmcondense.training.autocast`) and casts every feature block back to float32, so the
-    discrepancies and extra terms are computed in float32 as with ``"float32"``.
+    discrepancies and extra terms are computed in float32 as with ``"float32"``. ``channels_last=True``
+    runs the real side in ``torch.channels_last`` memory format when the feature map needs no parameter
+    gradients (its pass runs without autograd): the same float32 arithmetic in another order (oneDNN's
+    NHWC convolutions, about twice as fast on CPU for large batches), the network restored to contiguous
+    parameters before the synthetic side (whose backward is slower in channels_last).
 
     Cost: per side one (batched) or ``n_classes`` (loop) feature-map calls; the discrepancy per class
     (once for a joint discrepancy).
@@ -91,8 +96,16 @@ def matching_loss(
             f"{real_classes} and {syn_classes}"
         )
     def features(images, labels, segments, differentiable):
-        with autocast(precision, images.device):
-            blocks = feature_map(net, images, labels, segments, differentiable=differentiable)
+        nhwc = channels_last and not differentiable and not feature_map.needs_parameter_gradients and images.dim() == 4
+        if nhwc:
+            net.to(memory_format=torch.channels_last)
+            images = images.contiguous(memory_format=torch.channels_last)
+        try:
+            with autocast(precision, images.device):
+                blocks = feature_map(net, images, labels, segments, differentiable=differentiable)
+        finally:
+            if nhwc:
+                net.to(memory_format=torch.contiguous_format)
         if precision == "float32":
             return blocks
         return [replace(b, values=b.values.float()) for b in blocks]

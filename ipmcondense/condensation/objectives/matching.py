@@ -136,7 +136,7 @@ class MatchingObjective(Objective):
             net, self.feature_map, discrepancy, real, real_labels, syn, syn_labels,
             class_batching=bool(self.config["class_batching"]),
             extra_terms=self.extra_terms if extras else (), generator=self.ctx.generator,
-            precision=str(self.config["precision"]),
+            precision=str(self.config["precision"]), channels_last=bool(self.config["channels_last"]),
         ).total
         if discrepancy is not self.discrepancy:
             discrepancy.after(self.ctx.generator)

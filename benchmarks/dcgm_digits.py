@@ -3,7 +3,8 @@
 Trains the default digits generator (``train_generator``, 50 epochs, seed 0) unless ``--generator DIR`` is
 given, then condenses with ``glad`` and ``dcgm`` at the digits DM budget (600 iterations, ``batch_real`` 64,
 seed 0) and evaluates each set with the standard protocol (3 models of the dataset's ConvNet-D2). Writes
-``benchmarks/results/dcgm_digits.json`` (atomically, after every cell, so a partial run keeps its cells).
+``benchmarks/results/dcgm_digits.json`` (atomically, after every cell, so a partial run keeps its cells; the
+cells of an earlier run that this one does not recompute are kept).
 
     OMP_NUM_THREADS=1 python benchmarks/dcgm_digits.py [--generator DIR] [--ipc 1 10]
 """
@@ -11,6 +12,7 @@ seed 0) and evaluates each set with the standard protocol (3 models of the datas
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -37,6 +39,10 @@ def main() -> None:
     report: dict = {"dataset": "digits", "threads": 1, "budget": {"iterations": 600, "batch_real": 64, "seed": 0},
                     "evaluation": f"standard protocol, {args.models} models, arch from the digits table (convnet-d2)",
                     "cells": []}
+    if OUT.is_file():  # keep the cells of an earlier run that this one does not recompute
+        earlier = json.loads(OUT.read_text())
+        wanted = {(m, i) for m in args.methods for i in args.ipc}
+        report["cells"] = [c for c in earlier.get("cells", []) if (c["method"], c["ipc"]) not in wanted]
     generator = args.generator
     if generator is None:
         generator = str(Path(args.work) / "generator")

@@ -41,7 +41,9 @@ Three measurements, each a *cell* cached in ``benchmarks/results/time_to_accurac
     (``ipc``-setting's ``batch_real`` images per class, all classes in one pass, no autograd) and the
     synthetic side (forward and backward of the synthetic set) of the library's MNIST ConvNet, for every
     combination of precision (float32, bfloat16 autocast) and memory format (contiguous, channels_last).
-    Reported: medians and ratios to float32/contiguous (what each lever buys before it is wired in).
+    Reported: medians and ratios to float32/contiguous (what each lever buys in isolation); then whole
+    outer iterations of the engine (``condense``, MNIST, the setting's method and IPC) with each lever as
+    wired in (``precision``, ``channels_last``), interleaved, as ratios to the defaults.
 ``profile``
     Where the time of ipmcondense goes: :mod:`torch.profiler` over a few outer steps and over one
     evaluated model trained for one epoch (so the full test pass, a fixed cost per model, is in it:
@@ -484,13 +486,14 @@ def profile_cell(setting: Setting, args: argparse.Namespace, scratch: Path) -> d
 
 
 def levers_cell(setting: Setting, args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
-    key = {"setting": asdict(setting), "rounds": args.rounds, "threads": args.threads}
+    key = {"setting": asdict(setting), "rounds": args.rounds, "threads": args.threads, "steps": 4}
     path = _cell_path(setting, "levers")
     if (record := _cached(path, key, args.force)) is not None:
         return record
     batch_real = int(setting.reference_args[setting.reference_args.index("--batch_real") + 1])
     run = run_stamped([sys.executable, __file__, "_levers-worker", "--ipc", str(setting.ipc), "--batch-real",
-                       str(batch_real), "--rounds", str(args.rounds)], threads=args.threads)
+                       str(batch_real), "--rounds", str(args.rounds), "--data-root", str(args.data_root),
+                       "--method", setting.method], threads=args.threads)
     report = json.loads(run.lines[-1][1])
     record = {"status": "ok", "key": key, **report, "load_average_1_5_15_min": list(os.getloadavg()),
               "hardware": _hardware(args.threads), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -503,9 +506,14 @@ def _levers_worker(argv: list[str]) -> int:
     parser.add_argument("--ipc", type=int, required=True)
     parser.add_argument("--batch-real", type=int, required=True)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--method", default="dm")
+    parser.add_argument("--steps", type=int, default=4)
     args = parser.parse_args(argv)
     import torch
 
+    from ipmcondense.condensation.api import condense
+    from ipmcondense.data import load_dataset
     from ipmcondense.nets import get_network
     from ipmcondense.training import autocast
 
@@ -539,8 +547,21 @@ def _levers_worker(argv: list[str]) -> int:
     medians = {k: {side: statistics.median(v) for side, v in sides.items()} for k, sides in times.items()}
     base = medians["float32/contiguous"]
     ratios = {k: {side: m[side] / base[side] for side in m} for k, m in medians.items()}
-    print(json.dumps({"seconds": times, "medians": medians, "ratios_to_float32_contiguous": ratios,
-                      "torch_threads": torch.get_num_threads()}))
+    report = {"seconds": times, "medians": medians, "ratios_to_float32_contiguous": ratios,
+              "torch_threads": torch.get_num_threads()}
+    if args.data_root:  # whole outer iterations of the engine with each lever wired in
+        data = load_dataset("mnist", root=args.data_root)
+        variants = {"defaults": {}, "channels_last": {"channels_last": True}, "bfloat16": {"precision": "bfloat16"},
+                    "bfloat16+channels_last": {"precision": "bfloat16", "channels_last": True}}
+        steps: dict[str, list[float]] = {k: [] for k in variants}
+        for _ in range(args.rounds):
+            for name, options in variants.items():
+                result = condense(args.method, data, args.ipc, iterations=args.steps, progress=False, **options)
+                steps[name] += result.metrics["iteration_seconds"][1:]  # the first pays the start-up
+        step_medians = {k: statistics.median(v) for k, v in steps.items()}
+        report.update(step_seconds=steps, step_medians=step_medians,
+                      step_ratios_to_defaults={k: v / step_medians["defaults"] for k, v in step_medians.items()})
+    print(json.dumps(report))
     return 0
 
 
@@ -608,6 +629,8 @@ def report_lines(records: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
             for combo, r in levers["ratios_to_float32_contiguous"].items():
                 lines.append(f"{name}: {combo}: real side {r['real_side']:.2f}x, synthetic side "
                              f"{r['synthetic_side']:.2f}x of float32/contiguous")
+            for variant, r in levers.get("step_ratios_to_defaults", {}).items():
+                lines.append(f"{name}: whole outer iteration with {variant}: {r:.2f}x of the defaults")
         if (prof := modes.get("profile")) is not None:
             lines.append(f"{name}: top of {prof['key']['steps']} outer steps (self CPU):")
             lines += [f"    {e['share']:6.1%}  {e['self_cpu_ms']:9.1f} ms  {e['name']}" for e in prof["outer_steps"][:8]]

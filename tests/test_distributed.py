@@ -4,7 +4,9 @@ Starting processes is the expensive part (each imports torch), so two launches s
 
 1. ``torch.multiprocessing.spawn`` of 2 ranks (module fixture ``two_ranks``) computes, on shards of the
    data: the sharded MMD (biased, unbiased; dense and tiled kernel sums) and mean embedding, the streamed
-   mean embedding of an ``IterableDataset``, a parallel evaluation, DM and DC class-parallel condensation;
+   mean embedding of an ``IterableDataset``, a parallel evaluation, DM and DC class-parallel condensation, the
+   rows that couple all of S (KIP, RFAD, DD, ESP, RCIG), DCC, MTT with soft labels, IDC (its pool with
+   ``pool_augment``), HaBa, CAFE and LCMat (``COUPLED``);
    then it starts a checkpointed DM run in which rank 1 is SIGKILLed right after the checkpoint of
    iteration 1 of 2 (the launch fails, as it must);
 2. ``torchrun --standalone --nproc_per_node 2 -m ipmcondense condense ... --resume`` continues that run from
@@ -45,6 +47,36 @@ MTT = {"iterations": 2, "seed": 5, "progress": False, "arch": "convnet-w32", "ma
 #: DC with DREAM's k-means batches: 4 image steps share one k-means query, a checkpoint after it
 DREAM = {"iterations": 2, "seed": 0, "progress": False, "outer_loop": 2, "inner_loop": 1, "batch_real": 4,
          "dream_interval": 4, "dream_max_iter": 10, "checkpoint_every": 1}
+#: the rows whose objective couples all of S (parallel.WholeSetOnEveryRank) and MTT with learned soft labels:
+#: (method, options), 2-3 image steps each on a 10-image real batch per class; each run checkpoints at its end
+COUPLED = {
+    "kip": ("kip", {"ipc": 2, "iterations": 3, "batch_real": 10, "learn_labels": True}),
+    "rfad": ("rfad", {"ipc": 1, "iterations": 3, "batch_real": 10, "n_models": 2, "rf_width": 16}),
+    "dd": ("dd", {"ipc": 2, "iterations": 3, "batch_real": 10, "dd_steps": 2, "dd_epochs": 1}),
+    "esp": ("esp", {"ipc": 1, "iterations": 3, "batch_real": 10, "dd_steps": 2, "arch": "convnet-w32"}),
+    "rcig": ("rcig", {"ipc": 1, "iterations": 3, "batch_real": 10, "rcig_pool_models": 2, "rcig_inner_steps": 3,
+                      "rcig_hinv_steps": 3, "arch": "convnet-w32"}),
+    "mtt_soft_labels": ("mtt", {**MTT, "ipc": 2, "soft_labels": True, "memory_lean": True}),
+    "dcc": ("dcc", {"ipc": 1, "iterations": 1, "outer_loop": 1, "inner_loop": 1}),
+    # the pool trained with per-sample DSA drawn for the whole batch (IDC's pool_augment), S stored multi-formation
+    "idc": ("idc", {"ipc": 1, "iterations": 2, "batch_real": 8, "train_steps": 2, "batch_pool": 4}),
+    # every class's prototype gathered for the discrimination term; the watched network's per-class accuracies
+    # gathered; two image steps with one epoch of training on the whole S between them
+    "cafe": ("cafe", {"ipc": 1, "iterations": 1, "batch_real": 8, "watch_window": 2, "watch_batch": 4,
+                      "max_steps_per_network": 2, "max_inner_epochs": 1}),
+    # the worst-case perturbation from the loss gap of every class (gap and its gradient summed over the ranks)
+    "lcmat": ("lcmat", {"ipc": 1, "iterations": 1, "outer_loop": 1, "inner_loop": 1}),
+    # shared hallucinators (their MTT gradient summed over the ranks), the club term and the extractor's training
+    # on the whole bases; one image step: after it, MTT's loss on this 1-epoch buffer amplifies the 1e-6 rounding
+    # of the state ~1e4 times (measured: the one-process loss from the 2-rank state moves 5e-3)
+    "haba": ("haba", {"ipc": 1, "iterations": 1, "seed": 5, "arch": "convnet-w32", "max_start_epoch": 1,
+                      "expert_epochs": 1, "syn_steps": 3, "n_hallucinators": 2, "lr_images": 10.0, "lr_extractor": 0.1,
+                      "memory_lean": True}),
+}
+#: the coupled rows agree with one process to this fraction of the largest magnitude of each learned tensor (images,
+#: learned label rows, step sizes, temperature): the real batch's sum and S's gradient are sums of 2 partial sums;
+#: measured at most 6e-6 (kip, whose Adam step divides by the root of tiny squared gradients), 1e-6 elsewhere
+COUPLED_RELATIVE_TOLERANCE = 2e-5
 #: the MTT engine run agrees with one process to this fraction of the images' largest magnitude: the split sum
 #: changes the float32 gradient by ~5e-6 of its size (measured), less than float32's own error of the MTT
 #: gradient against float64 (up to 8e-5: the loss divides nearly cancelling parameter differences)
@@ -122,6 +154,12 @@ def _unroll_gradients(owned, lean: bool, batch):
     return (loss.detach(), *torch.autograd.grad(loss, [images, lr]))
 
 
+def _coupled(method: str, options: dict, folder) -> dict:
+    """A coupled row's options with the fixture's expert buffer where the row reads one (ESP, MTT, HaBa)."""
+    experts = {"experts": str(Path(folder) / "experts")} if method in ("esp", "mtt", "haba") else {}
+    return {"seed": 0, **options, "progress": False, **experts}
+
+
 def _worker(rank: int, world: int, init: str, folder: str) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
@@ -151,6 +189,8 @@ def _worker(rank: int, world: int, init: str, folder: str) -> None:
         "idm": condense("idm", "digits", ipc=2, out=Path(folder) / f"idm-{world}", **IDM).images,
         "mtt": condense("mtt", "digits", ipc=2, experts=str(Path(folder) / "experts"), memory_lean=True, **MTT),
     }
+    for name, (method, options) in COUPLED.items():
+        condense(method, "digits", out=Path(folder) / f"{name}-{world}", **_coupled(method, options, folder))
     dream = condense("dc", "digits", ipc=1, real_batches="dream", out=Path(folder) / f"dream-{world}", **DREAM)
     out["dream"] = dream.images
     out["mtt"] = (out["mtt"].images, out["mtt"].learning_rate, out["mtt"].metrics["loss_history"])
@@ -327,6 +367,61 @@ def test_class_parallel_mtt_equals_one_process_within_the_stated_tolerance(two_r
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(COUPLED))
+def test_class_parallel_coupled_rows_equal_one_process_within_the_stated_tolerance(two_ranks, name, tmp_path):
+    """KIP, RFAD, DD, ESP, RCIG (the inner problem on the whole S on every rank, the real loss split by class,
+    S's gradient and the replicated parameters' gradients summed over the ranks), MTT with soft labels (the
+    label rows exchanged like the image rows), DCC (the class sums of its joint gradients all-reduced), IDC
+    (its pool's per-sample augmentations drawn for the whole batch), HaBa (the hallucinators' gradients
+    summed, the club term and extractor on the whole bases), CAFE (every prototype gathered) and LCMat (the
+    perturbation's gap gradient summed): the run's checkpoint (rank 0's, every
+    rank's rows merged) holds the one-process images, learned label rows, step sizes / temperature, helper
+    networks and loss history, to the stated tolerance."""
+    from ipmcondense.condensation.api import condense
+
+    torch.set_num_threads(1)
+    folder, _ = two_ranks
+    method, options = COUPLED[name]
+    options = _coupled(method, options, folder)
+    result = condense(method, "digits", out=tmp_path / "one", **options)
+    mine = torch.load(folder / f"{name}-{WORLD}" / "checkpoint.pt", weights_only=False)
+    one = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)
+    assert mine["world_size"] == WORLD and mine["iteration"] == one["iteration"] == options["iterations"]
+    learned = [(f"synthetic.{k}", v, mine["synthetic"][k]) for k, v in one["synthetic"].items() if v.is_floating_point()]
+    learned += [(f"objective.{k}", v, mine["objective"][k]) for k, v in one["objective"].items()
+                if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    extractor = one["decoder_training"].get("extractor", {})  # HaBa's adversary, trained on the whole bases
+    learned += [(f"extractor.{k}", v, mine["decoder_training"]["extractor"][k]) for k, v in extractor.items()
+                if v.is_floating_point()]
+    assert {"synthetic.pixels", "synthetic.stored", "synthetic.bases"} & {key for key, _, _ in learned}
+    for key, theirs, ours in learned:
+        error = float((ours - theirs).abs().max())
+        if key == "objective.pool_params":  # RCIG's pool, trained online on S by Adam: an element whose gradient is
+            # at rounding level can flip its step's sign, 2 x rcig_online_lr (5e-5) per step (measured 2e-4)
+            assert error <= 10 * 5e-5, key
+        elif key.startswith("objective.pool_exp_avg"):
+            assert error <= 1e-3 * float(theirs.abs().max()), key
+        elif key.startswith("extractor."):  # relative to the network's largest weight (its norm biases are ~1e-5)
+            assert error <= COUPLED_RELATIVE_TOLERANCE * max(float(v.abs().max()) for v in extractor.values()), key
+        else:
+            assert error <= COUPLED_RELATIVE_TOLERANCE * float(theirs.abs().max()), key
+    assert mine["history"]["losses"] == pytest.approx(one["history"]["losses"], rel=1e-5)
+    # the optimiser's buffers (Adam moments / momenta of the merged rows, replicated parameters) agree too
+    for index, state in one["optimizer"]["state"].items():
+        for key, theirs in state.items():
+            if isinstance(theirs, torch.Tensor) and theirs.numel() > 1:
+                ours = mine["optimizer"]["state"][index][key]
+                assert float((ours - theirs).abs().max()) <= 1e-3 * float(theirs.abs().max()) + 1e-12, (index, key)
+    for ours, theirs in zip(mine["sampler"].get("networks", []), one["sampler"].get("networks", [])):
+        for key in theirs:  # a pool of networks trained on real data (IDC, IDM): the same networks, to rounding
+            assert torch.allclose(ours[key], theirs[key], rtol=0, atol=2e-5), key
+    # the steps moved the set far beyond the tolerance (the comparison can fail)
+    start = condense(method, "digits", **{**options, "iterations": 0}).images
+    moved = float((result.images - start).abs().max())
+    assert moved > 50 * COUPLED_RELATIVE_TOLERANCE * float(start.abs().max()), moved
+
+
+@pytest.mark.slow
 def test_class_parallel_dream_batches_equal_one_process_and_checkpoint_in_its_format(two_ranks, tmp_path):
     """DREAM's k-means runs on each class's owner with the seed one process draws for that class: same set bit
     for bit (DC, class_batching's ~1e-7 aside at IPC 1: none), and the checkpointed picks (exchanged between
@@ -384,26 +479,28 @@ def test_class_blocks_and_unsupported_recipes():
     with pytest.raises(ValueError, match="11 ranks for 10 classes"):
         distributed.classes_of_rank(10, 0, 11)
     from ipmcondense.condensation.parallel import check_class_parallel
-    from ipmcondense.condensation.recipes import RECIPES
+    from ipmcondense.condensation.recipes import RECIPES, compose_recipe
     from ipmcondense.nets import get_network
 
     net = get_network("convnet", 1, 10, (8, 8))
-    for name in ("idc", "haba", "dcc", "cafe", "kip", "dd", "rcig"):
-        with pytest.raises(ValueError, match=f"recipe '{name}' cannot run class-parallel"):
-            check_class_parallel(RECIPES[name], {"arch": "convnet"}, net, 2, 10)
-    for name in ("dm", "m3d", "dc", "dsa", "datadam", "wasserstein", "mtt"):
-        check_class_parallel(RECIPES[name], {"arch": "convnet"}, net, 2, 10)
-    from ipmcondense.condensation.recipes import compose_recipe
+    from ipmcondense.condensation.parallel import UNSUPPORTED_REASONS
 
+    assert UNSUPPORTED_REASONS == {}  # every registered row runs class-parallel (the axes below are refused)
+    for name in ("dm", "m3d", "dc", "dsa", "datadam", "wasserstein", "mtt", "kip", "rfad", "dd", "esp", "rcig",
+                 "dcc", "idc", "haba", "cafe", "lcmat"):
+        check_class_parallel(RECIPES[name], {"arch": "convnet"}, net, 2, 10)
+    check_class_parallel(RECIPES["mtt"], {"arch": "convnet", "soft_labels": True}, net, 2, 10)
+    with pytest.raises(ValueError, match="are per-rank shares, its joint discrepancy the same on every rank"):
+        check_class_parallel(compose_recipe("idm", feature_map="gradients", discrepancy="gradient_cosine_joint"),
+                             {"arch": "convnet", "pool_augment": False}, net, 2, 10)
     check_class_parallel(compose_recipe("dc", real_batches="dream"), {"arch": "convnet"}, net, 2, 10)
     check_class_parallel(compose_recipe("dm", discrepancy="sliced"), {"arch": "convnet"}, net, 2, 10)
     with pytest.raises(ValueError, match="discrepancy 'w2_barycenter'"):
         check_class_parallel(compose_recipe("dm", discrepancy="w2_barycenter"), {"arch": "convnet"}, net, 2, 10)
     check_class_parallel(RECIPES["idm"], {"arch": "convnet", "pool_augment": False}, net, 2, 10)
-    with pytest.raises(ValueError, match="pool_augment=true"):
-        check_class_parallel(RECIPES["idm"], {"arch": "convnet", "pool_augment": True}, net, 2, 10)
-    with pytest.raises(ValueError, match="soft_labels"):
-        check_class_parallel(RECIPES["mtt"], {"arch": "convnet", "soft_labels": True}, net, 2, 10)
+    check_class_parallel(RECIPES["idm"], {"arch": "convnet", "pool_augment": True}, net, 2, 10)
+    with pytest.raises(ValueError, match="synthetic 'channelwise' is not class-blocked"):
+        check_class_parallel(compose_recipe("dm", synthetic="channelwise"), {"arch": "convnet"}, net, 2, 10)
     bn = get_network("convnet-bn", 1, 10, (8, 8))
     with pytest.raises(ValueError, match="batch normalisation"):
         check_class_parallel(RECIPES["dm"], {"arch": "convnet-bn"}, bn, 2, 10)
@@ -448,6 +545,36 @@ def test_a_class_shard_draws_real_batches_and_augmentations_as_one_process_does(
                                         shard_generator, draw_for=range(5))
         assert torch.equal(b_real, a_real[keep]) and torch.equal(b_syn, a_syn[own_syn])
         assert torch.equal(full_generator.get_state(), shard_generator.get_state())
+
+
+def test_a_class_shard_augments_its_rows_of_a_pool_batch_as_one_process_does():
+    """``pool_augment``: the per-sample DSA draws are made for the whole class-balanced batch; a rank's rows get
+    exactly the transforms one process applies to them (every family), and the generator advances alike."""
+    from ipmcondense.augment import DifferentiableSiameseAugmentation
+    from ipmcondense.condensation.parallel import ClassShard, ClassShardRealBatches
+    from ipmcondense.data import ClassBalancedSampler
+
+    labels = torch.arange(5).repeat_interleave(torch.tensor([7, 4, 9, 3, 6]))
+    images = torch.randn(labels.numel(), 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    shard = ClassShard(range(2, 4), 5, 2)
+    augmentation = DifferentiableSiameseAugmentation()
+    full_generator, shard_generator = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    full = ClassBalancedSampler(images, labels, 5, full_generator)
+    own = ClassShardRealBatches(images, labels, 5, shard_generator, range(2, 4))
+    augment = shard.own_rows_of_whole_batch_augmentation(augmentation, own.counts, 4)
+    families = set()
+    for _ in range(12):
+        real, real_labels = full.sample(4)
+        state = full_generator.get_state()
+        families.add(augmentation._choose_family(torch.Generator().set_state(state)))
+        expected = augmentation(real, generator=full_generator)
+        own_real, own_labels = own.sample(4)
+        keep = (real_labels >= 2) & (real_labels < 4)
+        assert torch.equal(augment(own_real, generator=shard_generator), expected[keep])
+        assert torch.equal(full_generator.get_state(), shard_generator.get_state())
+    assert len(families) >= 3  # several transform families were exercised
+    assert torch.equal(shard.row_labels(torch.zeros(10, 3), torch.arange(5).repeat_interleave(8)),
+                       torch.arange(5).repeat_interleave(2))  # multi-formation: 2 stored rows per class
 
 
 def test_a_class_shard_draws_dream_batches_as_one_process_does():

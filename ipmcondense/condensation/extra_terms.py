@@ -33,6 +33,11 @@ class ExtraTerm(Component, ABC):
 
     name: str = ""
 
+    #: in class-parallel condensation this rank's classes and the number of classes of all ranks, set by the
+    #: objective (``None`` in one process, where the batches hold every class)
+    classes: range | None = None
+    num_classes: int | None = None
+
     def __init__(self, weight: float) -> None:
         self.weight = float(weight)
 
@@ -91,6 +96,12 @@ class PrototypeDiscrimination(ExtraTerm):
     Real embeddings are classified by the synthetic class-mean embeddings (prototypes) with a
     summed cross-entropy; the gradient reaches S through the prototypes. Cost: two forward passes
     (the real one without a graph) and a ``(B, n_classes)`` product.
+
+    Class-parallel (``classes`` set): the batches hold this rank's classes; the prototypes of every class are
+    rebuilt on every rank from their owners' (one all-reduce of the ``(n_classes, d)`` matrix, zeros outside
+    the own rows, whose backward sums the ranks' gradients and keeps the own rows:
+    :class:`~ipmcondense.condensation.parallel.WholeSetOnEveryRank`), and the rank's term is the summed
+    cross-entropy of its own real rows against all of them: the ranks' terms add up to the one-process term.
     """
 
     name = "prototype_discrimination"
@@ -108,6 +119,13 @@ class PrototypeDiscrimination(ExtraTerm):
             real_emb = net.embed(real_images)
         protos = class_means(net.embed(synthetic_images), synthetic_segments)
         classes = torch.stack([synthetic_labels[s][0] for s in synthetic_segments])
+        if self.classes is not None:  # class-parallel: every class's prototype, from its owner
+            from .parallel import WholeSetOnEveryRank
+
+            every = torch.arange(int(self.num_classes), device=classes.device)
+            whole = WholeSetOnEveryRank(self.classes, every, None)
+            protos = whole.rows(protos.new_zeros(every.numel(), protos.shape[1]).index_copy(0, classes, protos))
+            classes = every
         logits = real_emb @ protos.t()
         # map real labels to prototype positions
         position = torch.full((int(classes.max()) + 1,), -1, dtype=torch.long, device=classes.device)

@@ -212,6 +212,9 @@ class HaBaSet(SyntheticSet):
             groups.append({"params": list(self.hallucinators.parameters()), "lr": float(self.options.lr_hallucinators)})
         return groups
 
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return list(self.hallucinators.parameters())
+
     def basis_labels(self) -> Tensor:
         """``(num_classes * ipc,)`` labels of the bases."""
         return torch.arange(self.num_classes, device=self.bases.device).repeat_interleave(self.ipc)
@@ -237,11 +240,22 @@ class HallucinatorTraining(SyntheticTraining):
             p.requires_grad_(True)
         self.optimizer = torch.optim.SGD(self.extractor.parameters(), lr=float(self.options.lr_extractor), momentum=0.9)
 
+    def _bases(self) -> Tensor:
+        """All bases; class-parallel: rebuilt from their owners' rows on every rank (the club term and the
+        extractor's training are then computed alike on every rank; the gradient reaches the own rows only)."""
+        if getattr(self.ctx, "classes", None) is None:
+            return self.synthetic.bases
+        from .parallel import WholeSetOnEveryRank
+
+        whole = WholeSetOnEveryRank(self.ctx.classes, self.synthetic.basis_labels(), self.ctx.real_batches)
+        return whole.rows(self.synthetic.bases, summed=False)
+
     def _pair(self) -> tuple[Tensor, Tensor]:
         """Two distinct random hallucinations of every basis, augmented per sample: ``(2 n, C, H, W)`` and labels."""
         syn, gen = self.synthetic, self.ctx.generator
         j0, j1 = (int(j) for j in torch.randperm(len(syn.hallucinators), generator=gen)[:2])
-        x = torch.cat([syn.hallucinate(j0), syn.hallucinate(j1)], dim=0)
+        bases = self._bases()
+        x = torch.cat([syn.hallucinate(j0, bases), syn.hallucinate(j1, bases)], dim=0)
         augmentation = self.ctx.augmentation
         if augmentation is not None:
             x = augmentation(x, generator=torch.Generator(device=x.device).manual_seed(draw_seed(gen)))

@@ -60,8 +60,12 @@ def matching_loss(
     class_batching: bool = True,
     extra_terms: Sequence[ExtraTerm] = (),
     generator: torch.Generator | None = None,
+<<<<<<< HEAD
     precision: str = "float32",
     channels_last: bool = False,
+=======
+    joint_over_ranks: int | None = None,
+>>>>>>> main
 ) -> MatchingLoss:
     r""":math:`\sum_c \sum_b w_b D(\phi^b(T_c), \phi^b(S_c))` + extra terms, for class-blocked inputs.
 
@@ -75,6 +79,7 @@ def matching_loss(
     :math:`\sum_b w_b D(\frac1C\sum_c \bar\phi^b(T_c), \frac1C\sum_c \bar\phi^b(S_c))`; for gradient
     features that is the gradient of the loss over all classes jointly (equal class sizes on S).
 
+<<<<<<< HEAD
     ``precision="bfloat16"`` runs the feature-map calls under bfloat16 autocast
     (:func:`ipmcondense.training.autocast`) and casts every feature block back to float32, so the
     discrepancies and extra terms are computed in float32 as with ``"float32"``. ``channels_last=True``
@@ -82,6 +87,13 @@ def matching_loss(
     gradients (its pass runs without autograd): the same float32 arithmetic in another order (oneDNN's
     NHWC convolutions, about twice as fast on CPU for large batches), the network restored to contiguous
     parameters before the synthetic side (whose backward is slower in channels_last).
+=======
+    ``joint_over_ranks`` (class-parallel, the number of classes of ALL ranks; the inputs hold this rank's
+    classes): the joint term's class averages are :math:`\frac1C\sum_c` over every rank's classes, each rank's
+    partial sum all-reduced (:func:`~ipmcondense.distributed.sum_over_ranks`: the discrepancy of the averages is
+    then computed alike on every rank, so the backward pass hands each rank the gradient of its own classes'
+    share); the returned loss is the same on every rank (not a per-rank share).
+>>>>>>> main
 
     Cost: per side one (batched) or ``n_classes`` (loop) feature-map calls; the discrepancy per class
     (once for a joint discrepancy).
@@ -122,7 +134,7 @@ def matching_loss(
             fs = features(synthetic_images[ss], synthetic_labels[ss], [s_rows], True)
             pairs.append((fr, fs, 0, r_rows, s_rows))
     if getattr(discrepancy, "joint_over_classes", False):
-        per_class = [_joint_term(pairs, discrepancy, generator)]
+        per_class = [_joint_term(pairs, discrepancy, generator, joint_over_ranks)]
     else:
         per_class = [_class_term(fr, fs, i, rs, ss, discrepancy, generator) for fr, fs, i, rs, ss in pairs]
     extras = [
@@ -143,12 +155,20 @@ def _class_term(fr, fs, index, real_rows, syn_rows, discrepancy, generator) -> T
     return term
 
 
-def _joint_term(pairs, discrepancy, generator) -> Tensor:
-    """One discrepancy of the class-averaged block means (a discrepancy with ``joint_over_classes``, DCC)."""
+def _joint_term(pairs, discrepancy, generator, joint_over_ranks: int | None = None) -> Tensor:
+    """One discrepancy of the class-averaged block means (a discrepancy with ``joint_over_classes``, DCC);
+    ``joint_over_ranks``: the class averages over every rank's classes (see :func:`matching_loss`)."""
     term = None
     for b in range(len(pairs[0][0])):
-        real = torch.stack([fr[b].segment(i, rr).mean(dim=0) for fr, _, i, rr, _ in pairs]).mean(dim=0, keepdim=True)
-        syn = torch.stack([fs[b].segment(i, sr).mean(dim=0) for _, fs, i, _, sr in pairs]).mean(dim=0, keepdim=True)
+        real = torch.stack([fr[b].segment(i, rr).mean(dim=0) for fr, _, i, rr, _ in pairs])
+        syn = torch.stack([fs[b].segment(i, sr).mean(dim=0) for _, fs, i, _, sr in pairs])
+        if joint_over_ranks is None:
+            real, syn = real.mean(dim=0, keepdim=True), syn.mean(dim=0, keepdim=True)
+        else:
+            from ipmcondense.distributed import sum_over_ranks
+
+            real = sum_over_ranks(real.sum(dim=0, keepdim=True) / joint_over_ranks)
+            syn = sum_over_ranks(syn.sum(dim=0, keepdim=True) / joint_over_ranks)
         value = pairs[0][1][b].weight * discrepancy(real, syn, generator=generator)
         term = value if term is None else term + value
     return term

@@ -39,20 +39,45 @@ Supported rows and what they synchronise (everything else raises a ``ValueError`
                                rank's calls (:class:`DrawsOfEveryClass`)
 ``real_batches="dream"``       nothing more: each class's k-means runs on its owner with the seed one process
                                draws for it (:class:`ClassShardDreamBatches`); checkpoints gather the picks
+``mtt`` with ``soft_labels``   as ``mtt``; the label logits are rows of S: each rank steps its own, and they are
+                               exchanged with the images (:meth:`ClassShard.row_parameters`)
+``kip``, ``rfad``, ``dd``,     the whole S (and the learned label rows) on every rank in every step, its
+``esp``, ``rcig``              gradient summed over the ranks (:class:`WholeSetOnEveryRank`); the inner problem
+                               (KRR, unrolled or implicit training, RCIG's pool) replicated; the real-data loss
+                               split by class; the replicated parameters' (temperature, step sizes) gradients
+                               summed; RCIG's tangent gradient summed before its solve, its clipping norms
+                               taken over the whole gradients
+``idc``, ``pool_augment``      as ``idm``; the per-sample augmentation of a pool network's batch is drawn for
+                               the whole batch, the own rows kept
+                               (:meth:`ClassShard.own_rows_of_whole_batch_augmentation`); multi-formation's
+                               stored rows are exchanged by class block (:meth:`ClassShard.row_labels`)
+``haba``                       as ``mtt`` for the bases (rows of S by class block); the hallucinators
+                               (:meth:`~ipmcondense.condensation.synthetic.SyntheticSet.shared_parameters`) are
+                               replicated, their MTT gradient summed over the ranks; the club term and the
+                               extractor's training run on the whole bases on every rank
+``cafe``                       every class's prototype rebuilt on every rank (its gradient summed into the
+                               owner's) for the discrimination term; the watched network's per-class accuracies
+                               gathered in class order; S exchanged before its training, as DC's
+``lcmat``                      the loss gap of the perturbation and its parameter gradient summed over the
+                               ranks, so every rank moves the network alike
+``dcc``                        each rank's sum of its classes' mean gradients, all-reduced (identity backward);
+                               the joint cosine is the same on every rank (``joint_over_ranks`` of
+                               :func:`~ipmcondense.condensation.matching.matching_loss`)
 =============================  ===============================================================================
 
 DM, DC (also with DREAM's batches or the sliced discrepancy): bit for bit. IDM and MTT: a sum over ranks replaces a sum inside one batch, so the sets agree up to
 float32 rounding (IDM: 1e-6 of the largest pixel after 3 iterations; MTT: exact in float64, 1e-4 of the
-largest pixel in float32, below float32's own error of the MTT gradient).
+largest pixel in float32, below float32's own error of the MTT gradient). KIP, RFAD, DD, ESP, RCIG, DCC, IDC,
+HaBa, CAFE, LCMat and MTT with soft labels: the real batch's sum and S's gradient are sums of per-rank partial sums; the
+images, learned label rows, step sizes, temperatures and helper networks agree with one process to 2e-5 of
+their largest magnitude after 1-3 iterations (measured at most 6e-6, KIP under Adam; 3e-6 or less for the
+others); RCIG's pool models, trained by Adam on S, to 5e-4 (ten of their Adam steps).
 
-Not supported, with the reason (:data:`UNSUPPORTED_REASONS`): ``dcc`` (one joint discrepancy over all
-classes), ``cafe`` (its discriminative extra term sees every class), ``lcmat`` (the network perturbation uses
-every class), ``idc`` (its pool is trained with per-sample augmentations of every class and S is
-multi-formation; any pool with ``pool_augment=true``), ``haba``, MTT with ``soft_labels`` (the label rows are
-not exchanged), ``kip``/``rfad`` (one kernel ridge regression over all of S), ``dd``/``esp``/``rcig`` (bilevel
-over all of S) and the ``w2_barycenter`` discrepancy (it draws its initial atoms from the generator in an
-amount that depends on each class's data). Networks with batch normalisation are refused too (their features would depend on
-which classes share the batch).
+Not supported, with the reason (:func:`check_class_parallel`): extra terms other than ``synthetic_ce`` and
+``prototype_discrimination`` (wmdd, itgan, dcgm), samplers that train networks on every class otherwise
+(wmdd's ``pretrained``), a synthetic set not stored in class blocks (channel_efficient, glad), a joint discrepancy (``dcc``'s) composed with extra terms, and the ``w2_barycenter`` discrepancy (it
+draws its initial atoms from the generator in an amount that depends on each class's data). Networks with
+batch normalisation are refused too (their features would depend on which classes share the batch).
 """
 
 from __future__ import annotations
@@ -69,26 +94,19 @@ from ipmcondense import distributed
 from .real_batches import RealBatchSelector
 from .recipes import MatchingRecipe, Recipe
 
-__all__ = ["ClassShard", "ClassShardRealBatches", "ClassShardDreamBatches", "DrawsOfEveryClass", "check_class_parallel", "UNSUPPORTED_REASONS"]
+__all__ = ["ClassShard", "WholeSetOnEveryRank", "ClassShardRealBatches", "ClassShardDreamBatches", "DrawsOfEveryClass", "check_class_parallel", "UNSUPPORTED_REASONS"]
 
-#: why a row cannot be split over classes (the error names the recipe and quotes this)
+#: why a row cannot be split over classes, quoted by the error that names the recipe; empty, since no row is
+#: refused by name any more and the remaining refusals are by axis (see check_class_parallel)
 UNSUPPORTED_REASONS = {
-    "dcc": "its discrepancy is one joint term over all classes (gradient_cosine_joint)",
-    "cafe": "its prototype_discrimination extra term sees every class",
-    "lcmat": "its network perturbation is computed from every class",
-    "idc": "its pool networks are trained with per-sample augmentations of every class and S is multi-formation",
-    "haba": "its hallucinators and extractor are shared by every class",
-    "kip": "its kernel ridge regression couples all of S",
-    "rfad": "its kernel ridge regression couples all of S",
-    "dd": "its unrolled inner training uses all of S",
-    "esp": "its unrolled inner training uses all of S",
-    "rcig": "its implicit inner problem uses all of S",
 }
-_SUPPORTED_SAMPLERS = ("fresh", "fresh_inner", "pool")
-#: extra terms that are sums over the classes' segments of S (each rank adds its own classes' segments)
-_CLASS_SEPARABLE_TERMS = ("synthetic_ce",)
-#: objectives (besides matching) with a class-parallel form: MTT's student sums the ranks' gradients
-_CLASS_PARALLEL_OBJECTIVES = ("mtt",)
+_SUPPORTED_SAMPLERS = ("fresh", "fresh_inner", "pool", "fresh_watched")
+#: extra terms with a class-parallel form: sums over the classes' segments of S (each rank adds its own) or over
+#: the real rows against every class's prototype (gathered from their owners)
+_CLASS_SEPARABLE_TERMS = ("synthetic_ce", "prototype_discrimination")
+#: objectives (besides matching) with a class-parallel form: MTT's student sums the ranks' gradients; the
+#: objectives coupling all of S solve their inner problem on the whole S on every rank (:class:`WholeSetOnEveryRank`)
+_CLASS_PARALLEL_OBJECTIVES = ("mtt", "kip", "rfad", "dd", "esp", "rcig")
 #: discrepancies that draw from the run's generator at every call, by an amount that depends on the class's
 #: data (the barycenter's initial atoms), so a rank cannot draw the other classes' share
 _GENERATOR_DISCREPANCIES = ("w2_barycenter",)
@@ -107,28 +125,22 @@ def check_class_parallel(recipe: Recipe, config: dict[str, Any], network: nn.Mod
         objective = getattr(recipe, "objective", "?")
         if objective not in _CLASS_PARALLEL_OBJECTIVES:
             problem = f"objective {objective!r} couples all classes"
-        elif recipe.synthetic != "pixels":
+        elif recipe.synthetic != "pixels" and not (objective == "mtt" and recipe.synthetic == "haba"):
             problem = f"synthetic {recipe.synthetic!r} is not class-blocked pixels"
-        elif config.get("soft_labels"):
-            problem = "its learned soft labels (soft_labels=true) are not exchanged between the ranks"
     elif any(term not in _CLASS_SEPARABLE_TERMS for term in recipe.extra_terms):
         problem = f"its extra terms {list(recipe.extra_terms)} see every class"
     elif recipe.sampler not in _SUPPORTED_SAMPLERS:
         problem = f"sampler {recipe.sampler!r} trains networks on every class"
-    elif recipe.sampler == "pool" and config.get("pool_augment", True):
-        problem = ("pool_augment=true draws per-sample augmentations of every class's training images "
-                   "(set pool_augment false, as the idm row does)")
-    elif recipe.discrepancy == "gradient_cosine_joint":
-        problem = UNSUPPORTED_REASONS["dcc"]
+    elif recipe.discrepancy == "gradient_cosine_joint" and recipe.extra_terms:
+        problem = (f"its extra terms {list(recipe.extra_terms)} are per-rank shares, its joint discrepancy the same "
+                   "on every rank")
     elif recipe.discrepancy in _GENERATOR_DISCREPANCIES:
         problem = (f"discrepancy {recipe.discrepancy!r} draws from the run's generator per class, as much as the "
                    "class's data asks")
-    elif recipe.synthetic != "pixels":
-        problem = f"synthetic {recipe.synthetic!r} is not class-blocked pixels"
+    elif recipe.synthetic not in ("pixels", "multiformation"):
+        problem = f"synthetic {recipe.synthetic!r} is not class-blocked (pixels or multiformation)"
     elif (recipe.real_batches or "random") not in ("random", "dream"):
         problem = f"real_batches {recipe.real_batches!r} is not supported (only 'random' and 'dream')"
-    elif float(config.get("lcmat_weight") or 0.0) > 0:
-        problem = UNSUPPORTED_REASONS["lcmat"]
     if problem is None and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in network.modules()):
         problem = f"arch {config.get('arch')!r} has batch normalisation (features would depend on the batch's classes)"
     if problem is not None:
@@ -159,23 +171,47 @@ class ClassShard:
         """Boolean mask of the rows whose (hard) label is one of this rank's classes."""
         return (labels >= self.classes.start) & (labels < self.classes.stop)
 
+    def row_labels(self, tensor: Tensor, labels: Tensor) -> Tensor:
+        """The class of each row of a per-row tensor of the synthetic set: ``labels`` (the decoded rows') when
+        the row counts agree, else equal class blocks (a stored tensor with fewer rows per class than the
+        decoded set, e.g. multi-formation's ``ipc`` stored images per class)."""
+        rows = tensor.shape[0]
+        if rows == labels.shape[0]:
+            return labels
+        if rows % self.num_classes:
+            raise ValueError(f"a per-row tensor of {rows} rows is not made of {self.num_classes} equal class blocks")
+        return torch.arange(self.num_classes, device=labels.device).repeat_interleave(rows // self.num_classes)
+
     def own_rows(self, labels: Tensor) -> Tensor:
         """Indices of this rank's rows (in order)."""
         return torch.nonzero(self.owned(labels), as_tuple=True)[0]
 
     def _merged(self, tensor: Tensor, labels: Tensor) -> Tensor:
         """The tensor whose rows come from their owners: all-reduce of the own rows, zeros elsewhere (exact)."""
-        mask = self.owned(labels).to(tensor.device).reshape(-1, *([1] * (tensor.dim() - 1)))
+        mask = self.owned(self.row_labels(tensor, labels)).to(tensor.device).reshape(-1, *([1] * (tensor.dim() - 1)))
         mine = torch.where(mask, tensor.detach(), torch.zeros((), dtype=tensor.dtype, device=tensor.device))
         device = distributed.communication_device()
         sent = mine.to(device)
         torch.distributed.all_reduce(sent, op=torch.distributed.ReduceOp.SUM)
         return sent.to(tensor.device)
 
+    @staticmethod
+    def row_parameters(synthetic: Any) -> list[nn.Parameter]:
+        """The synthetic set's per-row parameters, whose rows belong to the classes of ``synthetic.labels``: the
+        stored images and the learned labels (KIP/RFAD/RCIG's ``label_values``, MTT's ``soft_labels`` logits)."""
+        shared = {id(p) for p in synthetic.shared_parameters()}
+        rows = [p for p in synthetic.image_parameters() if id(p) not in shared]
+        for name in ("label_values", "label_logits"):
+            value = getattr(synthetic, name, None)
+            if value is not None:
+                rows.append(value)
+        return rows
+
     def synchronise(self, synthetic: Any) -> None:
-        """Give every rank every class block of the synthetic set (one all-reduce of its stored images)."""
+        """Give every rank every class block of the synthetic set (one all-reduce of its stored images and of
+        its learned label rows, if any)."""
         with torch.no_grad():
-            for param in synthetic.image_parameters():
+            for param in self.row_parameters(synthetic):
                 param.copy_(self._merged(param, synthetic.labels))
 
     def merged_optimizer_state(self, optimizer: torch.optim.Optimizer, synthetic: Any) -> dict[str, Any]:
@@ -183,7 +219,7 @@ class ClassShard:
         (what a single process would hold); a collective: every rank calls it."""
         state = optimizer.state_dict()
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        images = {id(p) for p in synthetic.image_parameters()}
+        images = {id(p) for p in self.row_parameters(synthetic)}
         for index, param in enumerate(params):
             if id(param) not in images or index not in state["state"]:
                 continue
@@ -194,9 +230,35 @@ class ClassShard:
             state["state"][index] = entry
         return state
 
+    def own_rows_of_whole_batch_augmentation(self, augmentation: Any, counts: list[int], n_per_class: int) -> Any:
+        r"""A per-sample augmentation of this rank's rows of a class-balanced batch, drawn as for the whole batch.
+
+        One process augments the whole batch of :math:`\sum_c \min(n, N_c)` images with ``augmentation(x,
+        generator=g)`` (one family per call, independent parameters per sample, drawn for the batch size). The
+        returned ``augment(own, generator=g)`` places the own rows at their offset in a batch of that size (the
+        other rows zero), augments it with the same draws and keeps the own rows: each sample is transformed
+        alone (DSA's transforms are per sample), so the own rows get what one process gives them and the
+        generator advances as in one process. Cost: the augmentation of the whole batch size on every rank.
+
+        Args:
+            augmentation: the recipe's per-sample augmentation (``__call__(x, generator=)``).
+            counts: every class's number of training images (the batch takes ``min(n, N_c)`` of class ``c``).
+            n_per_class: ``n``.
+        """
+        sizes = [min(int(n_per_class), int(c)) for c in counts]
+        start, total = sum(sizes[: self.classes.start]), sum(sizes)
+
+        def augment(own: Tensor, generator: torch.Generator | None = None) -> Tensor:
+            whole = own.new_zeros((total, *own.shape[1:]))
+            whole[start:start + own.shape[0]] = own
+            return augmentation(whole, generator=generator)[start:start + own.shape[0]]
+
+        return augment
+
     def train_replicated(self, network: nn.Module, optimizer: torch.optim.Optimizer,
                          batches: Iterable[tuple[Tensor, Tensor]], global_batch_size: int,
-                         meter: Any = None) -> None:
+                         meter: Any = None, augmentation: Any = None, generator: torch.Generator | None = None,
+                         ) -> None:
         r"""Train a network replicated on every rank on real batches split over the ranks by class.
 
         Each ``(images, labels)`` batch holds this rank's classes only (the rows of one class-balanced batch of
@@ -206,8 +268,9 @@ class ClassShard:
         flattened gradient per step) and every rank takes the same optimiser step, so the replicas stay equal.
         ``meter`` (an :class:`~ipmcondense.condensation.samplers.AccuracyMeter`) counts every rank's hits: the
         counts of the batches are summed over the ranks at the end (one all-reduce). Equal to the one-process
-        training up to the rounding of the split sum. Cost per step: the forward/backward of the own rows and
-        an all-reduce of the parameter count.
+        training up to the rounding of the split sum. ``augmentation`` (with ``generator``): applied to each
+        batch first (:meth:`own_rows_of_whole_batch_augmentation`). Cost per step: the forward/backward of the
+        own rows and an all-reduce of the parameter count.
         """
         from ipmcondense.training import train_on_batches
 
@@ -220,7 +283,8 @@ class ClassShard:
 
         network.requires_grad_(True)
         network.train()
-        train_on_batches(network, _RankSummedSteps(optimizer), batches, loss_fn=own_part_of_mean_cross_entropy)
+        train_on_batches(network, _RankSummedSteps(optimizer), batches, loss_fn=own_part_of_mean_cross_entropy,
+                         augmentation=augmentation, generator=generator)
         if meter is not None:
             counts = torch.tensor([meter.correct - before[0], meter.seen - before[1]], dtype=torch.float64)
             counts = distributed.all_reduce_float64(counts)
@@ -229,15 +293,91 @@ class ClassShard:
     def keep_own_optimizer_rows(self, optimizer: torch.optim.Optimizer, synthetic: Any) -> None:
         """Zero the other ranks' rows of the images' optimizer buffers (after loading a merged checkpoint), so
         this rank's step leaves those rows where their owner put them."""
-        images = {id(p) for p in synthetic.image_parameters()}
+        images = {id(p) for p in self.row_parameters(synthetic)}
         for group in optimizer.param_groups:
             for param in group["params"]:
                 if id(param) not in images:
                     continue
-                mask = self.owned(synthetic.labels).to(param.device).reshape(-1, *([1] * (param.dim() - 1)))
+                mask = self.owned(self.row_labels(param, synthetic.labels)).to(param.device)
+                mask = mask.reshape(-1, *([1] * (param.dim() - 1)))
                 for value in optimizer.state.get(param, {}).values():
                     if isinstance(value, Tensor) and value.shape == param.shape:
                         value.mul_(mask.to(value.dtype))
+
+
+class WholeSetOnEveryRank:
+    r"""What an objective that couples all of S (KIP, RFAD, DD, ESP, RCIG) does on one rank of a class-parallel run.
+
+    Such an objective solves an inner problem on the WHOLE synthetic set (a kernel ridge regression, an unrolled
+    or implicit training) and scores it by a mean over a class-balanced real batch, which splits over the
+    ranks' classes:
+
+    .. math:: L(S) = \frac{1}{|T|}\sum_{i \in T} \ell_i(S) = \sum_r \underbrace{\frac{|T_r|}{|T|}\,
+              \frac{1}{|T_r|}\sum_{i \in T_r} \ell_i(S)}_{L_r(S)}.
+
+    Rank ``r`` keeps ownership of its class blocks of S (only its rows are stepped) and of its real images. It
+    rebuilds the whole S from the owners' rows (:meth:`rows`: one all-reduce of its own rows, zeros elsewhere,
+    exact), computes the inner problem replicated (the same draws and arithmetic as every other rank and as one
+    process) and its partial loss :math:`L_r` on its real rows (:meth:`share`). The backward pass of
+    :meth:`rows` sums the ranks' gradients with respect to the whole S (one all-reduce: the autograd-aware
+    all-gather of ``torch.distributed.nn``, written as an all-reduce so that class blocks of unequal size need
+    no padding) and keeps the own rows, so each owner steps its rows with :math:`\nabla L = \sum_r \nabla L_r`
+    and the other rows get a zero gradient (their optimiser buffers stay zero). A parameter replicated on every
+    rank (RFAD/RCIG's temperature, DD/ESP's step sizes) enters the partial loss through :meth:`shared`, so it
+    receives :math:`\sum_r \nabla L_r` on every rank and stays equal everywhere. Where a replicated
+    computation is differentiated as a whole (RCIG's inner problem) it takes :meth:`rows` with
+    ``summed=False`` (the gradient is already the total on every rank). Without a process group (``classes``
+    ``None``) every method returns its input: the one-process arithmetic is untouched.
+
+    Equal to one process up to the rounding of the split sums (the forward values of S are exact; the real
+    batch's sum and the gradient of S are each a sum of ``W`` partial sums instead of one). Cost per step: two
+    all-reduces of S (and of the learned label rows) and one of each replicated parameter's gradient.
+
+    Args:
+        classes: this rank's classes (``None``: one process).
+        labels: the hard labels of S's rows (class blocks).
+        real_batches: the rank's real-batch selector (``global_batch_size`` gives :math:`|T|`).
+    """
+
+    def __init__(self, classes: range | None, labels: Tensor, real_batches: Any) -> None:
+        self.classes, self.real_batches = classes, real_batches
+        self.active = classes is not None
+        self.owned = None if classes is None else (labels >= classes.start) & (labels < classes.stop)
+
+    @classmethod
+    def of_context(cls, ctx: Any) -> WholeSetOnEveryRank:
+        """The helper for an objective's :class:`~ipmcondense.condensation.objectives.ObjectiveContext`."""
+        return cls(ctx.classes, ctx.synthetic.labels, ctx.real_batches)
+
+    def rows(self, tensor: Tensor, *, summed: bool = True) -> Tensor:
+        """The whole ``tensor`` (rows of S) from the owners' rows; its gradient reaches the own rows only, summed
+        over the ranks (``summed=True``: a per-rank partial loss is differentiated) or as it is (``False``: a
+        replicated computation is differentiated)."""
+        if not self.active:
+            return tensor
+        mask = self.owned.to(tensor.device).reshape(-1, *([1] * (tensor.dim() - 1)))
+        whole = distributed.sum_over_ranks(torch.where(mask, tensor, torch.zeros((), dtype=tensor.dtype,
+                                                                                  device=tensor.device)))
+        return distributed.copy_to_ranks(whole) if summed else whole
+
+    def shared(self, tensor: Tensor) -> Tensor:
+        """A tensor replicated on every rank entering the partial loss: its gradient is summed over the ranks."""
+        return distributed.copy_to_ranks(tensor) if self.active else tensor
+
+    def share(self, mean_loss: Tensor, own_rows: int, n_per_class: int) -> Tensor:
+        """:math:`L_r`: the mean loss over this rank's ``own_rows`` real rows weighted by their share of the whole
+        class-balanced batch of ``n_per_class`` images per class (the engine sums the ranks' values)."""
+        if not self.active:
+            return mean_loss
+        return mean_loss * (int(own_rows) / self.real_batches.global_batch_size(int(n_per_class)))
+
+    def norm(self, tensor: Tensor, rows: bool) -> Tensor:
+        """The Euclidean norm of a whole gradient: of a row parameter's (each rank holds its own rows, zeros
+        elsewhere: the squared norms are summed over the ranks in float64) or of a replicated one's."""
+        if not self.active or not rows:
+            return tensor.norm()
+        squared = distributed.all_reduce_float64(tensor.detach().double().pow(2).sum().reshape(1))
+        return squared.sqrt().reshape(()).to(device=tensor.device, dtype=tensor.dtype)
 
 
 class _RankSummedSteps:

@@ -383,10 +383,12 @@ class PoolSampler(ParameterSampler):
         draw_real = getattr(ctx.real_batches, "sample_for_training", ctx.real_batches.sample)
         batches = (draw_real(self.batch_pool) for _ in range(self.train_steps))
         if ctx.class_shard is not None:  # class-parallel: own classes' rows, gradients summed over the ranks
-            if self.augment:
-                raise ValueError("pool_augment=true cannot run class-parallel (per-sample draws over every class)")
+            augment = None
+            if self.augment:  # per-sample draws for the whole batch, the own rows kept
+                augment = ctx.class_shard.own_rows_of_whole_batch_augmentation(ctx.augmentation,
+                                                                               ctx.real_batches.counts, self.batch_pool)
             ctx.class_shard.train_replicated(net, opt, batches, ctx.real_batches.global_batch_size(self.batch_pool),
-                                             meter=meter)
+                                             meter=meter, augmentation=augment, generator=ctx.generator)
             return
         net.requires_grad_(True)
         net.train()
@@ -548,7 +550,12 @@ def real_accuracy_per_class(net: nn.Module, ctx: SamplerContext, n_per_class: in
     images, labels = draw_real(n_per_class)
     correct = (net(images).argmax(dim=1) == labels).float()
     classes = torch.unique(labels)
-    return torch.stack([correct[labels == c].mean() for c in classes])
+    per_class = torch.stack([correct[labels == c].mean() for c in classes])
+    if ctx.class_shard is not None:  # class-parallel: every rank's classes, gathered in class order (exact)
+        from ipmcondense.distributed import all_gather_rows
+
+        per_class = all_gather_rows(per_class)
+    return per_class
 class PretrainedSampler(ParameterSampler):
     r"""One network trained on the real data once, then used frozen for every iteration (WMDD's teacher).
 

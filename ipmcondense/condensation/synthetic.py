@@ -155,6 +155,11 @@ class SyntheticSet(Component, nn.Module, ABC):
     def image_parameters(self) -> list[nn.Parameter]:
         """The stored parameters that encode the images (optimised with the recipe's ``lr_images``)."""
 
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the decoder shared by every class (HaBa's hallucinators; none by default): in
+        class-parallel condensation they are replicated on every rank, not owned by class blocks."""
+        return []
+
     def decoder_training(self, ctx: Any) -> SyntheticTraining | None:
         """The losses and helper updates this parameterisation adds to every step (``None``: none; HaBa: some).
 

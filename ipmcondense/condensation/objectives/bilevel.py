@@ -16,7 +16,7 @@ last-layer problem on fixed features, kept for checking :func:`~ipmcondense.auto
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -185,11 +185,17 @@ class UnrolledBilevelObjective(Objective):
             if not networks:
                 raise ValueError("objective 'dd' with dd_init='fresh' needs a sampler that draws networks")
             start = flatten_parameters(networks[0])
-        real, real_labels = ctx.real_batches.sample(int(self.config["batch_real"]))
-        return unrolled_task_loss(
-            self.template, start, ctx.synthetic.images(), ctx.synthetic.labels, self.raw_lrs, real, real_labels,
-            step_batches=self.step_batches,
+        from ..parallel import WholeSetOnEveryRank
+
+        # class-parallel: the unroll trains on the whole S on every rank, the loss is this rank's real rows' share
+        whole = WholeSetOnEveryRank.of_context(ctx)
+        n_real = int(self.config["batch_real"])
+        real, real_labels = ctx.real_batches.sample(n_real)
+        value = unrolled_task_loss(
+            self.template, start, whole.rows(ctx.synthetic.images()), ctx.synthetic.labels,
+            whole.shared(self.raw_lrs), real, real_labels, step_batches=self.step_batches,
         )
+        return whole.share(value, real.shape[0], n_real)
 
     def check_after_step(self, iteration):
         if not bool(torch.isfinite(self.raw_lrs.detach()).all()):
@@ -298,22 +304,26 @@ def rcig_krr_loss(predictions: Tensor, target_labels: Tensor, log_temperature: T
     return F.cross_entropy(predictions * torch.exp(log_temperature.to(predictions.dtype)), target_labels)
 
 
-def clip_implicit_gradients(implicit: list[Tensor | None], direct: list[Tensor | None]) -> list[Tensor | None]:
+def clip_implicit_gradients(implicit: list[Tensor | None], direct: list[Tensor | None],
+                            norm: Callable[[int, Tensor], Tensor] | None = None) -> list[Tensor | None]:
     r"""RCIG's clipping: each implicit-gradient tensor rescaled to at most the norm of its direct gradient.
 
     :math:`g^{imp} \leftarrow g^{imp}\, \min(\|g^{dir}\|, \|g^{imp}\|) / \|g^{imp}\|` per parameter
     tensor (images, labels, temperature), zero where :math:`g^{imp} = 0`, as ``do_meta_train_step`` of
-    yolky/RCIG ("helps stability ... the implicit gradient could grow very very large").
+    yolky/RCIG ("helps stability ... the implicit gradient could grow very very large"). ``norm(i, g)``: the
+    norm of the ``i``-th tensor's gradient ``g`` (default its Euclidean norm; class-parallel: the norm of the
+    whole gradient, of which a rank holds its own rows).
     """
     if len(implicit) != len(direct):
         raise ValueError(f"implicit and direct must list the same tensors, got {len(implicit)} and {len(direct)}")
+    norm_of = norm if norm is not None else (lambda i, g: g.norm())
     clipped: list[Tensor | None] = []
-    for g_imp, g_dir in zip(implicit, direct):
+    for i, (g_imp, g_dir) in enumerate(zip(implicit, direct)):
         if g_imp is None:
             clipped.append(None)
             continue
-        norm_imp = g_imp.norm()
-        norm_dir = torch.zeros_like(norm_imp) if g_dir is None else g_dir.norm().to(norm_imp.dtype)
+        norm_imp = norm_of(i, g_imp)
+        norm_dir = torch.zeros_like(norm_imp) if g_dir is None else norm_of(i, g_dir).to(norm_imp.dtype)
         scale = torch.where(norm_imp > 0, torch.minimum(norm_imp, norm_dir) / norm_imp.clamp_min(1e-300),
                             torch.zeros_like(norm_imp))
         clipped.append(g_imp * scale)
@@ -471,8 +481,17 @@ class ImplicitBilevelObjective(Objective):
         index = int(torch.randint(0, self.pool_params.shape[0], (1,), generator=ctx.generator))
         self.last_model_index = index
         base = self.pool_params[index]
-        real, real_labels = ctx.real_batches.sample(int(cfg["batch_real"]))
-        images, labels = ctx.synthetic.images(), self._support_labels()
+        from ..parallel import WholeSetOnEveryRank
+
+        # class-parallel: the inner problem and the pool's training run on the whole S on every rank (``*_inner``:
+        # differentiated as a whole, replicated); the outer loss is this rank's real rows' share, its gradients in
+        # S, the labels, the temperature and the tangent summed over the ranks
+        whole = WholeSetOnEveryRank.of_context(ctx)
+        n_real = int(cfg["batch_real"])
+        real, real_labels = ctx.real_batches.sample(n_real)
+        images_inner = whole.rows(ctx.synthetic.images(), summed=False)
+        labels_inner = whole.rows(self._support_labels(), summed=False)
+        images, labels = whole.shared(images_inner), whole.shared(labels_inner)
 
         def inner(tangent: Tensor, x: Tensor, y: Tensor) -> Tensor:
             feat, out = self.linearised_features_and_outputs(base, tangent, x)
@@ -495,14 +514,17 @@ class ImplicitBilevelObjective(Objective):
         def outer(tangent: Tensor) -> Tensor:
             feat_s, out_s = self.linearised_features_and_outputs(base, tangent, images)
             predictions = krr_head_predictions(feat_s, out_s, labels, feat_t, out_t, l2)
-            return rcig_krr_loss(predictions, real_labels, self.log_temperature)
+            value = rcig_krr_loss(predictions, real_labels, whole.shared(self.log_temperature))
+            return whole.share(value, real.shape[0], n_real)
 
         # the target side depends on the tangent too: the outer loss's gradient in delta includes it
         def outer_in_tangent(tangent: Tensor) -> Tensor:
+            tangent = whole.shared(tangent)
             feat_s, out_s = self.linearised_features_and_outputs(base, tangent, images.detach())
             feat_tt, out_tt = self.linearised_features_and_outputs(base, tangent, real)
             predictions = krr_head_predictions(feat_s, out_s, labels.detach(), feat_tt, out_tt, l2)
-            return rcig_krr_loss(predictions, real_labels, self.log_temperature.detach())
+            value = rcig_krr_loss(predictions, real_labels, self.log_temperature.detach())
+            return whole.share(value, real.shape[0], n_real)
 
         with torch.enable_grad():
             value = outer(solution)
@@ -511,10 +533,12 @@ class ImplicitBilevelObjective(Objective):
             if cfg["rcig_solver"] == "neumann":  # the inner loss need not be convex in the tangent: step 1/|lambda|max
                 alpha = 1.0 / max(abs(self._largest_eigenvalue(lambda t: inner(t, x_fixed, y_fixed), solution)), 1e-12)
             _, implicit = implicit_hypergradient(
-                lambda t: inner(t, images, labels), outer_in_tangent, solution, params,
+                lambda t: inner(t, images_inner, labels_inner), outer_in_tangent, solution, params,
                 solver=cfg["rcig_solver"], iterations=int(cfg["rcig_hinv_steps"]), alpha=alpha,
             )
-        implicit = clip_implicit_gradients(implicit, direct)
+        row_ids = {id(p) for p in ctx.synthetic.image_parameters()} | {id(ctx.synthetic.label_values)}
+        implicit = clip_implicit_gradients(implicit, direct,
+                                           norm=lambda i, g: whole.norm(g, rows=id(params[i]) in row_ids))
         grads = []
         for p, g_dir, g_imp in zip(params, direct, implicit):
             if g_dir is None and g_imp is None:

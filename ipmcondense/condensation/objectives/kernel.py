@@ -202,14 +202,26 @@ class KernelInducingPointsObjective(Objective):
     def loss(self, networks):
         from ipmcondense.ipm.kernel_regression import krr_loss
 
+        from ..parallel import WholeSetOnEveryRank
+
         ctx = self.ctx
+        # class-parallel: the KRR is fitted on the whole S on every rank, scored on this rank's real rows
+        whole = WholeSetOnEveryRank.of_context(ctx)
         kernel = self._kernel_for_step()
-        real, real_labels = ctx.real_batches.sample(int(self.config["batch_real"]))
-        support = ctx.synthetic.images()
-        return krr_loss(
-            kernel, support.reshape(support.shape[0], -1), self._support_labels(),
-            real.reshape(real.shape[0], -1), real_labels, **self._krr_options(),
+        n_real = int(self.config["batch_real"])
+        real, real_labels = ctx.real_batches.sample(n_real)
+        support = whole.rows(ctx.synthetic.images())
+        labels = self._support_labels()
+        if labels.requires_grad:  # learned label rows are exchanged like the image rows
+            labels = whole.rows(labels)
+        options = self._krr_options()
+        if "log_temperature" in options:
+            options["log_temperature"] = whole.shared(options["log_temperature"])
+        value = krr_loss(
+            kernel, support.reshape(support.shape[0], -1), labels,
+            real.reshape(real.shape[0], -1), real_labels, **options,
         )
+        return whole.share(value, real.shape[0], n_real)
 
 
 class RandomFeatureKRRObjective(KernelInducingPointsObjective):

@@ -25,6 +25,7 @@ __all__ = ["MatchingObjective", "lcmat_perturbation"]
 def lcmat_perturbation(
     net: nn.Module, real_images: Tensor, real_labels: Tensor, synthetic_images: Tensor, synthetic_labels: Tensor,
     rho: float,
+    batch_sizes: tuple[int, int] | None = None,
 ) -> nn.Module:
     r"""A copy of ``net`` moved to :math:`\theta + \rho\, g / \|g\|`, the worst case of the loss gap to first order.
 
@@ -32,13 +33,32 @@ def lcmat_perturbation(
     the mean cross-entropies of the real and synthetic batches: one normalised ascent step of the
     loss gap over the ball :math:`\|\epsilon\| \le \rho` (LCMat's estimate of the worst case). Cost: one
     forward + backward per side and one parameter copy.
+
+    ``batch_sizes`` (class-parallel: the real and synthetic batch sizes over ALL ranks; the batches given hold
+    this rank's classes): the gap is the sum over the ranks of their rows' cross-entropy sums divided by those
+    sizes, :math:`g = \mathrm{sign}(\sum_r \mathrm{gap}_r) \sum_r \nabla_\theta \mathrm{gap}_r` (one
+    all-reduce of the gap and of the parameter gradient), so every rank moves the network alike.
     """
     params = [p for p in net.parameters() if p.requires_grad]
     with torch.enable_grad():
-        gap = F.cross_entropy(net(real_images.detach()), real_labels) - F.cross_entropy(
-            net(synthetic_images.detach()), synthetic_labels
-        )
-        grads = torch.autograd.grad(gap.abs(), params, allow_unused=True)
+        if batch_sizes is None:
+            gap = F.cross_entropy(net(real_images.detach()), real_labels) - F.cross_entropy(
+                net(synthetic_images.detach()), synthetic_labels
+            )
+            grads = torch.autograd.grad(gap.abs(), params, allow_unused=True)
+        else:
+            from ipmcondense.distributed import sum_over_ranks
+
+            gap = (F.cross_entropy(net(real_images.detach()), real_labels, reduction="sum") / batch_sizes[0]
+                   - F.cross_entropy(net(synthetic_images.detach()), synthetic_labels, reduction="sum") / batch_sizes[1])
+            partial = torch.autograd.grad(gap, params, allow_unused=True)
+            flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, partial)])
+            summed = sum_over_ranks(torch.cat([flat, gap.detach().reshape(1)]))
+            sign = torch.sign(summed[-1])
+            grads, offset = [], 0
+            for p in params:
+                grads.append(sign * summed[offset:offset + p.numel()].view_as(p))
+                offset += p.numel()
     norm = torch.sqrt(sum((g * g).sum() for g in grads if g is not None))
     moved = copy.deepcopy(net)
     if float(norm) > 0:
@@ -84,8 +104,11 @@ class MatchingObjective(Objective):
         self.extra_terms = build_extra_terms(ctx.recipe, ctx.config)
         for term in self.extra_terms:
             term.bind(ctx.synthetic)
+            term.classes, term.num_classes = ctx.classes, ctx.synthetic.num_classes
         self.lcmat_weight = float(ctx.config.get("lcmat_weight") or 0.0)
         self.lcmat_rho = float(ctx.config.get("lcmat_rho") or 0.0)
+        # class-parallel with a joint discrepancy (DCC): every rank computes the same joint loss (not a share)
+        self.loss_replicated_over_ranks = bool(getattr(self.discrepancy, "joint_over_classes", False))
         if self.lcmat_weight > 0 and not self.feature_map.needs_parameter_gradients:
             raise ValueError("lcmat_weight > 0 needs a gradient-matching recipe (feature map 'gradients')")
 
@@ -112,8 +135,10 @@ class MatchingObjective(Objective):
         total = None
         for net in networks:
             value = self._one(net, real_aug, real_labels, syn_aug, syn_labels)
-            if self.lcmat_weight > 0:
-                moved = lcmat_perturbation(net, real_aug, real_labels, syn_aug, syn_labels, self.lcmat_rho)
+            if self.lcmat_weight > 0:  # class-parallel: the gap over every rank's rows (batch sizes of all ranks)
+                sizes = None if ctx.classes is None else (ctx.real_batches.global_batch_size(int(cfg["batch_real"])),
+                                                          int(ctx.synthetic.labels.numel()))
+                moved = lcmat_perturbation(net, real_aug, real_labels, syn_aug, syn_labels, self.lcmat_rho, sizes)
                 centre = value if not self.extra_terms else self._one(net, real_aug, real_labels, syn_aug, syn_labels,
                                                                       extras=False)
                 value = value + self.lcmat_weight * (
@@ -137,6 +162,7 @@ class MatchingObjective(Objective):
             class_batching=bool(self.config["class_batching"]),
             extra_terms=self.extra_terms if extras else (), generator=self.ctx.generator,
             precision=str(self.config["precision"]), channels_last=bool(self.config["channels_last"]),
+            joint_over_ranks=None if self.ctx.classes is None else self.ctx.synthetic.num_classes,
         ).total
         if discrepancy is not self.discrepancy:
             discrepancy.after(self.ctx.generator)

@@ -156,10 +156,16 @@ class SubspaceBilevelObjective(Objective):
         ctx = self.ctx
         k = int(torch.randint(0, self.buffer.n_experts, (1,), generator=ctx.generator))
         start = self.buffer.snapshot(k, 0, device=ctx.device)
-        real, real_labels = ctx.real_batches.sample(int(self.config["batch_real"]))
-        end = projected_unrolled_sgd(self.template, self.basis, start, ctx.synthetic.images(), ctx.synthetic.labels,
-                                     F.softplus(self.raw_lrs))
-        return F.cross_entropy(FlatParameters(self.template).forward(self.template, end, real), real_labels)
+        from ..parallel import WholeSetOnEveryRank
+
+        # class-parallel: the unroll trains on the whole S on every rank, the loss is this rank's real rows' share
+        whole = WholeSetOnEveryRank.of_context(ctx)
+        n_real = int(self.config["batch_real"])
+        real, real_labels = ctx.real_batches.sample(n_real)
+        end = projected_unrolled_sgd(self.template, self.basis, start, whole.rows(ctx.synthetic.images()),
+                                     ctx.synthetic.labels, F.softplus(whole.shared(self.raw_lrs)))
+        value = F.cross_entropy(FlatParameters(self.template).forward(self.template, end, real), real_labels)
+        return whole.share(value, real.shape[0], n_real)
 
     def check_after_step(self, iteration):
         if not bool(torch.isfinite(self.raw_lrs.detach()).all()):

@@ -305,14 +305,27 @@ class TrajectoryMatchingObjective(Objective):
                 outputs.append(labels)
                 seeds.append(result.labels_grad)
             grads = torch.autograd.grad(outputs, params, grad_outputs=seeds, allow_unused=True)
-            return result.loss, list(grads)
+            return result.loss, self._summed_shared_gradients(params, list(grads))
         end = unrolled_sgd(
             self.template, sample.params_start, images, labels, lr, steps, batch, self.augment, ctx.generator, soft,
             owned=owned,
         )
         total = trajectory_matching_loss(end, sample.params_start, sample.params_target)
         grads = torch.autograd.grad(total, params, allow_unused=True)
-        return total.detach(), list(grads)
+        return total.detach(), self._summed_shared_gradients(params, list(grads))
+
+    def _summed_shared_gradients(self, params: list, grads: list) -> list:
+        """Class-parallel: the gradient of a decoder parameter shared by every class (HaBa's hallucinators) is
+        each rank's share (through its own images' rows), so it is summed over the ranks; one process: as is."""
+        if self.ctx.classes is None:
+            return grads
+        from ipmcondense.distributed import sum_over_ranks
+
+        shared = {id(p) for p in self.ctx.synthetic.shared_parameters()}
+        for i, p in enumerate(params):
+            if id(p) in shared:
+                grads[i] = sum_over_ranks(torch.zeros_like(p) if grads[i] is None else grads[i].detach())
+        return grads
 
     def check_after_step(self, iteration):
         lr = self.ctx.synthetic.learning_rate

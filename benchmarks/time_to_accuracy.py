@@ -36,10 +36,31 @@ Three measurements, each a *cell* cached in ``benchmarks/results/time_to_accurac
     so the difference is the condensation); ipmcondense then condenses for as many iterations as fit in
     half the reference's measured condensation time (from the ``speed`` cell) and is evaluated with the
     same models and seeds. Hours on a CPU: meant to be run once, in the background.
+``levers``
+    One DM step's network work in isolation, in one process, interleaved over rounds: the real side
+    (``ipc``-setting's ``batch_real`` images per class, all classes in one pass, no autograd) and the
+    synthetic side (forward and backward of the synthetic set) of the library's MNIST ConvNet, for every
+    combination of precision (float32, bfloat16 autocast) and memory format (contiguous, channels_last).
+    Reported: medians and ratios to float32/contiguous (what each lever buys in isolation); then whole
+    outer iterations of the engine (``condense``, MNIST, the setting's method and IPC) with each lever as
+    wired in (``precision``, ``channels_last``), interleaved, as ratios to the defaults.
 ``profile``
     Where the time of ipmcondense goes: :mod:`torch.profiler` over a few outer steps and over one
     evaluated model trained for one epoch (so the full test pass, a fixed cost per model, is in it:
     over 1000 epochs it is amortised); the top entries by self CPU time are stored and printed.
+
+Profiles of ipmcondense (``--ours-profile``; the reference always runs as it is):
+
+``reference`` (default)
+    the library's defaults, which are the reference's settings: float32 everywhere. Cells ``<mode>.json``.
+``fast``
+    ``--precision bfloat16`` in condensation (the networks' forward passes under bfloat16 autocast,
+    features and losses in float32) and ``precision="bfloat16"`` in the evaluated models. (``--channels-last``
+    is left out: 0.53x on the isolated real side in the ``levers`` cell, but 0.89x alone and 0.92x with
+    bfloat16 on whole DM steps, against 0.60x for bfloat16 alone, measured in one process under load.) (``EvaluationProtocol(precision=
+    "bfloat16")``). Cells ``<mode>-fast.json``. In the accuracy cell both condensed sets are evaluated by
+    the float32 protocol (the comparison of the condensations), and ours once more with the bfloat16
+    evaluator (does the fast evaluation give the same accuracy?).
 
 Compatibility shim (stated, numerically neutral): with torch >= 2 the reference's ``ConvNet.forward``
 and ``ConvNet.embed`` call ``.view`` on the non-contiguous output of its DSA and fail; the runner
@@ -74,6 +95,11 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "time_to_accuracy"
+#: ipmcondense's side of a cell: extra ``condense`` arguments and the evaluation precision (module docstring)
+OURS_PROFILES: dict[str, dict[str, Any]] = {
+    "reference": {"condense": (), "eval_precision": "float32"},
+    "fast": {"condense": ("--precision", "bfloat16"), "eval_precision": "bfloat16"},
+}
 MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 
@@ -254,11 +280,13 @@ def reference_seconds_per_model(setting: Setting, reference: Path, ref_data: Pat
     return end[0] - begin[0]
 
 
-def ours_seconds_per_model(setting: Setting, data_root: Path, epochs: int, threads: int) -> float:
+def ours_seconds_per_model(setting: Setting, data_root: Path, epochs: int, threads: int,
+                           precision: str = "float32") -> float:
     """Wall time of one model of :func:`ipmcondense.evaluation.evaluate_synthetic` on an ``ipc``-per-class real set."""
     run = run_stamped([sys.executable, __file__, "_eval-worker", "--data-root", str(data_root), "--ipc",
                        str(setting.ipc), "--epochs", str(epochs), "--augmentation",
-                       "none" if "None" in setting.reference_args else "dsa"], threads=threads)
+                       "none" if "None" in setting.reference_args else "dsa", "--precision", precision],
+                      threads=threads)
     return float(json.loads(run.lines[-1][1])["wall_seconds"][0])
 
 
@@ -271,6 +299,7 @@ def _eval_worker(argv: list[str]) -> int:
     parser.add_argument("--models", type=int, default=1)
     parser.add_argument("--set", default=None, help="a .pt file with images/labels to evaluate")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", default="float32")
     args = parser.parse_args(argv)
     import torch
 
@@ -284,15 +313,21 @@ def _eval_worker(argv: list[str]) -> int:
         images, labels = payload["images"], payload["labels"]
     else:
         images, labels = select_random(data, args.ipc, seed=args.seed)
-    protocol = EvaluationProtocol(epochs=args.epochs, augmentation=args.augmentation)
+    protocol = EvaluationProtocol(epochs=args.epochs, augmentation=args.augmentation, precision=args.precision)
     result = evaluate_synthetic(images, labels, data, protocol, n_models=args.models, seed=args.seed)
     print(json.dumps({"accuracies": result.accuracies, "wall_seconds": result.wall_seconds}))
     return 0
 
 
 # ------------------------------------------------------------------------------------------ the cells
-def _cell_path(setting: Setting, mode: str) -> Path:
-    return RESULTS / setting.name / f"{mode}.json"
+def _cell_path(setting: Setting, mode: str, ours_profile: str = "reference") -> Path:
+    suffix = "" if ours_profile == "reference" else f"-{ours_profile}"
+    return RESULTS / setting.name / f"{mode}{suffix}.json"
+
+
+def _with_profile(key: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The key of a cell of ``args.ours_profile`` (the reference profile's keys predate profiles: unchanged)."""
+    return key if args.ours_profile == "reference" else {**key, "ours_profile": args.ours_profile}
 
 
 def _hardware(threads: int) -> dict[str, Any]:
@@ -327,10 +362,9 @@ def _save(path: Path, record: dict[str, Any]) -> None:
 
 
 def speed_cell(setting: Setting, args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
-    key = {"setting": asdict(setting), "iterations": args.iterations, "warmup": args.warmup, "rounds": args.rounds,
-           "eval_epochs": args.eval_epochs, "threads": args.threads,
-           "reference_commit": _reference_commit(args.reference)}
-    path = _cell_path(setting, "speed")
+    key = speed_cell_key(setting, args)
+    path = _cell_path(setting, "speed", args.ours_profile)
+    profile = OURS_PROFILES[args.ours_profile]
     if (record := _cached(path, key, args.force)) is not None:
         return record
     ref_data = prepare_reference_data(args.data_root, scratch / "ref-data") if args.reference else None
@@ -345,13 +379,15 @@ def speed_cell(setting: Setting, args: argparse.Namespace, scratch: Path) -> dic
             timings["reference_iteration"].append(_with_usage(usage, "reference_iteration", reference_seconds_per_iteration,
                 setting, args.reference, ref_data, scratch, args.iterations, args.warmup, args.threads))
         timings["ours_iteration"].append(_with_usage(usage, "ours_iteration", ours_seconds_per_iteration,
-            setting, args.data_root, scratch, args.iterations, args.warmup, args.threads))
+            setting, args.data_root, scratch, args.iterations, args.warmup, args.threads,
+            extra=profile["condense"]))
         if args.eval_epochs:
             if args.reference:
                 timings["reference_model"].append(_with_usage(usage, "reference_model", reference_seconds_per_model,
                     setting, args.reference, ref_data, scratch, args.eval_epochs, args.threads))
             timings["ours_model"].append(_with_usage(usage, "ours_model", ours_seconds_per_model, setting,
-                                                     args.data_root, args.eval_epochs, args.threads))
+                                                     args.data_root, args.eval_epochs, args.threads,
+                                                     profile["eval_precision"]))
     load_average.append(list(os.getloadavg()))
     medians = {k: statistics.median(v) for k, v in timings.items() if v}
     ratios = {}
@@ -370,13 +406,15 @@ def speed_cell(setting: Setting, args: argparse.Namespace, scratch: Path) -> dic
 def accuracy_cell(setting: Setting, args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     if args.reference is None:
         raise SystemExit("--modes accuracy needs --reference (it compares with the reference's set)")
-    speed = _cached(_cell_path(setting, "speed"), speed_cell_key(setting, args), False)
+    speed = _cached(_cell_path(setting, "speed", args.ours_profile), speed_cell_key(setting, args), False)
     if speed is None or "reference_iteration" not in speed["medians"]:
         raise SystemExit(f"[{setting.name}] run --modes speed with --reference first (accuracy uses its timings)")
     iterations = args.target_iterations or setting.target_iterations
-    key = {"setting": asdict(setting), "iterations": iterations, "models": args.models, "epochs": args.epochs,
-           "threads": args.threads, "reference_commit": _reference_commit(args.reference)}
-    path = _cell_path(setting, "accuracy")
+    key = _with_profile({"setting": asdict(setting), "iterations": iterations, "models": args.models,
+                         "epochs": args.epochs, "threads": args.threads,
+                         "reference_commit": _reference_commit(args.reference)}, args)
+    path = _cell_path(setting, "accuracy", args.ours_profile)
+    profile = OURS_PROFILES[args.ours_profile]
     if (record := _cached(path, key, args.force)) is not None:
         return record
     import torch
@@ -396,22 +434,27 @@ def accuracy_cell(setting: Setting, args: argparse.Namespace, scratch: Path) -> 
     ours_run = run_stamped([sys.executable, "-m", "ipmcondense", "condense", "--method", setting.method,
                             "--dataset", "mnist", "--ipc", str(setting.ipc), "--iterations", str(ours_iterations),
                             "--data-root", str(args.data_root), "--out", str(ours_out), "--overwrite",
-                            "--no-progress"], threads=args.threads)
+                            "--no-progress", *profile["condense"]], threads=args.threads)
     ours_seconds = json.loads((ours_out / "metrics.json").read_text())["seconds"]
     payload = torch.load(ours_out / "synthetic.pt", map_location="cpu", weights_only=False)
     ours_set = scratch / "ours-set.pt"
     torch.save({"images": payload["images"], "labels": payload["labels"]}, ours_set)
-    accuracies = {}
-    for side, file in (("reference", reference_set), ("ours", ours_set)):
+    accuracies, evaluation_seconds = {}, {}
+    evaluations = [("reference", reference_set, "float32"), ("ours", ours_set, "float32")]
+    if profile["eval_precision"] != "float32":  # the fast evaluator on our set too: the same accuracy?
+        evaluations.append((f"ours_evaluated_{profile['eval_precision']}", ours_set, profile["eval_precision"]))
+    for side, file, precision in evaluations:
         worker = run_stamped([sys.executable, __file__, "_eval-worker", "--data-root", str(args.data_root),
                               "--ipc", str(setting.ipc), "--epochs", str(args.epochs), "--models", str(args.models),
                               "--set", str(file), "--augmentation",
-                              "none" if "None" in setting.reference_args else "dsa"], threads=args.threads)
-        accuracies[side] = json.loads(worker.lines[-1][1])["accuracies"]
+                              "none" if "None" in setting.reference_args else "dsa", "--precision", precision],
+                             threads=args.threads)
+        report = json.loads(worker.lines[-1][1])
+        accuracies[side], evaluation_seconds[side] = report["accuracies"], report["wall_seconds"]
     record = {"status": "ok", "key": key, "reference_condensation_seconds": reference_seconds,
               "ours_iterations": ours_iterations, "ours_condensation_seconds": ours_seconds,
               "ours_process_seconds": ours_run.seconds, "wall_time_ratio": ours_seconds / reference_seconds,
-              "accuracies": accuracies,
+              "accuracies": accuracies, "evaluation_seconds_per_model": evaluation_seconds,
               "accuracy_mean": {k: statistics.fmean(v) for k, v in accuracies.items()},
               "target_accuracy": setting.target_accuracy, "hardware": _hardware(args.threads),
               "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -420,24 +463,106 @@ def accuracy_cell(setting: Setting, args: argparse.Namespace, scratch: Path) -> 
 
 
 def speed_cell_key(setting: Setting, args: argparse.Namespace) -> dict[str, Any]:
-    return {"setting": asdict(setting), "iterations": args.iterations, "warmup": args.warmup, "rounds": args.rounds,
-            "eval_epochs": args.eval_epochs, "threads": args.threads,
-            "reference_commit": _reference_commit(args.reference)}
+    return _with_profile({"setting": asdict(setting), "iterations": args.iterations, "warmup": args.warmup,
+                          "rounds": args.rounds, "eval_epochs": args.eval_epochs, "threads": args.threads,
+                          "reference_commit": _reference_commit(args.reference)}, args)
 
 
 def profile_cell(setting: Setting, args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
-    key = {"setting": asdict(setting), "steps": args.profile_steps, "threads": args.threads}
-    path = _cell_path(setting, "profile")
+    key = _with_profile({"setting": asdict(setting), "steps": args.profile_steps, "threads": args.threads}, args)
+    path = _cell_path(setting, "profile", args.ours_profile)
+    precision = OURS_PROFILES[args.ours_profile]["eval_precision"]
     if (record := _cached(path, key, args.force)) is not None:
         return record
     run = run_stamped([sys.executable, __file__, "_profile-worker", "--data-root", str(args.data_root),
-                       "--method", setting.method, "--ipc", str(setting.ipc), "--steps", str(args.profile_steps)],
+                       "--method", setting.method, "--ipc", str(setting.ipc), "--steps", str(args.profile_steps),
+                       "--precision", precision],
                       threads=args.threads)
     report = json.loads(run.lines[-1][1])
     record = {"status": "ok", "key": key, **report, "hardware": _hardware(args.threads),
               "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     _save(path, record)
     return record
+
+
+def levers_cell(setting: Setting, args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
+    key = {"setting": asdict(setting), "rounds": args.rounds, "threads": args.threads, "steps": 4}
+    path = _cell_path(setting, "levers")
+    if (record := _cached(path, key, args.force)) is not None:
+        return record
+    batch_real = int(setting.reference_args[setting.reference_args.index("--batch_real") + 1])
+    run = run_stamped([sys.executable, __file__, "_levers-worker", "--ipc", str(setting.ipc), "--batch-real",
+                       str(batch_real), "--rounds", str(args.rounds), "--data-root", str(args.data_root),
+                       "--method", setting.method], threads=args.threads)
+    report = json.loads(run.lines[-1][1])
+    record = {"status": "ok", "key": key, **report, "load_average_1_5_15_min": list(os.getloadavg()),
+              "hardware": _hardware(args.threads), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    _save(path, record)
+    return record
+
+
+def _levers_worker(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ipc", type=int, required=True)
+    parser.add_argument("--batch-real", type=int, required=True)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--method", default="dm")
+    parser.add_argument("--steps", type=int, default=4)
+    args = parser.parse_args(argv)
+    import torch
+
+    from ipmcondense.condensation.api import condense
+    from ipmcondense.data import load_dataset
+    from ipmcondense.nets import get_network
+    from ipmcondense.training import autocast
+
+    torch.manual_seed(0)
+    net = get_network("convnet", 1, 10, (28, 28))
+    real = torch.randn(10 * args.batch_real, 1, 28, 28)
+    syn = torch.randn(10 * args.ipc, 1, 28, 28)
+    combos = [(p, f) for p in ("float32", "bfloat16") for f in ("contiguous", "channels_last")]
+    times: dict[str, dict[str, list[float]]] = {f"{p}/{f}": {"real_side": [], "synthetic_side": []} for p, f in combos}
+
+    def one(precision: str, fmt: str) -> tuple[float, float]:
+        memory = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+        model = net.to(memory_format=memory)
+        x_real = real.contiguous(memory_format=memory)
+        x_syn = syn.contiguous(memory_format=memory).requires_grad_(True)
+        start = time.perf_counter()
+        with torch.no_grad(), autocast(precision, "cpu"):
+            model.embed(x_real)
+        middle = time.perf_counter()
+        with autocast(precision, "cpu"):
+            out = model.embed(x_syn)
+        out.float().square().mean().backward()
+        return middle - start, time.perf_counter() - middle
+
+    one("float32", "contiguous")  # warm-up
+    for _ in range(args.rounds):
+        for precision, fmt in combos:
+            real_s, syn_s = one(precision, fmt)
+            times[f"{precision}/{fmt}"]["real_side"].append(real_s)
+            times[f"{precision}/{fmt}"]["synthetic_side"].append(syn_s)
+    medians = {k: {side: statistics.median(v) for side, v in sides.items()} for k, sides in times.items()}
+    base = medians["float32/contiguous"]
+    ratios = {k: {side: m[side] / base[side] for side in m} for k, m in medians.items()}
+    report = {"seconds": times, "medians": medians, "ratios_to_float32_contiguous": ratios,
+              "torch_threads": torch.get_num_threads()}
+    if args.data_root:  # whole outer iterations of the engine with each lever wired in
+        data = load_dataset("mnist", root=args.data_root)
+        variants = {"defaults": {}, "channels_last": {"channels_last": True}, "bfloat16": {"precision": "bfloat16"},
+                    "bfloat16+channels_last": {"precision": "bfloat16", "channels_last": True}}
+        steps: dict[str, list[float]] = {k: [] for k in variants}
+        for _ in range(args.rounds):
+            for name, options in variants.items():
+                result = condense(args.method, data, args.ipc, iterations=args.steps, progress=False, **options)
+                steps[name] += result.metrics["iteration_seconds"][1:]  # the first pays the start-up
+        step_medians = {k: statistics.median(v) for k, v in steps.items()}
+        report.update(step_seconds=steps, step_medians=step_medians,
+                      step_ratios_to_defaults={k: v / step_medians["defaults"] for k, v in step_medians.items()})
+    print(json.dumps(report))
+    return 0
 
 
 def _profile_worker(argv: list[str]) -> int:
@@ -447,6 +572,7 @@ def _profile_worker(argv: list[str]) -> int:
     parser.add_argument("--ipc", type=int, required=True)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--precision", default="float32")
     args = parser.parse_args(argv)
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -456,7 +582,8 @@ def _profile_worker(argv: list[str]) -> int:
     from ipmcondense.evaluation import EvaluationProtocol, evaluate_synthetic
 
     data = load_dataset("mnist", root=args.data_root)
-    condense(args.method, data, args.ipc, iterations=1, progress=False)  # warm-up: allocations, first calls
+    condense(args.method, data, args.ipc, iterations=1, progress=False,
+             precision=args.precision)  # warm-up: allocations, first calls
 
     def top(prof) -> list[dict[str, Any]]:
         events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[: args.top]
@@ -465,10 +592,11 @@ def _profile_worker(argv: list[str]) -> int:
                  "share": e.self_cpu_time_total / total} for e in events]
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        result = condense(args.method, data, args.ipc, iterations=args.steps, progress=False)
+        result = condense(args.method, data, args.ipc, iterations=args.steps, progress=False, precision=args.precision)
     step = top(prof)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        evaluate_synthetic(result.images, result.labels, data, EvaluationProtocol(epochs=1), n_models=1)
+        evaluate_synthetic(result.images, result.labels, data, EvaluationProtocol(epochs=1, precision=args.precision),
+                           n_models=1)
     epoch = top(prof)
     print(json.dumps({"outer_steps": step, "evaluation_one_epoch_and_test": epoch,
                       "torch_threads": torch.get_num_threads()}))
@@ -494,7 +622,15 @@ def report_lines(records: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
             lines.append(f"{name}: reference {acc['key']['iterations']} iterations in "
                          f"{acc['reference_condensation_seconds']:.0f} s -> {a['reference']:.2%}; ours "
                          f"{acc['ours_iterations']} iterations in {acc['ours_condensation_seconds']:.0f} s "
-                         f"(ratio {acc['wall_time_ratio']:.2f}) -> {a['ours']:.2%}")
+                         f"(ratio {acc['wall_time_ratio']:.2f}) -> {a['ours']:.2%}"
+                         + "".join(f"; {k.replace('_', ' ')} -> {v:.2%}" for k, v in a.items()
+                                   if k not in ("reference", "ours")))
+        if (levers := modes.get("levers")) is not None:
+            for combo, r in levers["ratios_to_float32_contiguous"].items():
+                lines.append(f"{name}: {combo}: real side {r['real_side']:.2f}x, synthetic side "
+                             f"{r['synthetic_side']:.2f}x of float32/contiguous")
+            for variant, r in levers.get("step_ratios_to_defaults", {}).items():
+                lines.append(f"{name}: whole outer iteration with {variant}: {r:.2f}x of the defaults")
         if (prof := modes.get("profile")) is not None:
             lines.append(f"{name}: top of {prof['key']['steps']} outer steps (self CPU):")
             lines += [f"    {e['share']:6.1%}  {e['self_cpu_ms']:9.1f} ms  {e['name']}" for e in prof["outer_steps"][:8]]
@@ -510,6 +646,8 @@ def main(argv: list[str] | None = None) -> int:
         return _eval_worker(argv[1:])
     if argv[:1] == ["_profile-worker"]:
         return _profile_worker(argv[1:])
+    if argv[:1] == ["_levers-worker"]:
+        return _levers_worker(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", type=Path, default=os.environ.get("IPMCONDENSE_DATA_ROOT"),
@@ -517,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference", type=Path, default=None,
                         help="a checkout of VICO-UoE/DatasetCondensation (omit: ipmcondense alone)")
     parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=sorted(SETTINGS))
-    parser.add_argument("--modes", nargs="+", choices=("speed", "accuracy", "profile"), default=["speed"])
+    parser.add_argument("--modes", nargs="+", choices=("speed", "accuracy", "profile", "levers"), default=["speed"])
     parser.add_argument("--iterations", type=int, default=40, help="last iteration of the timed window")
     parser.add_argument("--warmup", type=int, default=10, help="first iteration of the timed window")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians are reported)")
@@ -527,6 +665,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target-iterations", type=int, default=None,
                         help="reference iterations of the accuracy cell (default: the setting's)")
     parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--ours-profile", choices=sorted(OURS_PROFILES), default="reference",
+                        help="ipmcondense's settings: reference (its defaults, float32) or fast (bfloat16 autocast in "
+                             "condensation and evaluation); cells of fast end in -fast")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--force", action="store_true", help="recompute cached cells")
     parser.add_argument("--quick", action="store_true",
@@ -545,13 +686,14 @@ def main(argv: list[str] | None = None) -> int:
         args.iterations, args.warmup, args.rounds, args.eval_epochs = 20, 10, 1, 2
         args.profile_steps, args.force = 1, True
     records: dict[str, dict[str, dict[str, Any]]] = {}
-    cells = {"speed": speed_cell, "accuracy": accuracy_cell, "profile": profile_cell}
+    cells = {"speed": speed_cell, "accuracy": accuracy_cell, "profile": profile_cell, "levers": levers_cell}
     for name in args.settings:
         setting = SETTINGS[name]
         with tempfile.TemporaryDirectory(prefix=f"tta-{name}-") as tmp:
             for mode in args.modes:
                 records.setdefault(name, {})[mode] = cells[mode](setting, args, Path(tmp))
-        for line in report_lines({name: records[name]}):
+        label = name if args.ours_profile == "reference" else f"{name} ({args.ours_profile})"
+        for line in report_lines({label: records[name]}):
             print(line, flush=True)
     if args.quick:
         shutil.rmtree(RESULTS, ignore_errors=True)

@@ -43,7 +43,7 @@ from ipmcondense.distributed import all_gather_objects, items_of_rank
 from ipmcondense.augment import DifferentiableSiameseAugmentation, NoAugmentation, dsa_strategy_for
 from ipmcondense.ipm._validation import check_choice, check_positive, check_positive_int
 from ipmcondense.nets import NETWORK_NAMES, build_isolated, get_network
-from ipmcondense.training import train_epoch, train_on_batches
+from ipmcondense.training import PRECISIONS, autocast, train_epoch, train_on_batches
 from ipmcondense.whitening import DatasetWhitening, ZCAWhitening  # noqa: F401 (ZCAWhitening re-exported)
 
 __all__ = [
@@ -126,6 +126,9 @@ class EvaluationProtocol:
             the dataset (flip dropped for digit-like data).
         test_batch_size: batch size of the final test pass (256).
         lr_decay: factor applied to the learning rate at the decay point (0.1).
+        precision: ``"float32"`` (the reference) or ``"bfloat16"``: deviation (library option, the
+            ``fast`` profile of ``benchmarks/time_to_accuracy.py``): the networks' forward passes in
+            training and test run under bfloat16 autocast (:func:`ipmcondense.training.autocast`).
     """
 
     arch: str = "convnet"
@@ -143,11 +146,13 @@ class EvaluationProtocol:
     dsa_strategy: str | None = None
     test_batch_size: int = 256
     lr_decay: float = 0.1
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
         key = self.arch.lower().strip() if isinstance(self.arch, str) else self.arch
         self.arch = check_choice(key, NETWORK_NAMES, "arch")
         check_choice(self.augmentation, ("dsa", "none"), "augmentation")
+        check_choice(self.precision, PRECISIONS, "precision")
         if self.epochs is not None and (
             isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0
         ):
@@ -340,7 +345,7 @@ def train_network(
     network.train()
     for epoch in range(len(schedule)):
         losses = train_epoch(network, optimizer, images, labels, protocol.batch_size, generator,
-                             augmentation=augmentation)
+                             augmentation=augmentation, precision=protocol.precision)
         loss = losses[-1] if losses else images.new_zeros(())
         if epoch == protocol.decay_epoch and epoch + 1 < len(schedule):
             optimizer = make_optimizer(schedule[epoch + 1])
@@ -361,7 +366,7 @@ def _replay_schedule(network, images, labels, protocol, epoch_callback):
         for group in optimizer.param_groups:
             group["lr"] = step_size
         index = torch.tensor(batch, dtype=torch.long, device=images.device)
-        losses = train_on_batches(network, optimizer, [(images[index], labels[index])])
+        losses = train_on_batches(network, optimizer, [(images[index], labels[index])], precision=protocol.precision)
         if epoch_callback is not None:
             epoch_callback(t, optimizer, losses[-1])
     return network
@@ -369,13 +374,15 @@ def _replay_schedule(network, images, labels, protocol, epoch_callback):
 
 @torch.no_grad()
 def classification_accuracy(
-    network: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 256
+    network: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 256, *, precision: str = "float32"
 ) -> float:
-    """Top-1 accuracy of ``network`` (in eval mode) on ``(images, labels)``, in batches."""
+    """Top-1 accuracy of ``network`` (in eval mode) on ``(images, labels)``, in batches (forward passes
+    under ``precision``, :func:`ipmcondense.training.autocast`)."""
     network.eval()
     correct = 0
     for start in range(0, images.shape[0], batch_size):
-        logits = network(images[start : start + batch_size])
+        with autocast(precision, images.device):
+            logits = network(images[start : start + batch_size])
         correct += int((logits.argmax(dim=1) == labels[start : start + batch_size]).sum())
     return correct / max(images.shape[0], 1)
 
@@ -421,7 +428,8 @@ def _train_and_test_prepared(
     generator = torch.Generator(device=device).manual_seed(int(seed))
     augmentation = protocol.augmentation_for(dataset)
     train_network(network, images, labels, protocol, generator, augmentation, epoch_callback)
-    return classification_accuracy(network, test_images, test_labels, protocol.test_batch_size)
+    return classification_accuracy(network, test_images, test_labels, protocol.test_batch_size,
+                                   precision=protocol.precision)
 
 
 def _prepare_test_set(dataset: Any, device: torch.device, zca: DatasetWhitening | None) -> tuple[Tensor, Tensor]:

@@ -138,3 +138,23 @@ def test_each_process_s_cpu_time_and_page_faults_are_recorded(tmp_path):
     idle = tta._with_usage(usage, "child", tta.run_stamped, [sys.executable, "-c", "pass"], threads=1)
     assert idle.cpu["minor_page_faults"] < run.cpu["minor_page_faults"]
     assert len(usage["child"]) == 2
+
+
+def test_the_fast_profile_has_its_own_cells_and_keys_and_leaves_the_reference_profile_s_alone(tmp_path):
+    import argparse
+
+    setting = tta.SETTINGS["dm-ipc10"]
+    common = dict(iterations=40, warmup=10, rounds=2, eval_epochs=20, threads=2, reference=None)
+    reference = tta.speed_cell_key(setting, argparse.Namespace(**common, ours_profile="reference"))
+    fast = tta.speed_cell_key(setting, argparse.Namespace(**common, ours_profile="fast"))
+    assert "ours_profile" not in reference  # the committed reference-profile cells keep their keys
+    assert fast == {**reference, "ours_profile": "fast"}
+    assert tta._cell_path(setting, "speed").name == "speed.json"
+    assert tta._cell_path(setting, "accuracy", "fast").name == "accuracy-fast.json"
+    assert tta.OURS_PROFILES["fast"]["condense"] == ("--precision", "bfloat16")
+    assert tta.OURS_PROFILES["reference"] == {"condense": (), "eval_precision": "float32"}
+    accuracy = {"key": {"iterations": 250}, "reference_condensation_seconds": 1000.0, "ours_iterations": 200,
+                "ours_condensation_seconds": 480.0, "wall_time_ratio": 0.48,
+                "accuracy_mean": {"reference": 0.959, "ours": 0.961, "ours_evaluated_bfloat16": 0.96}}
+    (line,) = tta.report_lines({"dm-ipc10 (fast)": {"accuracy": accuracy}})
+    assert "ratio 0.48" in line and "96.10%" in line and "ours evaluated bfloat16 -> 96.00%" in line

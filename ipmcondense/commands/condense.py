@@ -84,6 +84,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--generator", default=None, metavar="DIR",
                    help="generator run directory for --synthetic latent (GLaD, IT-GAN; make one with "
                         "`ipmcondense generator`)")
+    p.add_argument("--precision", choices=("float32", "bfloat16"), default=None,
+                   help="float32 (default, the references) or bfloat16: autocast the networks' forward passes of a "
+                        "matching recipe (about 2x faster on CPUs with AMX/AVX512-BF16 and on GPUs)")
+    p.add_argument("--channels-last", action="store_const", const=True, default=None,
+                   help="run the no-autograd real-side passes of a matching recipe in channels_last memory format "
+                        "(float32 arithmetic in another order; about 2x faster for large real batches on CPU)")
     p.add_argument("--set", dest="overrides", type=_override, action="append", default=[], metavar="KEY=VALUE",
                    help="any other hyperparameter, e.g. --set inner_loop=5 --set bandwidth=2.0")
     p.set_defaults(func=run_condense)
@@ -111,6 +117,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "the method's paper on this dataset (e.g. DC on CIFAR: no augmentation, 300 epochs)")
     e.add_argument("--ipc", type=int, default=None,
                    help="for a generator run directory (ipmcondense generator / dim): images per class to sample")
+    e.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
+                   help="float32 (default, the protocol) or bfloat16: autocast the networks' forward passes (a "
+                        "deviation, recorded in evaluation.json)")
     e.add_argument("--no-learned-lr", action="store_true",
                    help="ignore a learning rate learned during condensation (MTT) and use the protocol's")
     e.set_defaults(func=run_evaluate)
@@ -124,7 +133,8 @@ def run_condense(args: argparse.Namespace) -> int:
     from ipmcondense.condensation.api import condense
 
     overrides = dict(args.overrides)
-    for key in ("lr_images", "batch_real", "init", "arch", "experts", "checkpoint_every", "generator"):
+    for key in ("lr_images", "batch_real", "init", "arch", "experts", "checkpoint_every", "generator", "precision",
+                "channels_last"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     result = condense(
@@ -157,7 +167,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         args.path, dataset=args.dataset, models=args.models, arch=args.arch, epochs=args.epochs,
         data_root=args.data_root, seed=args.seed, device=args.device, augmentation=args.augmentation,
         learned_lr=not args.no_learned_lr, image_size=args.image_size, protocol=args.protocol,
-        ipc=args.ipc,
+        ipc=args.ipc, precision=args.precision,
     )
     if is_rank_zero():
         print(json.dumps(report, indent=2))

@@ -28,6 +28,7 @@ from torch import Tensor
 from ipmcondense import distributed
 from ipmcondense._version import __version__
 from ipmcondense.ipm._validation import check_choice, check_positive_int, check_positive_number
+from ipmcondense.training import PRECISIONS
 
 from .engine import CondensationEngine
 from .outputs import (
@@ -126,6 +127,15 @@ def _check_config(config: dict[str, Any], recipe: Recipe, dataset: Any, ipc: int
     for key in ("lr_images", "lr_net", "lr_pool"):
         check_positive_number(config[key], key)
     check_choice(config["init"], INIT_CHOICES, "init")
+    check_choice(config["precision"], PRECISIONS, "precision")
+    if not isinstance(config["channels_last"], bool):
+        raise TypeError(f"channels_last must be True or False, got {config['channels_last']!r}")
+    if config["precision"] != "float32" and not isinstance(recipe, MatchingRecipe):
+        raise ValueError(
+            f"precision {config['precision']!r} is only available for matching recipes (their networks' forward "
+            f"passes are autocast); recipe {recipe.name!r} has objective {getattr(recipe, 'objective', '?')!r}: "
+            "use precision 'float32'"
+        )
     if not isinstance(config["arch"], str):
         raise TypeError(f"arch must be a network name, got {type(config['arch']).__name__}")
     net = build_isolated(lambda: get_network(config["arch"], dataset.channels, dataset.num_classes,
@@ -526,6 +536,7 @@ def evaluate(
     image_size: int | tuple[int, int] | None = None,
     protocol: str = "standard",
     ipc: int | None = None,
+    precision: str = "float32",
 ) -> dict[str, Any]:
     """Train ``models`` fresh networks on a condensed set and report their test accuracy.
 
@@ -563,6 +574,8 @@ def evaluate(
             override it. ZCA, the learned rate and soft labels come from the set under both.
         ipc: images per class to sample when ``path_or_result`` is a generator run directory (required there,
             refused otherwise).
+        precision: ``"float32"`` (the protocol) or ``"bfloat16"``: the networks' forward passes under bfloat16
+            autocast, a deviation recorded in the report's protocol (:class:`~ipmcondense.evaluation.EvaluationProtocol`).
 
     Under ``torchrun`` (an initialised process group) the models are spread over the ranks
     (:func:`ipmcondense.evaluation.evaluate_synthetic` with ``spread_over_ranks``): every rank returns the
@@ -621,7 +634,7 @@ def evaluate(
     explicit = {"arch": arch, "epochs": epochs, "augmentation": augmentation}
     settings.update({k: v for k, v in explicit.items() if v is not None})
     settings.update(learned_lr=lr, learned_schedule=schedule, soft_labels=labels.dim() == 2, zca=whitened,
-                    zca_eps=float(config.get("zca_eps", 0.1)))
+                    zca_eps=float(config.get("zca_eps", 0.1)), precision=precision)
     evaluation_protocol = EvaluationProtocol(**settings)
     result = evaluate_synthetic(images.to(dev), labels.to(dev), ds, evaluation_protocol, n_models=models, seed=seed,
                                 device=dev, inputs_whitened=whitened, spread_over_ranks=distributed.is_active())

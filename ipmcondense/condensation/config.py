@@ -50,6 +50,11 @@ class EngineOptions:
     zca: bool = option(False, "MTT/KIP/RFAD/RCIG on CIFAR: condense (and evaluate) in the ZCA-whitened space of "
                               "the full training set (MTT utils.py get_dataset --zca)")
     zca_eps: float = option(0.1, "MTT utils.py: K.enhance.ZCAWhitening(eps=0.1); RFAD get_zca_matrix reg_coef=0.1")
+    precision: str = option("float32", "the references compute in float32; bfloat16 autocasts the networks' forward "
+                                       "passes of matching recipes (library option, the `fast` profile)")
+    channels_last: bool = option(False, "the references use contiguous (NCHW) tensors; true runs the no-autograd "
+                                        "real-side passes of matching recipes in channels_last memory format (library "
+                                        "option, the `fast` profile)")
 
 
 #: Every registry whose components contribute options to the flat table, by axis.

@@ -44,7 +44,8 @@ def test_known_keys_and_values_of_the_reference_table():
     # + 6: DCGM (issue 18): lr_generator, gan_weight, lr_discriminator (latent_gan), intra_weight, inter_weight,
     # dcgm_temperature (its two extra terms)
     # + 1: esp_residual_weight (the esp objective's distance of the synthetic steps from the span)
-    assert len(COMMON_DEFAULTS) == 62 + 5 + 5 + 2 + 6 + 2 + 6 + 10 + 1 + 5 + 2 + 6 + 6 + 1 and COMMON_DEFAULTS["factor"] == 2
+    # + 2: precision, channels_last (the engine's bfloat16 autocast and memory-format options; issue 16)
+    assert len(COMMON_DEFAULTS) == 62 + 5 + 5 + 2 + 6 + 2 + 6 + 10 + 1 + 5 + 2 + 6 + 6 + 1 + 2 and COMMON_DEFAULTS["factor"] == 2
     assert (COMMON_DEFAULTS["dream_interval"], COMMON_DEFAULTS["dream_max_iter"]) == (10, 100)
     assert (COMMON_DEFAULTS["sinkhorn_p"], COMMON_DEFAULTS["steps_per_network"]) == (2, 1)
 

@@ -104,7 +104,9 @@ ADDED_OPTIONS = {"sinkhorn_p": 2, "steps_per_network": 1,
                  "conv_depth": 3, "conv_readout": "flatten",
                  # DCGM's latent_gan synthetic set and its two extra terms (issue 18; used by dcgm only)
                  "lr_generator": 1e-4, "gan_weight": 0.1, "lr_discriminator": 2e-4, "intra_weight": 0.1,
-                 "inter_weight": 0.1, "dcgm_temperature": 0.1}
+                 "inter_weight": 0.1, "dcgm_temperature": 0.1,
+                 # the engine's bfloat16 autocast and memory-format options (issue 16; off for every row)
+                 "precision": "float32", "channels_last": False}
 ROW_CHANGES = {"wasserstein": {"sinkhorn_p": 1},  # W_1 (issue "each row is the paper's algorithm", item 7)
                # IDM's pool: 3 initial networks, trained after the image step on plain real batches (issue 11 item 1)
                "idm": {"initial_pool": 3, "pool_train_after_step": True, "pool_augment": False},

@@ -161,6 +161,7 @@ class MatchingObjective(Objective):
             net, self.feature_map, discrepancy, real, real_labels, syn, syn_labels,
             class_batching=bool(self.config["class_batching"]),
             extra_terms=self.extra_terms if extras else (), generator=self.ctx.generator,
+            precision=str(self.config["precision"]), channels_last=bool(self.config["channels_last"]),
             joint_over_ranks=None if self.ctx.classes is None else self.ctx.synthetic.num_classes,
         ).total
         if discrepancy is not self.discrepancy:

@@ -60,12 +60,9 @@ def matching_loss(
     class_batching: bool = True,
     extra_terms: Sequence[ExtraTerm] = (),
     generator: torch.Generator | None = None,
-<<<<<<< HEAD
     precision: str = "float32",
     channels_last: bool = False,
-=======
     joint_over_ranks: int | None = None,
->>>>>>> main
 ) -> MatchingLoss:
     r""":math:`\sum_c \sum_b w_b D(\phi^b(T_c), \phi^b(S_c))` + extra terms, for class-blocked inputs.
 
@@ -79,7 +76,6 @@ def matching_loss(
     :math:`\sum_b w_b D(\frac1C\sum_c \bar\phi^b(T_c), \frac1C\sum_c \bar\phi^b(S_c))`; for gradient
     features that is the gradient of the loss over all classes jointly (equal class sizes on S).
 
-<<<<<<< HEAD
     ``precision="bfloat16"`` runs the feature-map calls under bfloat16 autocast
     (:func:`ipmcondense.training.autocast`) and casts every feature block back to float32, so the
     discrepancies and extra terms are computed in float32 as with ``"float32"``. ``channels_last=True``
@@ -87,13 +83,12 @@ def matching_loss(
     gradients (its pass runs without autograd): the same float32 arithmetic in another order (oneDNN's
     NHWC convolutions, about twice as fast on CPU for large batches), the network restored to contiguous
     parameters before the synthetic side (whose backward is slower in channels_last).
-=======
+
     ``joint_over_ranks`` (class-parallel, the number of classes of ALL ranks; the inputs hold this rank's
     classes): the joint term's class averages are :math:`\frac1C\sum_c` over every rank's classes, each rank's
     partial sum all-reduced (:func:`~ipmcondense.distributed.sum_over_ranks`: the discrepancy of the averages is
     then computed alike on every rank, so the backward pass hands each rank the gradient of its own classes'
     share); the returned loss is the same on every rank (not a per-rank share).
->>>>>>> main
 
     Cost: per side one (batched) or ``n_classes`` (loop) feature-map calls; the discrepancy per class
     (once for a joint discrepancy).
@@ -107,6 +102,7 @@ def matching_loss(
             f"real and synthetic batches must hold the same class blocks in the same order, got "
             f"{real_classes} and {syn_classes}"
         )
+
     def features(images, labels, segments, differentiable):
         nhwc = channels_last and not differentiable and not feature_map.needs_parameter_gradients and images.dim() == 4
         if nhwc:

@@ -34,6 +34,8 @@ import torch
 from ipmcondense import distributed
 
 WORLD = 2
+#: the tiny class-conditional GAN of the latent-space rows (GLaD, IT-GAN)
+GENERATOR = Path(__file__).resolve().parent / "fixtures" / "generator-digits-tiny"
 TINY = {"iterations": 2, "seed": 0, "progress": False}
 DC = {"iterations": 1, "seed": 0, "progress": False, "outer_loop": 2, "inner_loop": 1}  # two image steps on one
 # network, trained on all of S between them (the exchange of S before the inner loop is exercised)
@@ -72,6 +74,15 @@ COUPLED = {
     "haba": ("haba", {"ipc": 1, "iterations": 1, "seed": 5, "arch": "convnet-w32", "max_start_epoch": 1,
                       "expert_epochs": 1, "syn_steps": 3, "n_hallucinators": 2, "lr_images": 10.0, "lr_extractor": 0.1,
                       "memory_lean": True}),
+    # latents over the fixture's fixed generator, owned by class block (the whole set decoded on every rank)
+    "glad": ("glad", {"ipc": 1, "iterations": 2, "generator": str(GENERATOR)}),
+    # IT-GAN: as glad, plus the anchor term (each rank adds its rows' distances over the whole n)
+    "itgan": ("itgan", {"ipc": 1, "iterations": 2, "inversion_steps": 5, "lr_images": 0.05, "generator": str(GENERATOR)}),
+    # WMDD: the teacher trained on every class (gradients summed), each class's barycenter draws made by every rank
+    # (dropped by the others), the norm-statistics and teacher cross-entropy terms as shares of their means
+    "wmdd": ("wmdd", {"ipc": 2, "iterations": 2, "batch_real": 8, "pretrain_steps": 3, "barycenter_iterations": 5}),
+    # channel-wise stored tensors owned by class block; two image steps with a network update on the whole S between
+    "channel_efficient": ("channel_efficient", {"ipc": 1, "iterations": 1, "outer_loop": 2, "inner_loop": 1}),
 }
 #: the coupled rows agree with one process to this fraction of the largest magnitude of each learned tensor (images,
 #: learned label rows, step sizes, temperature): the real batch's sum and S's gradient are sums of 2 partial sums;
@@ -393,7 +404,7 @@ def test_class_parallel_coupled_rows_equal_one_process_within_the_stated_toleran
     extractor = one["decoder_training"].get("extractor", {})  # HaBa's adversary, trained on the whole bases
     learned += [(f"extractor.{k}", v, mine["decoder_training"]["extractor"][k]) for k, v in extractor.items()
                 if v.is_floating_point()]
-    assert {"synthetic.pixels", "synthetic.stored", "synthetic.bases"} & {key for key, _, _ in learned}
+    assert {"synthetic.pixels", "synthetic.stored", "synthetic.bases", "synthetic.latents"} & {key for key, _, _ in learned}
     for key, theirs, ours in learned:
         error = float((ours - theirs).abs().max())
         if key == "objective.pool_params":  # RCIG's pool, trained online on S by Adam: an element whose gradient is
@@ -412,7 +423,10 @@ def test_class_parallel_coupled_rows_equal_one_process_within_the_stated_toleran
             if isinstance(theirs, torch.Tensor) and theirs.numel() > 1:
                 ours = mine["optimizer"]["state"][index][key]
                 assert float((ours - theirs).abs().max()) <= 1e-3 * float(theirs.abs().max()) + 1e-12, (index, key)
-    for ours, theirs in zip(mine["sampler"].get("networks", []), one["sampler"].get("networks", [])):
+    teacher = [one["sampler"]["network"]] if one["sampler"].get("network") else []  # WMDD's, trained on every class
+    assert bool(teacher) == (method == "wmdd")
+    for ours, theirs in zip(mine["sampler"].get("networks", [mine["sampler"].get("network")]),
+                            one["sampler"].get("networks", teacher)):
         for key in theirs:  # a pool of networks trained on real data (IDC, IDM): the same networks, to rounding
             assert torch.allclose(ours[key], theirs[key], rtol=0, atol=2e-5), key
     # the steps moved the set far beyond the tolerance (the comparison can fail)
@@ -487,7 +501,7 @@ def test_class_blocks_and_unsupported_recipes():
 
     assert UNSUPPORTED_REASONS == {}  # every registered row runs class-parallel (the axes below are refused)
     for name in ("dm", "m3d", "dc", "dsa", "datadam", "wasserstein", "mtt", "kip", "rfad", "dd", "esp", "rcig",
-                 "dcc", "idc", "haba", "cafe", "lcmat"):
+                 "dcc", "idc", "haba", "cafe", "lcmat", "glad", "itgan", "wmdd", "channel_efficient"):
         check_class_parallel(RECIPES[name], {"arch": "convnet"}, net, 2, 10)
     check_class_parallel(RECIPES["mtt"], {"arch": "convnet", "soft_labels": True}, net, 2, 10)
     with pytest.raises(ValueError, match="are per-rank shares, its joint discrepancy the same on every rank"):
@@ -495,12 +509,14 @@ def test_class_blocks_and_unsupported_recipes():
                              {"arch": "convnet", "pool_augment": False}, net, 2, 10)
     check_class_parallel(compose_recipe("dc", real_batches="dream"), {"arch": "convnet"}, net, 2, 10)
     check_class_parallel(compose_recipe("dm", discrepancy="sliced"), {"arch": "convnet"}, net, 2, 10)
-    with pytest.raises(ValueError, match="discrepancy 'w2_barycenter'"):
-        check_class_parallel(compose_recipe("dm", discrepancy="w2_barycenter"), {"arch": "convnet"}, net, 2, 10)
+    check_class_parallel(compose_recipe("dm", discrepancy="w2_barycenter"), {"arch": "convnet"}, net, 2, 10)
+    with pytest.raises(ValueError, match=r"extra terms \['class_contrast'\] see every class"):
+        check_class_parallel(RECIPES["dcgm"], {"arch": "convnet"}, net, 2, 10)
     check_class_parallel(RECIPES["idm"], {"arch": "convnet", "pool_augment": False}, net, 2, 10)
     check_class_parallel(RECIPES["idm"], {"arch": "convnet", "pool_augment": True}, net, 2, 10)
-    with pytest.raises(ValueError, match="synthetic 'channelwise' is not class-blocked"):
-        check_class_parallel(compose_recipe("dm", synthetic="channelwise"), {"arch": "convnet"}, net, 2, 10)
+    check_class_parallel(compose_recipe("dm", synthetic="channelwise"), {"arch": "convnet"}, net, 2, 10)
+    with pytest.raises(ValueError, match="synthetic 'latent_gan' is not class-blocked"):
+        check_class_parallel(compose_recipe("dm", synthetic="latent_gan"), {"arch": "convnet"}, net, 2, 10)
     bn = get_network("convnet-bn", 1, 10, (8, 8))
     with pytest.raises(ValueError, match="batch normalisation"):
         check_class_parallel(RECIPES["dm"], {"arch": "convnet-bn"}, bn, 2, 10)

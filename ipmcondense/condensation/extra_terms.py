@@ -196,7 +196,9 @@ class ClassNormStatistics(ExtraTerm):
         total = synthetic_images.new_zeros(())
         for layer_real, layer_syn in zip(real, synthetic):
             per_class = [(ms - mr).norm() + (vs - vr).norm() for (mr, vr), (ms, vs) in zip(layer_real, layer_syn)]
-            total = total + torch.stack(per_class).mean()
+            # class-parallel: this rank's classes' share of the mean over every class (the engine sums the shares)
+            total = total + (torch.stack(per_class).mean() if self.classes is None
+                             else torch.stack(per_class).sum() / int(self.num_classes))
         return self.weight * total
 
 
@@ -217,7 +219,13 @@ class TeacherCrossEntropy(ExtraTerm):
     def from_options(cls, options, **context):
         return cls(options.teacher_ce_weight)
 
+    def bind(self, synthetic):
+        self.synthetic_rows = int(synthetic.labels.numel())
+
     def __call__(self, net, real_images, real_labels, synthetic_images, synthetic_labels, real_segments, synthetic_segments):
+        if self.classes is not None:  # class-parallel: this rank's rows' share of the mean over every row
+            loss = F.cross_entropy(net(synthetic_images), synthetic_labels, reduction="sum")
+            return self.weight * loss / self.synthetic_rows
         return self.weight * F.cross_entropy(net(synthetic_images), synthetic_labels)
 
 
@@ -229,6 +237,9 @@ class AnchorFeatureDistance(ExtraTerm):
     close, in feature space, to its real counterpart while the matching term moves the set as a whole. Both
     sides are taken without augmentation. Not an IPM (a sum of pairwise distances). Cost: one generator and
     two embedding forward passes on ``n`` images.
+
+    Class-parallel (``classes`` set): a sum over rows, so each rank adds its own rows' distances divided by the
+    whole ``n`` (the engine sums the ranks' shares); the decoded set is the whole one (its rows from their owners).
     """
 
     name = "anchor_features"
@@ -251,6 +262,13 @@ class AnchorFeatureDistance(ExtraTerm):
         self.synthetic = synthetic
 
     def __call__(self, net, real_images, real_labels, synthetic_images, synthetic_labels, real_segments, synthetic_segments):
+        if self.classes is not None:  # class-parallel: this rank's rows, divided by every rank's count (a sum of shares)
+            labels, n = self.synthetic.labels, self.synthetic.anchors.shape[0]
+            rows = torch.nonzero((labels >= self.classes.start) & (labels < self.classes.stop), as_tuple=True)[0]
+            with torch.no_grad():
+                anchor = net.embed(self.synthetic.anchors[rows])
+            decoded = net.embed(self.synthetic.images()[rows])
+            return self.weight * (decoded - anchor).pow(2).sum(dim=1).sum() / n
         with torch.no_grad():
             anchor = net.embed(self.synthetic.anchors)
         decoded = net.embed(self.synthetic.images())

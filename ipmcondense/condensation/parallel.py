@@ -100,16 +100,17 @@ __all__ = ["ClassShard", "WholeSetOnEveryRank", "ClassShardRealBatches", "ClassS
 #: refused by name any more and the remaining refusals are by axis (see check_class_parallel)
 UNSUPPORTED_REASONS = {
 }
-_SUPPORTED_SAMPLERS = ("fresh", "fresh_inner", "pool", "fresh_watched")
+_SUPPORTED_SAMPLERS = ("fresh", "fresh_inner", "pool", "fresh_watched", "pretrained")
 #: extra terms with a class-parallel form: sums over the classes' segments of S (each rank adds its own) or over
 #: the real rows against every class's prototype (gathered from their owners)
-_CLASS_SEPARABLE_TERMS = ("synthetic_ce", "prototype_discrimination")
+_CLASS_SEPARABLE_TERMS = ("synthetic_ce", "prototype_discrimination", "anchor_features", "class_norm_statistics",
+                          "teacher_ce")
+#: matching recipes' synthetic sets whose stored rows belong to one class each, each decoded alone (multiformation,
+#: channelwise: ipc stored tensors per class, upsampled; latent: a fixed generator, batch norm on running statistics)
+_CLASS_BLOCKED_SYNTHETIC = ("pixels", "multiformation", "channelwise", "latent")
 #: objectives (besides matching) with a class-parallel form: MTT's student sums the ranks' gradients; the
 #: objectives coupling all of S solve their inner problem on the whole S on every rank (:class:`WholeSetOnEveryRank`)
 _CLASS_PARALLEL_OBJECTIVES = ("mtt", "kip", "rfad", "dd", "esp", "rcig")
-#: discrepancies that draw from the run's generator at every call, by an amount that depends on the class's
-#: data (the barycenter's initial atoms), so a rank cannot draw the other classes' share
-_GENERATOR_DISCREPANCIES = ("w2_barycenter",)
 
 
 def check_class_parallel(recipe: Recipe, config: dict[str, Any], network: nn.Module, world_size: int,
@@ -134,11 +135,9 @@ def check_class_parallel(recipe: Recipe, config: dict[str, Any], network: nn.Mod
     elif recipe.discrepancy == "gradient_cosine_joint" and recipe.extra_terms:
         problem = (f"its extra terms {list(recipe.extra_terms)} are per-rank shares, its joint discrepancy the same "
                    "on every rank")
-    elif recipe.discrepancy in _GENERATOR_DISCREPANCIES:
-        problem = (f"discrepancy {recipe.discrepancy!r} draws from the run's generator per class, as much as the "
-                   "class's data asks")
-    elif recipe.synthetic not in ("pixels", "multiformation"):
-        problem = f"synthetic {recipe.synthetic!r} is not class-blocked (pixels or multiformation)"
+    elif recipe.synthetic not in _CLASS_BLOCKED_SYNTHETIC:
+        problem = (f"synthetic {recipe.synthetic!r} is not class-blocked "
+                   f"({', '.join(repr(s) for s in _CLASS_BLOCKED_SYNTHETIC)})")
     elif (recipe.real_batches or "random") not in ("random", "dream"):
         problem = f"real_batches {recipe.real_batches!r} is not supported (only 'random' and 'dream')"
     if problem is None and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in network.modules()):
@@ -546,18 +545,23 @@ class ClassShardDreamBatches(ClassShardRealBatches):
 
 
 class DrawsOfEveryClass:
-    """A discrepancy that draws a seed from the run's generator at every call (``draw_seed``: the ``sliced``
-    projections), called for this rank's classes only, consuming the generator as one process that calls it
-    for every class: ``before(generator)`` draws and drops the seeds of the classes before this rank's block,
-    ``after(generator)`` those of the classes after it (``calls_per_class`` calls per class: one per feature block).
+    """A discrepancy that draws from the run's generator at every call (``drop_draws``: the ``sliced``
+    projections' seed, the ``w2_barycenter``'s initial atoms, a ``randperm`` of the class's real rows), called for
+    this rank's classes only, consuming the generator as one process that calls it for every class:
+    ``before(generator)`` makes and drops the draws of the classes before this rank's block, ``after(generator)``
+    those of the classes after it (``calls_per_class`` calls per class: one per feature block; class ``c``'s calls
+    on ``real_rows[c]`` real points).
 
-    One process draws, per network, the seeds of class 0's blocks, then class 1's, ...; the rank's own calls
-    come in the middle, with the seeds one process gives them. Cost: one random number per dropped call.
+    One process draws, per network, class 0's draws, then class 1's, ...; the rank's own calls come in the
+    middle, with the draws one process gives them. Cost: the dropped draws (one number per call for ``sliced``,
+    a permutation of the class's real batch for ``w2_barycenter``).
     """
 
-    def __init__(self, discrepancy: Any, classes: range, num_classes: int, calls_per_class: int) -> None:
+    def __init__(self, discrepancy: Any, classes: range, num_classes: int, calls_per_class: int,
+                 real_rows: list[int]) -> None:
         self.discrepancy, self.classes = discrepancy, classes
         self.num_classes, self.calls_per_class = int(num_classes), int(calls_per_class)
+        self.real_rows = [int(r) for r in real_rows]
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.discrepancy, name)
@@ -565,12 +569,13 @@ class DrawsOfEveryClass:
     def __call__(self, real: Tensor, synthetic: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
         return self.discrepancy(real, synthetic, generator=generator)
 
-    def _drop(self, generator: torch.Generator, classes: int) -> None:
-        for _ in range(classes * self.calls_per_class):
-            self.discrepancy.draw_seed(generator)
+    def _drop(self, generator: torch.Generator, classes: range) -> None:
+        for c in classes:
+            for _ in range(self.calls_per_class):
+                self.discrepancy.drop_draws(generator, self.real_rows[c])
 
     def before(self, generator: torch.Generator) -> None:
-        self._drop(generator, self.classes.start)
+        self._drop(generator, range(self.classes.start))
 
     def after(self, generator: torch.Generator) -> None:
-        self._drop(generator, self.num_classes - self.classes.stop)
+        self._drop(generator, range(self.classes.stop, self.num_classes))

@@ -365,12 +365,49 @@ class ClassContrast(ExtraTerm):
     def from_options(cls, options, **context):
         return cls(options.intra_weight, options.inter_weight, options.dcgm_temperature)
 
+    def bind(self, synthetic):
+        self.synthetic_rows = int(synthetic.labels.numel())
+
+    def _rank_share(self, synthetic: Tensor, real: Tensor, synthetic_labels: Tensor,
+                    synthetic_segments: Sequence[slice], real_segments: Sequence[slice]) -> Tensor:
+        r"""Class-parallel: this rank's share of both terms (the engine sums the shares over the ranks).
+
+        :math:`L_{intra}` is a sum over the rows of each class divided by :math:`|S|`: the own classes' sum over
+        the whole :math:`|S|`. :math:`L_{inter}` is a mean over the classes of a cross-entropy against every
+        synthetic centre: the centres of every class are rebuilt on every rank from their owners
+        (:meth:`~ipmcondense.condensation.parallel.WholeSetOnEveryRank.rows`: one all-reduce of the ``(C, d)``
+        matrix, its backward summing the ranks' gradients into the owners' centres) and each rank adds its own
+        classes' terms divided by :math:`C`.
+        """
+        from .parallel import WholeSetOnEveryRank
+
+        total = synthetic.new_zeros(())
+        if self.intra_weight:
+            intra = intra_class_diversity_loss(synthetic, real, synthetic_segments, real_segments, self.temperature)
+            total = total + self.intra_weight * intra * synthetic.shape[0] / self.synthetic_rows
+        if self.inter_weight:
+            own = torch.stack([synthetic_labels[s][0] for s in synthetic_segments])
+            every = torch.arange(int(self.num_classes), device=own.device)
+            centres = class_means(synthetic, synthetic_segments)
+            whole = WholeSetOnEveryRank(self.classes, every, None)
+            all_centres = whole.rows(centres.new_zeros(every.numel(), centres.shape[1]).index_copy(0, own, centres))
+            real_centres = class_means(real, real_segments)
+            positive = (F.normalize(centres, dim=1) * F.normalize(real_centres, dim=1)).sum(dim=1, keepdim=True)
+            positive = positive / self.temperature
+            others = _cosine_logits(centres, all_centres, self.temperature)
+            others = others.masked_fill(own[:, None] == every[None, :], float("-inf"))
+            inter = (torch.logsumexp(torch.cat([positive, others], dim=1), dim=1) - positive[:, 0]).sum()
+            total = total + self.inter_weight * inter / int(self.num_classes)
+        return total
+
     def __call__(self, net, real_images, real_labels, synthetic_images, synthetic_labels, real_segments, synthetic_segments):
         if self.intra_weight == 0 and self.inter_weight == 0:
             return synthetic_images.new_zeros(())
         with torch.no_grad():
             real = net.embed(real_images).flatten(1)
         synthetic = net.embed(synthetic_images).flatten(1)
+        if self.classes is not None:
+            return self._rank_share(synthetic, real, synthetic_labels, synthetic_segments, real_segments)
         total = synthetic.new_zeros(())
         if self.intra_weight:
             total = total + self.intra_weight * intra_class_diversity_loss(

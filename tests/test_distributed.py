@@ -6,7 +6,7 @@ Starting processes is the expensive part (each imports torch), so two launches s
    data: the sharded MMD (biased, unbiased; dense and tiled kernel sums) and mean embedding, the streamed
    mean embedding of an ``IterableDataset``, a parallel evaluation, DM and DC class-parallel condensation, the
    rows that couple all of S (KIP, RFAD, DD, ESP, RCIG), DCC, MTT with soft labels, IDC (its pool with
-   ``pool_augment``), HaBa, CAFE, LCMat, GLaD, IT-GAN, WMDD and channel_efficient (``COUPLED``);
+   ``pool_augment``), HaBa, CAFE, LCMat, GLaD, IT-GAN, WMDD, channel_efficient and DCGM (``COUPLED``);
    then it starts a checkpointed DM run in which rank 1 is SIGKILLed right after the checkpoint of
    iteration 1 of 2 (the launch fails, as it must);
 2. ``torchrun --standalone --nproc_per_node 2 -m ipmcondense condense ... --resume`` continues that run from
@@ -85,8 +85,9 @@ COUPLED = {
     "channel_efficient": ("channel_efficient", {"ipc": 1, "iterations": 1, "outer_loop": 2, "inner_loop": 1}),
     # DCGM: latents by class block, the generator replicated (its gradients summed), the GAN and contrast terms as
     # shares (every class's synthetic centre gathered), the discriminator trained replicated (gradients summed);
-    # lr_generator 100 x the row's so that unsummed generator gradients would show
-    "dcgm": ("dcgm", {"ipc": 2, "iterations": 2, "lr_generator": 0.01, "generator": str(GENERATOR)}),
+    # lr_generator 100 x the row's and the three terms' weights 10 x so that unsummed or unshared terms would show
+    "dcgm": ("dcgm", {"ipc": 2, "iterations": 2, "lr_generator": 0.01, "gan_weight": 1.0, "intra_weight": 1.0,
+                      "inter_weight": 1.0, "generator": str(GENERATOR)}),
 }
 #: the coupled rows agree with one process to this fraction of the largest magnitude of each learned tensor (images,
 #: learned label rows, step sizes, temperature): the real batch's sum and S's gradient are sums of 2 partial sums;
@@ -390,8 +391,9 @@ def test_class_parallel_coupled_rows_equal_one_process_within_the_stated_toleran
     (its pool's per-sample augmentations drawn for the whole batch), HaBa (the hallucinators' gradients
     summed, the club term and extractor on the whole bases), CAFE (every prototype gathered), LCMat (the
     perturbation's gap gradient summed), GLaD / IT-GAN (latent rows by class block, the anchor term a share),
-    WMDD (the teacher's gradients summed, the barycenter draws of every class made, the terms as shares) and
-    channel_efficient (stored tensors by class block): the run's checkpoint (rank 0's, every
+    WMDD (the teacher's gradients summed, the barycenter draws of every class made, the terms as shares),
+    channel_efficient (stored tensors by class block) and DCGM (the generator's and discriminator's gradients
+    summed, every synthetic class centre gathered, the terms as shares): the run's checkpoint (rank 0's, every
     rank's rows merged) holds the one-process images, learned label rows, step sizes / temperature, helper
     networks and loss history, to the stated tolerance."""
     from ipmcondense.condensation.api import condense

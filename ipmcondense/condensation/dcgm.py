@@ -114,8 +114,8 @@ class LatentGANSet(LatentSet):
             groups.append({"params": list(self.decoder.parameters()), "lr": float(self.options.lr_generator)})
         return groups
 
-    #: class-parallel: every loss reaches the generator's weights through this rank's rows only (a share), so the
-    #: engine sums their gradients over the ranks
+    #: in class-parallel condensation every loss reaches the generator's weights through this rank's rows only (a
+    #: share), so the engine sums their gradients over the ranks
     shared_gradients_are_rank_shares = True
 
     def shared_parameters(self) -> list[nn.Parameter]:

@@ -6,7 +6,7 @@ Starting processes is the expensive part (each imports torch), so two launches s
    data: the sharded MMD (biased, unbiased; dense and tiled kernel sums) and mean embedding, the streamed
    mean embedding of an ``IterableDataset``, a parallel evaluation, DM and DC class-parallel condensation, the
    rows that couple all of S (KIP, RFAD, DD, ESP, RCIG), DCC, MTT with soft labels, IDC (its pool with
-   ``pool_augment``), HaBa, CAFE and LCMat (``COUPLED``);
+   ``pool_augment``), HaBa, CAFE, LCMat, GLaD, IT-GAN, WMDD, channel_efficient and DCGM (``COUPLED``);
    then it starts a checkpointed DM run in which rank 1 is SIGKILLed right after the checkpoint of
    iteration 1 of 2 (the launch fails, as it must);
 2. ``torchrun --standalone --nproc_per_node 2 -m ipmcondense condense ... --resume`` continues that run from
@@ -34,6 +34,8 @@ import torch
 from ipmcondense import distributed
 
 WORLD = 2
+#: the tiny class-conditional GAN of the latent-space rows (GLaD, IT-GAN)
+GENERATOR = Path(__file__).resolve().parent / "fixtures" / "generator-digits-tiny"
 TINY = {"iterations": 2, "seed": 0, "progress": False}
 DC = {"iterations": 1, "seed": 0, "progress": False, "outer_loop": 2, "inner_loop": 1}  # two image steps on one
 # network, trained on all of S between them (the exchange of S before the inner loop is exercised)
@@ -72,6 +74,20 @@ COUPLED = {
     "haba": ("haba", {"ipc": 1, "iterations": 1, "seed": 5, "arch": "convnet-w32", "max_start_epoch": 1,
                       "expert_epochs": 1, "syn_steps": 3, "n_hallucinators": 2, "lr_images": 10.0, "lr_extractor": 0.1,
                       "memory_lean": True}),
+    # latents over the fixture's fixed generator, owned by class block (the whole set decoded on every rank)
+    "glad": ("glad", {"ipc": 1, "iterations": 2, "generator": str(GENERATOR)}),
+    # IT-GAN: as glad, plus the anchor term (each rank adds its rows' distances over the whole n)
+    "itgan": ("itgan", {"ipc": 1, "iterations": 2, "inversion_steps": 5, "lr_images": 0.05, "generator": str(GENERATOR)}),
+    # WMDD: the teacher trained on every class (gradients summed), each class's barycenter draws made by every rank
+    # (dropped by the others), the norm-statistics and teacher cross-entropy terms as shares of their means
+    "wmdd": ("wmdd", {"ipc": 2, "iterations": 2, "batch_real": 8, "pretrain_steps": 3, "barycenter_iterations": 5}),
+    # channel-wise stored tensors owned by class block; two image steps with a network update on the whole S between
+    "channel_efficient": ("channel_efficient", {"ipc": 1, "iterations": 1, "outer_loop": 2, "inner_loop": 1}),
+    # DCGM: latents by class block, the generator replicated (its gradients summed), the GAN and contrast terms as
+    # shares (every class's synthetic centre gathered), the discriminator trained replicated (gradients summed);
+    # lr_generator 100 x the row's and the three terms' weights 10 x so that unsummed or unshared terms would show
+    "dcgm": ("dcgm", {"ipc": 2, "iterations": 2, "lr_generator": 0.01, "gan_weight": 1.0, "intra_weight": 1.0,
+                      "inter_weight": 1.0, "generator": str(GENERATOR)}),
 }
 #: the coupled rows agree with one process to this fraction of the largest magnitude of each learned tensor (images,
 #: learned label rows, step sizes, temperature): the real batch's sum and S's gradient are sums of 2 partial sums;
@@ -373,8 +389,11 @@ def test_class_parallel_coupled_rows_equal_one_process_within_the_stated_toleran
     S's gradient and the replicated parameters' gradients summed over the ranks), MTT with soft labels (the
     label rows exchanged like the image rows), DCC (the class sums of its joint gradients all-reduced), IDC
     (its pool's per-sample augmentations drawn for the whole batch), HaBa (the hallucinators' gradients
-    summed, the club term and extractor on the whole bases), CAFE (every prototype gathered) and LCMat (the
-    perturbation's gap gradient summed): the run's checkpoint (rank 0's, every
+    summed, the club term and extractor on the whole bases), CAFE (every prototype gathered), LCMat (the
+    perturbation's gap gradient summed), GLaD / IT-GAN (latent rows by class block, the anchor term a share),
+    WMDD (the teacher's gradients summed, the barycenter draws of every class made, the terms as shares),
+    channel_efficient (stored tensors by class block) and DCGM (the generator's and discriminator's gradients
+    summed, every synthetic class centre gathered, the terms as shares): the run's checkpoint (rank 0's, every
     rank's rows merged) holds the one-process images, learned label rows, step sizes / temperature, helper
     networks and loss history, to the stated tolerance."""
     from ipmcondense.condensation.api import condense
@@ -391,9 +410,14 @@ def test_class_parallel_coupled_rows_equal_one_process_within_the_stated_toleran
     learned += [(f"objective.{k}", v, mine["objective"][k]) for k, v in one["objective"].items()
                 if isinstance(v, torch.Tensor) and v.is_floating_point()]
     extractor = one["decoder_training"].get("extractor", {})  # HaBa's adversary, trained on the whole bases
-    learned += [(f"extractor.{k}", v, mine["decoder_training"]["extractor"][k]) for k, v in extractor.items()
+    # or DCGM's discriminator (trained replicated) and its generator (learned, replicated)
+    extractor = extractor or one["decoder_training"].get("discriminator", {})
+    kind = "extractor" if "extractor" in one["decoder_training"] else "discriminator"
+    learned += [(f"extractor.{k}", v, mine["decoder_training"][kind][k]) for k, v in extractor.items()
                 if v.is_floating_point()]
-    assert {"synthetic.pixels", "synthetic.stored", "synthetic.bases"} & {key for key, _, _ in learned}
+    assert bool(extractor) == (method in ("haba", "dcgm"))
+    generator = {k: v for k, v in one["synthetic"].items() if k.startswith("decoder.") and v.is_floating_point()}
+    assert {"synthetic.pixels", "synthetic.stored", "synthetic.bases", "synthetic.latents"} & {key for key, _, _ in learned}
     for key, theirs, ours in learned:
         error = float((ours - theirs).abs().max())
         if key == "objective.pool_params":  # RCIG's pool, trained online on S by Adam: an element whose gradient is
@@ -403,6 +427,8 @@ def test_class_parallel_coupled_rows_equal_one_process_within_the_stated_toleran
             assert error <= 1e-3 * float(theirs.abs().max()), key
         elif key.startswith("extractor."):  # relative to the network's largest weight (its norm biases are ~1e-5)
             assert error <= COUPLED_RELATIVE_TOLERANCE * max(float(v.abs().max()) for v in extractor.values()), key
+        elif key.startswith("synthetic.decoder."):  # DCGM's learned generator: relative to its largest weight
+            assert error <= COUPLED_RELATIVE_TOLERANCE * max(float(v.abs().max()) for v in generator.values()), key
         else:
             assert error <= COUPLED_RELATIVE_TOLERANCE * float(theirs.abs().max()), key
     assert mine["history"]["losses"] == pytest.approx(one["history"]["losses"], rel=1e-5)
@@ -412,7 +438,10 @@ def test_class_parallel_coupled_rows_equal_one_process_within_the_stated_toleran
             if isinstance(theirs, torch.Tensor) and theirs.numel() > 1:
                 ours = mine["optimizer"]["state"][index][key]
                 assert float((ours - theirs).abs().max()) <= 1e-3 * float(theirs.abs().max()) + 1e-12, (index, key)
-    for ours, theirs in zip(mine["sampler"].get("networks", []), one["sampler"].get("networks", [])):
+    teacher = [one["sampler"]["network"]] if one["sampler"].get("network") else []  # WMDD's, trained on every class
+    assert bool(teacher) == (method == "wmdd")
+    for ours, theirs in zip(mine["sampler"].get("networks", [mine["sampler"].get("network")]),
+                            one["sampler"].get("networks", teacher)):
         for key in theirs:  # a pool of networks trained on real data (IDC, IDM): the same networks, to rounding
             assert torch.allclose(ours[key], theirs[key], rtol=0, atol=2e-5), key
     # the steps moved the set far beyond the tolerance (the comparison can fail)
@@ -487,7 +516,7 @@ def test_class_blocks_and_unsupported_recipes():
 
     assert UNSUPPORTED_REASONS == {}  # every registered row runs class-parallel (the axes below are refused)
     for name in ("dm", "m3d", "dc", "dsa", "datadam", "wasserstein", "mtt", "kip", "rfad", "dd", "esp", "rcig",
-                 "dcc", "idc", "haba", "cafe", "lcmat"):
+                 "dcc", "idc", "haba", "cafe", "lcmat", "glad", "itgan", "wmdd", "channel_efficient", "dcgm"):
         check_class_parallel(RECIPES[name], {"arch": "convnet"}, net, 2, 10)
     check_class_parallel(RECIPES["mtt"], {"arch": "convnet", "soft_labels": True}, net, 2, 10)
     with pytest.raises(ValueError, match="are per-rank shares, its joint discrepancy the same on every rank"):
@@ -495,12 +524,13 @@ def test_class_blocks_and_unsupported_recipes():
                              {"arch": "convnet", "pool_augment": False}, net, 2, 10)
     check_class_parallel(compose_recipe("dc", real_batches="dream"), {"arch": "convnet"}, net, 2, 10)
     check_class_parallel(compose_recipe("dm", discrepancy="sliced"), {"arch": "convnet"}, net, 2, 10)
-    with pytest.raises(ValueError, match="discrepancy 'w2_barycenter'"):
-        check_class_parallel(compose_recipe("dm", discrepancy="w2_barycenter"), {"arch": "convnet"}, net, 2, 10)
+    check_class_parallel(compose_recipe("dm", discrepancy="w2_barycenter"), {"arch": "convnet"}, net, 2, 10)
     check_class_parallel(RECIPES["idm"], {"arch": "convnet", "pool_augment": False}, net, 2, 10)
     check_class_parallel(RECIPES["idm"], {"arch": "convnet", "pool_augment": True}, net, 2, 10)
-    with pytest.raises(ValueError, match="synthetic 'channelwise' is not class-blocked"):
-        check_class_parallel(compose_recipe("dm", synthetic="channelwise"), {"arch": "convnet"}, net, 2, 10)
+    check_class_parallel(compose_recipe("dm", synthetic="channelwise"), {"arch": "convnet"}, net, 2, 10)
+    check_class_parallel(compose_recipe("dm", synthetic="latent_gan"), {"arch": "convnet"}, net, 2, 10)
+    with pytest.raises(ValueError, match="synthetic 'multiformation' is not class-blocked pixels"):
+        check_class_parallel(compose_recipe("kip", synthetic="multiformation"), {"arch": "convnet"}, net, 2, 10)
     bn = get_network("convnet-bn", 1, 10, (8, 8))
     with pytest.raises(ValueError, match="batch normalisation"):
         check_class_parallel(RECIPES["dm"], {"arch": "convnet-bn"}, bn, 2, 10)
@@ -606,3 +636,18 @@ def test_a_class_shard_draws_dream_batches_as_one_process_does():
     restored = ClassShardDreamBatches(images, labels, 5, torch.Generator(), range(1, 4), interval=2, max_iter=10)
     restored.load_state_dict(state)
     assert torch.equal(restored.sample(3)[0], shard.sample(3)[0])
+
+
+def test_a_dropped_barycenter_call_draws_what_the_call_draws():
+    """WMDD class-parallel: a rank drops another class's barycenter call by drawing the permutation of that class's
+    real rows; the generator then stands where one call on those rows leaves it (and not for another row count)."""
+    from ipmcondense.condensation.discrepancies import BarycenterDiscrepancy
+
+    barycenter = BarycenterDiscrepancy(2)
+    real, synthetic = torch.randn(7, 3, generator=torch.Generator().manual_seed(1)), torch.randn(2, 3)
+    called = torch.Generator().manual_seed(0)
+    barycenter(real, synthetic, generator=called)
+    for rows in (6, 7, 8):
+        dropped = torch.Generator().manual_seed(0)
+        barycenter.drop_draws(dropped, rows)
+        assert torch.equal(dropped.get_state(), called.get_state()) == (rows == 7), rows

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ipmcondense.components import option
@@ -113,6 +114,15 @@ class LatentGANSet(LatentSet):
             groups.append({"params": list(self.decoder.parameters()), "lr": float(self.options.lr_generator)})
         return groups
 
+    #: in class-parallel condensation every loss reaches the generator's weights through this rank's rows only (a
+    #: share), so the engine sums their gradients over the ranks
+    shared_gradients_are_rank_shares = True
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The generator's weights when they are learned (``lr_generator > 0``): replicated on every rank in
+        class-parallel condensation, their gradients summed over the ranks."""
+        return list(self.decoder.parameters()) if float(self.options.lr_generator) > 0 else []
+
     def decoder_training(self, ctx: Any) -> GeneratorAdversary | None:
         if float(self.options.gan_weight) == 0:
             return None
@@ -162,8 +172,19 @@ class GeneratorAdversary(SyntheticTraining):
         self.optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=float(self.options.lr_discriminator),
                                           betas=(0.5, 0.999))
 
+    def _own_rows(self) -> Tensor | None:
+        """Class-parallel: the indices of this rank's rows of S (``None`` in one process)."""
+        classes, labels = getattr(self.ctx, "classes", None), self.synthetic.labels
+        if classes is None:
+            return None
+        return torch.nonzero((labels >= classes.start) & (labels < classes.stop), as_tuple=True)[0]
+
     def loss(self) -> Tensor:
         syn = self.synthetic
+        rows = self._own_rows()
+        if rows is not None:  # class-parallel: this rank's rows' share of the mean over every row
+            scores = self.discriminator(syn.images()[rows], syn.labels[rows])
+            return float(self.options.gan_weight) * -scores.sum() / syn.labels.numel()
         return float(self.options.gan_weight) * generator_adversarial_loss(self.discriminator(syn.images(), syn.labels))
 
     def discriminator_loss(self, real: Tensor, real_labels: Tensor, fake: Tensor, fake_labels: Tensor) -> Tensor:
@@ -177,12 +198,27 @@ class GeneratorAdversary(SyntheticTraining):
         real, real_labels = self.ctx.real_batches.sample(int(syn.images_per_class))
         with torch.no_grad():
             fake = syn.images()
-        value = self.discriminator_loss(real, real_labels, fake, syn.labels)
-        if not bool(torch.isfinite(value.detach())):
-            raise FloatingPointError(f"DCGM's discriminator loss became {float(value)}; lower lr_discriminator")
+        rows = self._own_rows()
+        if rows is None:
+            value = self.discriminator_loss(real, real_labels, fake, syn.labels)
+            checked = value.detach()
+        else:  # class-parallel: shares of the two means over every rank's rows; the gradients summed over the ranks
+            from ipmcondense import distributed
+
+            real_rows = self.ctx.real_batches.global_batch_size(int(syn.images_per_class))
+            value = (F.relu(1.0 - self.discriminator(real, real_labels)).sum() / real_rows
+                     + F.relu(1.0 + self.discriminator(fake[rows], syn.labels[rows])).sum() / syn.labels.numel())
+            checked = distributed.all_reduce_float64(value.detach().double().reshape(1))[0]
+        if not bool(torch.isfinite(checked)):
+            raise FloatingPointError(f"DCGM's discriminator loss became {float(checked)}; lower lr_discriminator")
         self.optimizer.zero_grad(set_to_none=True)
         value.backward()
-        self.optimizer.step()
+        if rows is None:
+            self.optimizer.step()
+        else:
+            from .parallel import _RankSummedSteps
+
+            _RankSummedSteps(self.optimizer).step()
 
     def state_dict(self) -> dict[str, Any]:
         return {"discriminator": {k: v.detach().cpu().clone() for k, v in self.discriminator.state_dict().items()},

@@ -183,6 +183,10 @@ class SlicedWassersteinDiscrepancy(Discrepancy):
         draws and drops the other ranks' classes' seeds with it)."""
         return int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
 
+    def drop_draws(self, generator: torch.Generator, real_rows: int) -> None:
+        """Consume what one call draws from ``generator`` (one seed), for a class another rank owns."""
+        self.draw_seed(generator)
+
     def __call__(self, real, synthetic, *, generator=None):
         from ipmcondense.ipm.wasserstein import sliced_wasserstein
 
@@ -225,6 +229,11 @@ class BarycenterDiscrepancy(Discrepancy):
         if isinstance(barycenter_iterations, bool) or not isinstance(barycenter_iterations, int) or barycenter_iterations < 1:
             raise ValueError(f"barycenter_iterations must be a positive integer, got {barycenter_iterations!r}")
         self.barycenter_iterations = barycenter_iterations
+
+    def drop_draws(self, generator: torch.Generator, real_rows: int) -> None:
+        """Consume what one call on ``real_rows`` real points draws from ``generator`` (the barycenter's initial
+        atoms: one ``randperm(real_rows)``), for a class another rank owns (class-parallel condensation)."""
+        torch.randperm(int(real_rows), generator=generator)
 
     def __call__(self, real, synthetic, *, generator=None):
         from scipy.optimize import linear_sum_assignment

@@ -236,6 +236,11 @@ class CondensationEngine:
             decoder_grads = torch.autograd.grad(decoder_loss, params, allow_unused=True)
             grads = [b if a is None else (a if b is None else a + b) for a, b in zip(grads, decoder_grads)]
             total = total.detach() + decoder_loss.detach()
+        if self.shard is not None and getattr(self.synthetic, "shared_gradients_are_rank_shares", False):
+            # class-parallel: a learned decoder's weights (DCGM's generator) got this rank's share: sum over the ranks
+            shared = {id(p) for p in self.synthetic.shared_parameters()}
+            grads = [distributed.sum_over_ranks(torch.zeros_like(p) if g is None else g.detach()) if id(p) in shared
+                     else g for p, g in zip(params, grads)]
         grads_finite = all(g is None or bool(torch.isfinite(g).all()) for g in grads)
         if self.shard is not None:  # the loss of all classes; every rank sees a non-finite value anywhere
             replicated = self.objective.loss_replicated_over_ranks  # every rank holds the whole loss (MTT)

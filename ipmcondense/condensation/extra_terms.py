@@ -196,7 +196,9 @@ class ClassNormStatistics(ExtraTerm):
         total = synthetic_images.new_zeros(())
         for layer_real, layer_syn in zip(real, synthetic):
             per_class = [(ms - mr).norm() + (vs - vr).norm() for (mr, vr), (ms, vs) in zip(layer_real, layer_syn)]
-            total = total + torch.stack(per_class).mean()
+            # class-parallel: this rank's classes' share of the mean over every class (the engine sums the shares)
+            total = total + (torch.stack(per_class).mean() if self.classes is None
+                             else torch.stack(per_class).sum() / int(self.num_classes))
         return self.weight * total
 
 
@@ -217,7 +219,13 @@ class TeacherCrossEntropy(ExtraTerm):
     def from_options(cls, options, **context):
         return cls(options.teacher_ce_weight)
 
+    def bind(self, synthetic):
+        self.synthetic_rows = int(synthetic.labels.numel())
+
     def __call__(self, net, real_images, real_labels, synthetic_images, synthetic_labels, real_segments, synthetic_segments):
+        if self.classes is not None:  # class-parallel: this rank's rows' share of the mean over every row
+            loss = F.cross_entropy(net(synthetic_images), synthetic_labels, reduction="sum")
+            return self.weight * loss / self.synthetic_rows
         return self.weight * F.cross_entropy(net(synthetic_images), synthetic_labels)
 
 
@@ -229,6 +237,9 @@ class AnchorFeatureDistance(ExtraTerm):
     close, in feature space, to its real counterpart while the matching term moves the set as a whole. Both
     sides are taken without augmentation. Not an IPM (a sum of pairwise distances). Cost: one generator and
     two embedding forward passes on ``n`` images.
+
+    Class-parallel (``classes`` set): a sum over rows, so each rank adds its own rows' distances divided by the
+    whole ``n`` (the engine sums the ranks' shares); the decoded set is the whole one (its rows from their owners).
     """
 
     name = "anchor_features"
@@ -251,6 +262,13 @@ class AnchorFeatureDistance(ExtraTerm):
         self.synthetic = synthetic
 
     def __call__(self, net, real_images, real_labels, synthetic_images, synthetic_labels, real_segments, synthetic_segments):
+        if self.classes is not None:  # class-parallel: this rank's rows, divided by every rank's count (a sum of shares)
+            labels, n = self.synthetic.labels, self.synthetic.anchors.shape[0]
+            rows = torch.nonzero((labels >= self.classes.start) & (labels < self.classes.stop), as_tuple=True)[0]
+            with torch.no_grad():
+                anchor = net.embed(self.synthetic.anchors[rows])
+            decoded = net.embed(self.synthetic.images()[rows])
+            return self.weight * (decoded - anchor).pow(2).sum(dim=1).sum() / n
         with torch.no_grad():
             anchor = net.embed(self.synthetic.anchors)
         decoded = net.embed(self.synthetic.images())
@@ -347,12 +365,49 @@ class ClassContrast(ExtraTerm):
     def from_options(cls, options, **context):
         return cls(options.intra_weight, options.inter_weight, options.dcgm_temperature)
 
+    def bind(self, synthetic):
+        self.synthetic_rows = int(synthetic.labels.numel())
+
+    def _rank_share(self, synthetic: Tensor, real: Tensor, synthetic_labels: Tensor,
+                    synthetic_segments: Sequence[slice], real_segments: Sequence[slice]) -> Tensor:
+        r"""Class-parallel: this rank's share of both terms (the engine sums the shares over the ranks).
+
+        :math:`L_{intra}` is a sum over the rows of each class divided by :math:`|S|`: the own classes' sum over
+        the whole :math:`|S|`. :math:`L_{inter}` is a mean over the classes of a cross-entropy against every
+        synthetic centre: the centres of every class are rebuilt on every rank from their owners
+        (:meth:`~ipmcondense.condensation.parallel.WholeSetOnEveryRank.rows`: one all-reduce of the ``(C, d)``
+        matrix, its backward summing the ranks' gradients into the owners' centres) and each rank adds its own
+        classes' terms divided by :math:`C`.
+        """
+        from .parallel import WholeSetOnEveryRank
+
+        total = synthetic.new_zeros(())
+        if self.intra_weight:
+            intra = intra_class_diversity_loss(synthetic, real, synthetic_segments, real_segments, self.temperature)
+            total = total + self.intra_weight * intra * synthetic.shape[0] / self.synthetic_rows
+        if self.inter_weight:
+            own = torch.stack([synthetic_labels[s][0] for s in synthetic_segments])
+            every = torch.arange(int(self.num_classes), device=own.device)
+            centres = class_means(synthetic, synthetic_segments)
+            whole = WholeSetOnEveryRank(self.classes, every, None)
+            all_centres = whole.rows(centres.new_zeros(every.numel(), centres.shape[1]).index_copy(0, own, centres))
+            real_centres = class_means(real, real_segments)
+            positive = (F.normalize(centres, dim=1) * F.normalize(real_centres, dim=1)).sum(dim=1, keepdim=True)
+            positive = positive / self.temperature
+            others = _cosine_logits(centres, all_centres, self.temperature)
+            others = others.masked_fill(own[:, None] == every[None, :], float("-inf"))
+            inter = (torch.logsumexp(torch.cat([positive, others], dim=1), dim=1) - positive[:, 0]).sum()
+            total = total + self.inter_weight * inter / int(self.num_classes)
+        return total
+
     def __call__(self, net, real_images, real_labels, synthetic_images, synthetic_labels, real_segments, synthetic_segments):
         if self.intra_weight == 0 and self.inter_weight == 0:
             return synthetic_images.new_zeros(())
         with torch.no_grad():
             real = net.embed(real_images).flatten(1)
         synthetic = net.embed(synthetic_images).flatten(1)
+        if self.classes is not None:
+            return self._rank_share(synthetic, real, synthetic_labels, synthetic_segments, real_segments)
         total = synthetic.new_zeros(())
         if self.intra_weight:
             total = total + self.intra_weight * intra_class_diversity_loss(

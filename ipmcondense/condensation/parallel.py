@@ -63,21 +63,40 @@ Supported rows and what they synchronise (everything else raises a ``ValueError`
 ``dcc``                        each rank's sum of its classes' mean gradients, all-reduced (identity backward);
                                the joint cosine is the same on every rank (``joint_over_ranks`` of
                                :func:`~ipmcondense.condensation.matching.matching_loss`)
+``glad``, ``itgan``            the latents are rows of S owned by class block, decoded by the fixed generator
+                               (eval mode: each row alone) and exchanged like pixel rows; itgan's
+                               ``anchor_features`` term is a sum over rows: each rank adds its rows' distances
+                               divided by the whole ``n``
+``wmdd``                       the ``pretrained`` teacher is trained replicated as a pool network
+                               (:meth:`ClassShard.train_replicated`, its per-sample augmentation drawn for the whole
+                               batch); the ``w2_barycenter``'s initial atoms of the other classes are drawn and
+                               dropped (:class:`DrawsOfEveryClass`); ``class_norm_statistics`` (a mean over
+                               classes) and ``teacher_ce`` (a mean over S's rows) are added as per-rank shares
+``channel_efficient``          the channel-wise stored tensors are rows of S (``ipc`` per class), owned by class
+                               block and exchanged as multi-formation's; the network's inner training is DC's
+``dcgm``                       the latents as glad's; the learned generator is replicated, the gradients it gets
+                               through the own rows summed over the ranks by the engine (a synthetic set with
+                               ``shared_gradients_are_rank_shares``); the GAN term is a share of its mean over the
+                               rows; ``class_contrast``'s intra-class term a share of its sum over the rows, its
+                               inter-class term built on every class's synthetic centre (gathered from the owners,
+                               gradient summed back) and a share of its mean over the classes; the discriminator is
+                               replicated, each rank back-propagating its rows' share of both hinge means and the
+                               gradients summed before its Adam step
 =============================  ===============================================================================
 
-DM, DC (also with DREAM's batches or the sliced discrepancy): bit for bit. IDM and MTT: a sum over ranks replaces a sum inside one batch, so the sets agree up to
+DM, DC (also with DREAM's batches or the sliced discrepancy), GLaD, IT-GAN, channel_efficient: bit for bit (DCGM's
+latents and generator: to 2e-5 of their largest magnitude, measured 5e-8). IDM and MTT: a sum over ranks replaces a sum inside one batch, so the sets agree up to
 float32 rounding (IDM: 1e-6 of the largest pixel after 3 iterations; MTT: exact in float64, 1e-4 of the
 largest pixel in float32, below float32's own error of the MTT gradient). KIP, RFAD, DD, ESP, RCIG, DCC, IDC,
-HaBa, CAFE, LCMat and MTT with soft labels: the real batch's sum and S's gradient are sums of per-rank partial sums; the
+HaBa, CAFE, LCMat, WMDD, DCGM and MTT with soft labels: the real batch's sum and S's gradient are sums of per-rank partial sums; the
 images, learned label rows, step sizes, temperatures and helper networks agree with one process to 2e-5 of
 their largest magnitude after 1-3 iterations (measured at most 6e-6, KIP under Adam; 3e-6 or less for the
 others); RCIG's pool models, trained by Adam on S, to 5e-4 (ten of their Adam steps).
 
-Not supported, with the reason (:func:`check_class_parallel`): extra terms other than ``synthetic_ce`` and
-``prototype_discrimination`` (wmdd, itgan, dcgm), samplers that train networks on every class otherwise
-(wmdd's ``pretrained``), a synthetic set not stored in class blocks (channel_efficient, glad), a joint discrepancy (``dcc``'s) composed with extra terms, and the ``w2_barycenter`` discrepancy (it
-draws its initial atoms from the generator in an amount that depends on each class's data). Networks with
-batch normalisation are refused too (their features would depend on which classes share the batch).
+Not supported, with the reason (:func:`check_class_parallel`): for the objectives other than matching and MTT,
+a synthetic set other than pixels (HaBa's bases under MTT excepted); a joint discrepancy (``dcc``'s) composed
+with extra terms; real batches other than ``random`` and ``dream``; networks with batch normalisation (their
+features would depend on which classes share the batch). Every registered row runs.
 """
 
 from __future__ import annotations
@@ -100,16 +119,17 @@ __all__ = ["ClassShard", "WholeSetOnEveryRank", "ClassShardRealBatches", "ClassS
 #: refused by name any more and the remaining refusals are by axis (see check_class_parallel)
 UNSUPPORTED_REASONS = {
 }
-_SUPPORTED_SAMPLERS = ("fresh", "fresh_inner", "pool", "fresh_watched")
+_SUPPORTED_SAMPLERS = ("fresh", "fresh_inner", "pool", "fresh_watched", "pretrained")
 #: extra terms with a class-parallel form: sums over the classes' segments of S (each rank adds its own) or over
 #: the real rows against every class's prototype (gathered from their owners)
-_CLASS_SEPARABLE_TERMS = ("synthetic_ce", "prototype_discrimination")
+_CLASS_SEPARABLE_TERMS = ("synthetic_ce", "prototype_discrimination", "anchor_features", "class_norm_statistics",
+                          "teacher_ce", "class_contrast")
+#: matching recipes' synthetic sets whose stored rows belong to one class each, each decoded alone (multiformation,
+#: channelwise: ipc stored tensors per class, upsampled; latent: a fixed generator, batch norm on running statistics)
+_CLASS_BLOCKED_SYNTHETIC = ("pixels", "multiformation", "channelwise", "latent", "latent_gan")
 #: objectives (besides matching) with a class-parallel form: MTT's student sums the ranks' gradients; the
 #: objectives coupling all of S solve their inner problem on the whole S on every rank (:class:`WholeSetOnEveryRank`)
 _CLASS_PARALLEL_OBJECTIVES = ("mtt", "kip", "rfad", "dd", "esp", "rcig")
-#: discrepancies that draw from the run's generator at every call, by an amount that depends on the class's
-#: data (the barycenter's initial atoms), so a rank cannot draw the other classes' share
-_GENERATOR_DISCREPANCIES = ("w2_barycenter",)
 
 
 def check_class_parallel(recipe: Recipe, config: dict[str, Any], network: nn.Module, world_size: int,
@@ -134,11 +154,9 @@ def check_class_parallel(recipe: Recipe, config: dict[str, Any], network: nn.Mod
     elif recipe.discrepancy == "gradient_cosine_joint" and recipe.extra_terms:
         problem = (f"its extra terms {list(recipe.extra_terms)} are per-rank shares, its joint discrepancy the same "
                    "on every rank")
-    elif recipe.discrepancy in _GENERATOR_DISCREPANCIES:
-        problem = (f"discrepancy {recipe.discrepancy!r} draws from the run's generator per class, as much as the "
-                   "class's data asks")
-    elif recipe.synthetic not in ("pixels", "multiformation"):
-        problem = f"synthetic {recipe.synthetic!r} is not class-blocked (pixels or multiformation)"
+    elif recipe.synthetic not in _CLASS_BLOCKED_SYNTHETIC:
+        problem = (f"synthetic {recipe.synthetic!r} is not class-blocked "
+                   f"({', '.join(repr(s) for s in _CLASS_BLOCKED_SYNTHETIC)})")
     elif (recipe.real_batches or "random") not in ("random", "dream"):
         problem = f"real_batches {recipe.real_batches!r} is not supported (only 'random' and 'dream')"
     if problem is None and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in network.modules()):
@@ -553,18 +571,23 @@ class ClassShardDreamBatches(ClassShardRealBatches):
 
 
 class DrawsOfEveryClass:
-    """A discrepancy that draws a seed from the run's generator at every call (``draw_seed``: the ``sliced``
-    projections), called for this rank's classes only, consuming the generator as one process that calls it
-    for every class: ``before(generator)`` draws and drops the seeds of the classes before this rank's block,
-    ``after(generator)`` those of the classes after it (``calls_per_class`` calls per class: one per feature block).
+    """A discrepancy that draws from the run's generator at every call (``drop_draws``: the ``sliced``
+    projections' seed, the ``w2_barycenter``'s initial atoms, a ``randperm`` of the class's real rows), called for
+    this rank's classes only, consuming the generator as one process that calls it for every class:
+    ``before(generator)`` makes and drops the draws of the classes before this rank's block, ``after(generator)``
+    those of the classes after it (``calls_per_class`` calls per class: one per feature block; class ``c``'s calls
+    on ``real_rows[c]`` real points).
 
-    One process draws, per network, the seeds of class 0's blocks, then class 1's, ...; the rank's own calls
-    come in the middle, with the seeds one process gives them. Cost: one random number per dropped call.
+    One process draws, per network, class 0's draws, then class 1's, ...; the rank's own calls come in the
+    middle, with the draws one process gives them. Cost: the dropped draws (one number per call for ``sliced``,
+    a permutation of the class's real batch for ``w2_barycenter``).
     """
 
-    def __init__(self, discrepancy: Any, classes: range, num_classes: int, calls_per_class: int) -> None:
+    def __init__(self, discrepancy: Any, classes: range, num_classes: int, calls_per_class: int,
+                 real_rows: list[int]) -> None:
         self.discrepancy, self.classes = discrepancy, classes
         self.num_classes, self.calls_per_class = int(num_classes), int(calls_per_class)
+        self.real_rows = [int(r) for r in real_rows]
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.discrepancy, name)
@@ -572,12 +595,13 @@ class DrawsOfEveryClass:
     def __call__(self, real: Tensor, synthetic: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
         return self.discrepancy(real, synthetic, generator=generator)
 
-    def _drop(self, generator: torch.Generator, classes: int) -> None:
-        for _ in range(classes * self.calls_per_class):
-            self.discrepancy.draw_seed(generator)
+    def _drop(self, generator: torch.Generator, classes: range) -> None:
+        for c in classes:
+            for _ in range(self.calls_per_class):
+                self.discrepancy.drop_draws(generator, self.real_rows[c])
 
     def before(self, generator: torch.Generator) -> None:
-        self._drop(generator, self.classes.start)
+        self._drop(generator, range(self.classes.start))
 
     def after(self, generator: torch.Generator) -> None:
-        self._drop(generator, self.num_classes - self.classes.stop)
+        self._drop(generator, range(self.classes.stop, self.num_classes))

@@ -565,6 +565,11 @@ class PretrainedSampler(ParameterSampler):
     ``batch_pretrain`` images per class with per-sample augmentation; it is then put in eval mode, frozen
     and returned by every draw. Its parameters are checkpointed. Cost: ``pretrain_steps`` training steps
     once; nothing per iteration.
+
+    Class-parallel (``ctx.class_shard``): the network is replicated; each step back-propagates the own classes'
+    rows of the class-balanced batch (their share of its mean, the per-sample augmentation drawn for the whole
+    batch) and sums the gradients over the ranks (:meth:`~ipmcondense.condensation.parallel.ClassShard.train_replicated`),
+    so every rank holds the one-process teacher up to the rounding of the split sum.
     """
 
     name = "pretrained"
@@ -593,9 +598,18 @@ class PretrainedSampler(ParameterSampler):
         draw_real = getattr(ctx.real_batches, "sample_for_training", ctx.real_batches.sample)
         net.requires_grad_(True)
         net.train()
+        shard = ctx.class_shard
+        if shard is not None:  # class-parallel: own classes' rows, the gradients summed over the ranks (replicated)
+            augment = None if ctx.augmentation is None else shard.own_rows_of_whole_batch_augmentation(
+                ctx.augmentation, ctx.real_batches.counts, self.batch_pretrain)
+            whole = ctx.real_batches.global_batch_size(self.batch_pretrain)
         for _ in range(self.pretrain_steps):
-            train_on_batches(net, optimizer, [draw_real(self.batch_pretrain)], augmentation=ctx.augmentation,
-                             generator=ctx.generator)
+            if shard is not None:
+                shard.train_replicated(net, optimizer, [draw_real(self.batch_pretrain)], whole, augmentation=augment,
+                                       generator=ctx.generator)
+            else:
+                train_on_batches(net, optimizer, [draw_real(self.batch_pretrain)], augmentation=ctx.augmentation,
+                                 generator=ctx.generator)
             schedule.step()
         return net
 

@@ -149,13 +149,16 @@ class MatchingObjective(Objective):
 
     def _one(self, net, real, real_labels, syn, syn_labels, extras=True):
         discrepancy = self.discrepancy
-        if self.ctx.classes is not None and hasattr(discrepancy, "draw_seed"):
-            # class-parallel with a discrepancy drawing a seed per call (sliced): the other classes' seeds are
-            # drawn and dropped around this rank's calls, as one process draws them (one call per feature block)
+        if self.ctx.classes is not None and hasattr(discrepancy, "drop_draws"):
+            # class-parallel with a discrepancy drawing from the generator at each call (sliced's seed, the
+            # barycenter's initial atoms): the other classes' draws are made and dropped around this rank's calls,
+            # as one process makes them (one call per feature block, on each class's real rows)
             from ..parallel import DrawsOfEveryClass
 
             blocks = len(self.feature_map(net, syn[:1], syn_labels[:1], [slice(0, 1)], differentiable=False))
-            discrepancy = DrawsOfEveryClass(discrepancy, self.ctx.classes, self.ctx.synthetic.num_classes, blocks)
+            rows = [min(int(self.config["batch_real"]), count) for count in self.ctx.real_batches.counts]
+            discrepancy = DrawsOfEveryClass(discrepancy, self.ctx.classes, self.ctx.synthetic.num_classes, blocks,
+                                            rows)
             discrepancy.before(self.ctx.generator)
         total = matching_loss(
             net, self.feature_map, discrepancy, real, real_labels, syn, syn_labels,

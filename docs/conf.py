@@ -49,7 +49,7 @@ nitpicky = True  # every cross-reference must resolve (the docs test builds with
 # Objects of other projects (torch, numpy, the standard library) are not resolved: the build runs offline, so
 # there is no intersphinx inventory. Everything inside ipmcondense must resolve.
 nitpick_ignore_regex = [
-    ("py:.*", r"(torch|numpy|np|scipy|sklearn|importlib|collections|os|pathlib|abc|typing|types|enum|dataclasses)(\..*)?"),
+    ("py:.*", r"(torch|numpy|np|scipy|sklearn|importlib|collections|contextlib|os|pathlib|abc|typing|types|enum|dataclasses)(\..*)?"),
     ("py:class", r"(Tensor|Module|nn\.Module|Path|Generator|Callable|Sequence|Mapping|Iterable|Iterator|Any)"),
     ("py:exc", r".*"),  # "Raises:" sections name built-in exceptions (and prose after them)
     ("py:.*", r"ipmcondense(\.\w+)*\._\w+(\..*)?"),  # private helpers and base classes are not documented

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 __all__ = ["PRECISIONS", "autocast", "shuffled_batches", "train_on_batches", "train_epoch"]
 
-#: the computation precisions a loop accepts: ``float32`` (the references) and ``bfloat16`` (autocast)
+#: the computation precisions a loop accepts, ``float32`` (the references) and ``bfloat16`` (autocast)
 PRECISIONS = ("float32", "bfloat16")
 
 

@@ -104,7 +104,8 @@ def test_the_row_runs_saves_the_stored_tensors_and_evaluates(tmp_path):
     assert (row.synthetic, row.feature_map, row.discrepancy, row.augmentation) == (
         "channelwise", "gradients", "gradient_cosine", "dsa")
     assert row.relation_to_ipm == NORMALISED and "no paper" in row.source
-    kw = {"ipc": 1, "seed": 3, "progress": False, "batch_real": 8, "outer_loop": 1, "inner_loop": 1}
+    kw = {"ipc": 1, "seed": 3, "progress": False, "batch_real": 8, "outer_loop": 1, "inner_loop": 1,
+          "lr_images": 0.01}  # the same image step for both rows (the digits budgets differ)
     r = condense("channel_efficient", "digits", iterations=2, out=tmp_path / "ce", **kw)
     assert r.images.shape == (40, 1, 8, 8) and torch.equal(r.labels, torch.arange(10).repeat_interleave(4))
     saved = torch.load(tmp_path / "ce" / "synthetic.pt", weights_only=True)

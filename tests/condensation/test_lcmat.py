@@ -58,7 +58,7 @@ def test_regularised_loss_equals_its_definition(digits, class_batch, monkeypatch
     obj = objectives.MatchingObjective.__new__(objectives.MatchingObjective)
     obj.feature_map, obj.discrepancy, obj.extra_terms = fm, disc, []
     obj.lcmat_weight, obj.lcmat_rho = 0.3, 0.1
-    obj.config = {"class_batching": True, "batch_real": 4}
+    obj.config = {"class_batching": True, "batch_real": 4, "precision": "float32", "channels_last": False}
 
     class _Ctx:
         generator = torch.Generator()

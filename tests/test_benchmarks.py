@@ -93,7 +93,6 @@ def _ok_cells():
 STALE_ON_PURPOSE = {
     "wasserstein",  # now the Sinkhorn divergence with p=1 (W_1), was p=2
     "idm",  # issue 11 item 1: CE weighted by the running accuracy in percent, one loss network, pool trained after
-    "dd",  # issue 11 item 5: a batch per unrolled step, 3 epochs of learned step sizes, Adam betas (0.5, 0.999)
     "cafe",  # issue 11 item 6: the accuracy-watched loops, the pooled embedding matched twice
     "rcig",  # issue 11 item 2: RCIG's algorithm (online-trained pool, linearised network, KRR head, clipped implicit gradient)
     "esp",  # the distance of the synthetic steps from the experts' span added to the loss (esp_residual_weight 10)

@@ -56,12 +56,16 @@ def test_projection_is_idempotent_and_fixes_the_span():
     assert np.allclose(once.double().numpy(), a @ c, atol=1e-4)
 
 
-def test_inner_parameters_stay_in_the_span_and_the_step_is_the_projected_sgd_step():
+def _unroll_setup(seed):
+    """A network, its expert snapshots and their span, and a small synthetic batch drawn with ``seed``."""
     net = _net()
     snaps = _snapshots(net)
-    q = expert_subspace(snaps)
-    g = torch.Generator().manual_seed(2)
-    images, labels = torch.randn(6, 1, 4, 4, generator=g), torch.arange(3).repeat(2)
+    g = torch.Generator().manual_seed(seed)
+    return net, snaps, expert_subspace(snaps), torch.randn(6, 1, 4, 4, generator=g), torch.arange(3).repeat(2)
+
+
+def test_inner_parameters_stay_in_the_span_and_the_step_is_the_projected_sgd_step():
+    net, snaps, q, images, labels = _unroll_setup(2)
     lrs = torch.full((3,), 0.5)
     trajectory = projected_unrolled_sgd(net, q, snaps[0], images, labels, lrs, return_trajectory=True)
     for theta in trajectory:
@@ -111,11 +115,7 @@ def test_subspace_residual_is_the_relative_least_squares_residual():
 
 
 def test_the_residuals_of_the_unroll_are_those_of_the_unprojected_gradients():
-    net = _net()
-    snaps = _snapshots(net)
-    q = expert_subspace(snaps)
-    g = torch.Generator().manual_seed(5)
-    images, labels = torch.randn(6, 1, 4, 4, generator=g), torch.arange(3).repeat(2)
+    net, snaps, q, images, labels = _unroll_setup(5)
     residuals = []
     trajectory = projected_unrolled_sgd(net, q, snaps[0], images, labels, torch.full((2,), 0.5),
                                         return_trajectory=True, residuals=residuals)

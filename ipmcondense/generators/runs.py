@@ -317,19 +317,25 @@ def _save_checkpoint(out_path: Path, epoch: int, settings: dict, generator, crit
     }, out_path / GENERATOR_CHECKPOINT_FILE)
 
 
+def _read_checkpoint(file: Path, advice: str = "") -> dict[str, Any]:
+    """The training checkpoint in ``file``; ``ValueError`` (ending in ``advice``) when it is not one."""
+    from ipmcondense.data.files import torch_load_weights_only
+
+    data = torch_load_weights_only(file, "generator checkpoint")
+    if not isinstance(data, dict) or data.get("format") != _CHECKPOINT_FORMAT:
+        raise ValueError(f"{file} is not an ipmcondense generator checkpoint{advice}")
+    return data
+
+
 def load_stage_one(run: Path, kind: str, purpose: str) -> dict[str, Any]:
     """The training checkpoint of generator run ``run``, which a fine-tuning method (DiM, minimax diffusion)
     starts from; ``ValueError`` naming ``purpose`` when it is missing, not a generator checkpoint, or of
     another ``kind`` than the one the method fine-tunes."""
-    from ipmcondense.data.files import torch_load_weights_only
-
     how = f"(train one with `ipmcondense generator --kind {kind}`)"
     file = run / GENERATOR_CHECKPOINT_FILE
     if not file.exists():
         raise ValueError(f"{purpose}: generator run {str(run)!r} has no {GENERATOR_CHECKPOINT_FILE} {how}")
-    data = torch_load_weights_only(file, "generator checkpoint")
-    if not isinstance(data, dict) or data.get("format") != _CHECKPOINT_FORMAT:
-        raise ValueError(f"{file} is not an ipmcondense generator checkpoint")
+    data = _read_checkpoint(file)
     if data["settings"].get("kind") != kind:
         raise ValueError(f"{purpose}: generator run {str(run)!r} is of kind {data['settings'].get('kind')!r} {how}")
     return data
@@ -367,17 +373,13 @@ def _finish(generator, dataset, history, settings, epochs, out_path, samples_per
 
 
 def _check_out(out: Path, resume: bool, overwrite: bool, settings: dict) -> dict[str, Any] | None:
-    from ipmcondense.data.files import torch_load_weights_only
-
     if out.exists() and not out.is_dir():
         raise ValueError(f"out {str(out)!r} exists and is not a directory")
     if resume:
         file = out / GENERATOR_CHECKPOINT_FILE
         if not file.exists():
             raise ValueError(f"resume: there is no generator checkpoint in out {str(out)!r} (no {GENERATOR_CHECKPOINT_FILE})")
-        data = torch_load_weights_only(file, "generator checkpoint")
-        if not isinstance(data, dict) or data.get("format") != _CHECKPOINT_FORMAT:
-            raise ValueError(f"{file} is not an ipmcondense generator checkpoint; delete it to start over")
+        data = _read_checkpoint(file, "; delete it to start over")
         old = data["settings"]
         different = [k for k in sorted(set(old) | set(settings)) if k not in _RESUMABLE and old.get(k) != settings.get(k)]
         if different:

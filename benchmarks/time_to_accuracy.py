@@ -485,15 +485,19 @@ def profile_cell(setting: Setting, args: argparse.Namespace, scratch: Path) -> d
     return record
 
 
+#: outer iterations per engine run of the levers cell (the first of each run, paying the start-up, is left out)
+LEVER_STEPS = 4
+
+
 def levers_cell(setting: Setting, args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
-    key = {"setting": asdict(setting), "rounds": args.rounds, "threads": args.threads, "steps": 4}
+    key = {"setting": asdict(setting), "rounds": args.rounds, "threads": args.threads, "steps": LEVER_STEPS}
     path = _cell_path(setting, "levers")
     if (record := _cached(path, key, args.force)) is not None:
         return record
     batch_real = int(setting.reference_args[setting.reference_args.index("--batch_real") + 1])
     run = run_stamped([sys.executable, __file__, "_levers-worker", "--ipc", str(setting.ipc), "--batch-real",
                        str(batch_real), "--rounds", str(args.rounds), "--data-root", str(args.data_root),
-                       "--method", setting.method], threads=args.threads)
+                       "--method", setting.method, "--steps", str(LEVER_STEPS)], threads=args.threads)
     report = json.loads(run.lines[-1][1])
     record = {"status": "ok", "key": key, **report, "load_average_1_5_15_min": list(os.getloadavg()),
               "hardware": _hardware(args.threads), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -508,7 +512,7 @@ def _levers_worker(argv: list[str]) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--method", default="dm")
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=LEVER_STEPS)
     args = parser.parse_args(argv)
     import torch
 
